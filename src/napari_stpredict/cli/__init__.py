@@ -1,0 +1,80 @@
+"""The ``stpredict`` command: a thin face over the core.
+
+Each sub-command lives in its own module and registers itself on :data:`app`. Every
+:class:`~napari_stpredict.errors.StPredictError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from napari_stpredict import __version__
+from napari_stpredict.errors import Cancelled, StPredictError
+
+app = typer.Typer(
+    name="stpredict",
+    help="Predict spatial gene expression from H&E whole-slide images (CMRCNet).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"napari-stpredict {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """Predict spatial gene expression from H&E whole-slide images (CMRCNet)."""
+
+
+# Sub-commands register themselves on ``app`` when imported.
+from napari_stpredict.cli import (  # noqa: E402, F401
+    demo_cmd,
+    evaluate_cmd,
+    predict_cmd,
+    slide_cmds,
+    train_cmd,
+    view_cmd,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, 1 failures reported, 2 bad input, 130 cancel)."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except StPredictError as err:
+        if isinstance(err, Cancelled):
+            print(f"stpredict: cancelled: {err}", file=sys.stderr)
+            return 130
+        print(f"stpredict: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stpredict: cancelled", file=sys.stderr)
+        return 130
+    except typer.Exit as ex:
+        return ex.exit_code
+    except Exception as ex:  # click usage errors and aborts
+        import click
+
+        if isinstance(ex, click.exceptions.ClickException):
+            ex.show()
+            return ex.exit_code
+        if isinstance(ex, click.exceptions.Abort):
+            print("stpredict: cancelled", file=sys.stderr)
+            return 130
+        raise
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
