@@ -1,5 +1,289 @@
-"""CLI sub-commands (being written: see the owning issue)."""
+"""``stpredict evaluate``: the paper's protocol, CMRCNet vs BLEEP vs regression, side by side."""
 
 from __future__ import annotations
 
-from napari_stpredict.cli import app  # noqa: F401
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from napari_stpredict.cli import app
+from napari_stpredict.errors import StPredictError
+
+_TRAIN_HELP = "Training (forwarded to every method of every fold)"
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def _train_config(options: dict[str, Any]) -> Any:
+    """A TrainConfig with the given options over its defaults (``None`` = keep the default)."""
+    from napari_stpredict.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        opts = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise StPredictError(f"{opts}: not a training option of this version")
+    return dataclasses.replace(TrainConfig(), **given)
+
+
+def _genes_option(genes: str | None) -> Any:
+    if genes is None:
+        return None
+    if Path(genes).exists() or genes.endswith((".txt", ".csv", ".tsv", ".npy", ".json")):
+        return genes  # a gene list file: TrainConfig takes its path
+    return _split([genes])
+
+
+def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StPredictError(f"{flag} {text!r}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise StPredictError(f"{flag} {text!r}: expected a JSON object")
+    return value
+
+
+def _print_table(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from napari_stpredict.evaluation.report import _LABELS, format_value
+
+    keys: list[str] = []
+    for m in result.methods.values():
+        keys += [k for k in m.metric_keys() if k not in keys]
+    table = Table(title=f"stpredict evaluate ({result.config.get('cv')}), mean ± sd over folds")
+    table.add_column("method", style="bold")
+    for k in keys:
+        table.add_column(_LABELS.get(k, k), justify="right")
+    table.add_column("folds ok", justify="right")
+    for name, m in result.methods.items():
+        mean, sd = m.mean(), m.sd()
+        ok = sum(f.ok for f in m.folds)
+        table.add_row(
+            name, *[format_value(mean.get(k), sd.get(k)) for k in keys], f"{ok}/{len(m.folds)}"
+        )
+    console = Console()
+    console.print(table)
+    for name, m in result.methods.items():
+        for f in m.folds:
+            if not f.ok:
+                console.print(f"[red]{name}: fold test={'+'.join(f.test)} failed: {f.error}[/red]")
+    if result.markers_missing:
+        console.print(
+            f"markers not in the gene panel (skipped): {len(result.markers_missing)} "
+            f"({', '.join(result.markers_missing[:12])}{', …' if len(result.markers_missing) > 12 else ''})"
+        )
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Path = typer.Argument(..., help="Dataset manifest (YAML).", show_default=False),
+    cv: str = typer.Option(
+        "leave-one-section-out", "--cv", help="leave-one-section-out or leave-one-patient-out."
+    ),
+    methods: str = typer.Option(
+        "cmrc,bleep,regression", "--methods", help="Comma-separated methods."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Score this existing model file instead of cross-validating."
+    ),
+    test_sections: list[str] | None = typer.Option(
+        None, "--test-sections", help="Held-out sections (comma-separated or repeated)."
+    ),
+    markers: Path | None = typer.Option(
+        None,
+        "--markers",
+        help="Marker genes for PCC(MG): one per line or a CSV (default: breast-cancer list).",
+    ),
+    n_top: int = typer.Option(50, "--n-top", help="Size of the HEG and HVG sets."),
+    out: Path | None = typer.Option(None, "--out", help="Write every number to this JSON file."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write a Markdown report + PNGs here."
+    ),
+    work_dir: Path | None = typer.Option(
+        None, "--work-dir", help="Keep the fold models here (default: a temporary folder)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    epochs: int | None = typer.Option(None, "--epochs", rich_help_panel=_TRAIN_HELP),
+    batch_size: int | None = typer.Option(None, "--batch-size", rich_help_panel=_TRAIN_HELP),
+    lr: float | None = typer.Option(None, "--lr", rich_help_panel=_TRAIN_HELP),
+    backbone: str | None = typer.Option(None, "--backbone", rich_help_panel=_TRAIN_HELP),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="auto, none, or a weights file.", rich_help_panel=_TRAIN_HELP
+    ),
+    patch_px: int | None = typer.Option(None, "--patch-px", rich_help_panel=_TRAIN_HELP),
+    patch_um: float | None = typer.Option(None, "--patch-um", rich_help_panel=_TRAIN_HELP),
+    train_backbone: str | None = typer.Option(
+        None,
+        "--train-backbone",
+        help="all, last or none (frozen backbone, cached features: the CPU-budget mode).",
+        rich_help_panel=_TRAIN_HELP,
+    ),
+    seed: int | None = typer.Option(None, "--seed", rich_help_panel=_TRAIN_HELP),
+    device: str | None = typer.Option(None, "--device", rich_help_panel=_TRAIN_HELP),
+    genes: str | None = typer.Option(
+        None,
+        "--genes",
+        help="Gene list file (.txt/.csv/.npy) or comma-separated names.",
+        rich_help_panel=_TRAIN_HELP,
+    ),
+    n_top_genes: int | None = typer.Option(None, "--n-top-genes", rich_help_panel=_TRAIN_HELP),
+    max_steps: int | None = typer.Option(None, "--max-steps", rich_help_panel=_TRAIN_HELP),
+    top_k: int | None = typer.Option(None, "--top-k", rich_help_panel=_TRAIN_HELP),
+    val_sections: list[str] | None = typer.Option(
+        None,
+        "--val-sections",
+        help="Validation sections (only those in a fold's training set are used).",
+        rich_help_panel=_TRAIN_HELP,
+    ),
+    num_workers: int | None = typer.Option(None, "--num-workers", rich_help_panel=_TRAIN_HELP),
+    steps_per_epoch: int | None = typer.Option(
+        None, "--steps-per-epoch", rich_help_panel=_TRAIN_HELP
+    ),
+    feature_cache: Path | None = typer.Option(
+        None,
+        "--feature-cache",
+        help="Keep frozen-backbone features here across runs (with --train-backbone none).",
+        rich_help_panel=_TRAIN_HELP,
+    ),
+    model_kwargs: str | None = typer.Option(
+        None,
+        "--model-kwargs",
+        help="Method hyper-parameters as JSON, e.g. '{\"temperature\": 0.5}' (regression ignores them).",
+        rich_help_panel=_TRAIN_HELP,
+    ),
+) -> None:
+    """Cross-validate CMRCNet, BLEEP and ST-Net-style regression (or score one model).
+
+    Per-gene PCC across the spots of each held-out section on log-normalised values (NaN → 0),
+    averaged over the top HEG/HVG genes of that section, a marker list and all genes; MSE, MAE,
+    gene–gene correlation preservation and, for labelled sections, tumour AUROC.
+    """
+    from napari_stpredict.evaluation import evaluate, load_markers, score_model, write_report
+    from napari_stpredict.io_utils import atomic_path, check_target
+    from napari_stpredict.st import load_manifest
+
+    # fail on bad input before any training starts
+    manifest = load_manifest(data)
+    if out is not None:
+        check_target(out, overwrite=overwrite)
+    marker_list = load_markers(markers) if markers is not None else None
+    tests = _split(test_sections) or None
+    method_list = _split([methods])
+
+    with _Bars() as bars:
+        if model is not None:
+            if tests is None:
+                raise StPredictError("--model: give the held-out sections with --test-sections")
+            result = score_model(
+                model,
+                manifest,
+                test_sections=tests,
+                markers=marker_list,
+                n_top=n_top,
+                device=device or "auto",
+                progress=bars.outer,
+            )
+        else:
+            config = _train_config(
+                {
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "lr": lr,
+                    "backbone": backbone,
+                    "pretrained": pretrained,
+                    "patch_px": patch_px,
+                    "patch_um": patch_um,
+                    "train_backbone": train_backbone,
+                    "seed": seed,
+                    "device": device,
+                    "genes": _genes_option(genes),
+                    "n_top_genes": n_top_genes,
+                    "max_steps": max_steps,
+                    "top_k": top_k,
+                    "val_sections": _split(val_sections) or None,
+                    "num_workers": num_workers,
+                    "steps_per_epoch": steps_per_epoch,
+                    "feature_cache_dir": None if feature_cache is None else str(feature_cache),
+                    "model_kwargs": _json_option("--model-kwargs", model_kwargs),
+                }
+            )
+            result = evaluate(
+                manifest,
+                methods=method_list,
+                cv=cv,
+                test_sections=tests,
+                config=config,
+                markers=marker_list,
+                n_top=n_top,
+                work_dir=work_dir,
+                progress=bars.outer,
+                step_progress=bars.inner,
+            )
+    _print_table(result)
+    if out is not None:
+        with atomic_path(out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n")
+        typer.echo(f"results: {out}")
+    if report is not None:
+        md = write_report(result, report)
+        typer.echo(f"report: {md}")
+    if result.n_failed:
+        raise typer.Exit(1)
+
+
+class _Bars:
+    """Two rich progress bars: units (fold × method) and the steps of the current training."""
+
+    def __enter__(self) -> _Bars:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._p.__enter__()
+        self._outer = self._p.add_task("folds", total=None)
+        self._inner = self._p.add_task("training", total=None, visible=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.__exit__(*exc)
+
+    def outer(self, done: int, total: int | None, message: str = "") -> None:
+        self._p.update(self._outer, completed=done, total=total, description=message or "folds")
+        if done == 0 or message:
+            self._p.update(self._inner, visible=False)
+
+    def inner(self, done: int, total: int | None, message: str = "") -> None:
+        self._p.update(
+            self._inner,
+            completed=done,
+            total=total,
+            description=f"  {message or 'training'}",
+            visible=True,
+        )

@@ -1,5 +1,253 @@
-"""CLI sub-commands (being written: see the owning issue)."""
+"""``stpredict view``: open a slide in napari with the "Predict expression" widget docked and set.
+
+With ``--screenshot`` it waits until every visible tissue cell is predicted and drawn, saves the
+canvas (slide + heatmaps) and exits: scripted figures, and a headless check of the whole
+product under ``xvfb-run``.
+"""
 
 from __future__ import annotations
 
-from napari_stpredict.cli import app  # noqa: F401
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from napari_stpredict.cli import app
+from napari_stpredict.errors import StPredictError
+
+
+def parse_pair(text: str | None, name: str) -> tuple[float, float] | None:
+    """Parse ``"X,Y"`` into two floats.
+
+    Raises
+    ------
+    StPredictError
+        If the text is not two comma-separated numbers.
+    """
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise StPredictError(f"{name}={text!r}: expected two numbers 'X,Y'") from None
+
+
+def parse_genes(text: str | None) -> list[str]:
+    """Split ``"G1,G2"`` into gene names (empty entries dropped)."""
+    if not text:
+        return []
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _check_display() -> None:
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise StPredictError(
+            "no display: napari needs one (on a headless machine run 'xvfb-run -a stpredict view ...')"
+        )
+
+
+@app.command("view")
+def view(
+    slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide file or OME-Zarr folder."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model file (.safetensors)."),
+    genes: str | None = typer.Option(
+        None, "--genes", "-g", help="Comma-separated genes to show as heatmaps, e.g. ERBB2,KRT19."
+    ),
+    center_um: str | None = typer.Option(
+        None, "--center-um", help="View centre 'X,Y' in µm from the slide's top-left corner."
+    ),
+    zoom: float | None = typer.Option(
+        None, "--zoom", help="Screen pixels per µm (napari camera zoom in µm units)."
+    ),
+    stride_um: float | None = typer.Option(
+        None, "--stride-um", help="Grid stride in µm (default: the model's patch size)."
+    ),
+    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel, overriding the file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    screenshot: Path | None = typer.Option(
+        None,
+        "--screenshot",
+        help="Save the canvas to this PNG once the visible cells are predicted, then exit.",
+    ),
+    size: str = typer.Option("1200,900", "--size", help="Window size 'W,H' in screen pixels."),
+    timeout: float = typer.Option(
+        600.0, "--timeout", help="With --screenshot: give up after this many seconds."
+    ),
+) -> None:
+    """Open SLIDE in napari with live predicted-expression heatmaps."""
+    from napari_stpredict.slide import open_slide
+
+    gene_list = parse_genes(genes)
+    center = parse_pair(center_um, "--center-um")
+    win = parse_pair(size, "--size")
+    if zoom is not None and not zoom > 0:
+        raise StPredictError(f"--zoom={zoom}: must be positive")
+    if stride_um is not None and not stride_um > 0:
+        raise StPredictError(f"--stride-um={stride_um}: must be positive")
+    if gene_list and model is None:
+        raise StPredictError("--genes needs --model")
+    if screenshot is not None:
+        from napari_stpredict.io_utils import check_target
+
+        if screenshot.suffix.lower() != ".png":
+            raise StPredictError(f"{screenshot}: --screenshot writes a .png file")
+        check_target(screenshot, overwrite=True)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        slide_mpp = slide.mpp
+    predictor = None
+    if model is not None:
+        # load (and import torch/timm) before the first OpenGL context: see guard_llvm_clash
+        from napari_stpredict.model import Predictor
+
+        if not model.is_file():
+            raise StPredictError(f"{model}: no such model file")
+        predictor = Predictor(model, device=device)
+        lookup = {g.upper() for g in predictor.genes}
+        unknown = [g for g in gene_list if g.upper() not in lookup]
+        if unknown:
+            raise StPredictError(f"{model}: genes not predicted by the model: {', '.join(unknown)}")
+    _check_display()
+    code = _run_viewer(
+        slide_path,
+        predictor=predictor,
+        model=model,
+        genes=gene_list,
+        center_um=center,
+        zoom=zoom,
+        stride_um=stride_um,
+        mpp=mpp,
+        slide_mpp=slide_mpp,
+        device=device,
+        screenshot=screenshot,
+        window_size=(int(win[0]), int(win[1])) if win else (1200, 900),
+        timeout=timeout,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+def _run_viewer(
+    slide_path: Path,
+    *,
+    predictor: Any,
+    model: Path | None,
+    genes: list[str],
+    center_um: tuple[float, float] | None,
+    zoom: float | None,
+    stride_um: float | None,
+    mpp: float | None,
+    slide_mpp: float | None,
+    device: str,
+    screenshot: Path | None,
+    window_size: tuple[int, int],
+    timeout: float,
+) -> int:
+    import napari
+    from qtpy.QtCore import QTimer
+
+    from napari_stpredict.widgets.predict import PredictWidget
+
+    viewer = napari.Viewer(title=f"stpredict · {slide_path.name}", show=True)
+    viewer.window.resize(*window_size)
+    layers = viewer.open(str(slide_path), plugin="napari-stpredict")
+    if not layers:
+        viewer.close()
+        raise StPredictError(f"{slide_path}: napari could not open the slide")
+    slide_layer = layers[0]
+    widget = PredictWidget(viewer, device=device)
+    viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
+    widget.set_slide_layer(slide_layer)
+    if mpp is not None:
+        widget.set_mpp(mpp)
+    if stride_um is not None:
+        widget.set_stride(stride_um)
+    if predictor is not None:
+        widget.set_predictor(predictor, model)
+    if genes:
+        widget.set_genes(genes)
+
+    # the layer is in µm when the slide has a pixel size, else in pixels (at the model's
+    # scale, or --mpp): convert the µm options to layer units
+    units_per_um = 1.0
+    if not slide_mpp:
+        assumed = mpp or (predictor.patch_um / predictor.patch_px if predictor is not None else 1.0)
+        units_per_um = 1.0 / assumed
+    viewer.reset_view()
+    if center_um is not None:
+        x, y = center_um
+        viewer.camera.center = (y * units_per_um, x * units_per_um)
+    if zoom is not None:
+        viewer.camera.zoom = zoom / units_per_um
+
+    if screenshot is None:
+        napari.run()
+        widget.close_workers(wait_s=30)
+        return 0
+
+    _canvas_only_window(viewer)
+    state: dict[str, Any] = {"code": None, "error": None}
+    t0 = time.perf_counter()
+
+    def on_error(text: str) -> None:
+        state["error"] = text
+
+    widget.scheduler.error.connect(on_error)
+
+    def finish(code: int) -> None:
+        state["code"] = code
+        timer.stop()
+        widget.close_workers(wait_s=30)
+        viewer.close()
+
+    def poll() -> None:
+        if state["error"]:
+            print(f"stpredict: error: {state['error']}", file=sys.stderr)
+            finish(1)
+        elif predictor is None or widget.view_complete():
+            _save_screenshot(viewer, screenshot)
+            n = widget.session.store.n_done if widget.session is not None else 0
+            print(
+                f"saved {screenshot} ({n} cells predicted, {time.perf_counter() - t0:.1f} s)",
+                file=sys.stderr,
+            )
+            finish(0)
+        elif time.perf_counter() - t0 > timeout:
+            print(
+                f"stpredict: error: timed out after {timeout:g} s waiting for predictions",
+                file=sys.stderr,
+            )
+            finish(1)
+
+    timer = QTimer()
+    timer.setInterval(200)
+    timer.timeout.connect(poll)
+    timer.start()
+    napari.run()
+    return int(state["code"] if state["code"] is not None else 1)
+
+
+def _save_screenshot(viewer: Any, path: Path) -> None:
+    import imageio.v3 as iio
+
+    from napari_stpredict.io_utils import atomic_path
+
+    image = viewer.screenshot(canvas_only=True, flash=False)
+    with atomic_path(path, overwrite=True) as tmp:
+        iio.imwrite(tmp, image, extension=".png")
+
+
+def _canvas_only_window(viewer: Any) -> None:
+    """Give the canvas the whole window width for screenshots (hide the layer list/controls)."""
+    qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+    for name in ("dockLayerList", "dockLayerControls"):
+        dock = getattr(qt_viewer, name, None)
+        if dock is not None:
+            dock.hide()

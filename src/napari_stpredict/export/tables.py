@@ -1,0 +1,359 @@
+"""Per-cell predictions as AnnData ``.h5ad`` (scanpy / squidpy) and CSV.
+
+One row (observation) per *predicted* grid cell; unpredicted cells are left out. Coordinates
+are cell centres in level-0 pixels, ``obsm["spatial"] = [x, y]`` as scanpy and squidpy expect
+(the Visium convention: full-resolution image pixels). ``uns["spatial"][library_id]`` holds
+Visium-style ``scalefactors`` (and small ``hires``/``lowres`` images of the slide when the
+slide is given) so ``sc.pl.spatial`` / ``sq.pl.spatial_scatter`` draw it directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_stpredict import __version__
+from napari_stpredict.export._common import (
+    ExportError,
+    ExportResult,
+    expression_units,
+    h5_safe,
+    writing,
+)
+from napari_stpredict.export._predictions import Predictions, as_predictions
+from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
+
+_ROW_BLOCK = 32  # grid rows read at a time: memory ~ genes × 32 × grid width
+HIRES_MAX = 2000  # Visium hires image size
+LOWRES_MAX = 600  # Visium lowres image size
+
+_MODEL_KEYS = (
+    "method",
+    "backbone",
+    "normalization",
+    "patch_um",
+    "patch_px",
+    "top_k",
+    "training_sections",
+    "package_version",
+    "created",
+    "content_sha256",
+)
+
+
+def model_provenance(model: Any, pred: Predictions | None = None) -> dict[str, Any]:
+    """Facts about the model: a Predictor, its metadata dict, a model file path or ``None``.
+
+    ``None`` falls back to the model path recorded in the prediction store (header read only).
+    """
+    meta: Mapping[str, Any] = {}
+    path = None
+    if model is None and pred is not None:
+        model = pred.model_path
+    if hasattr(model, "metadata"):
+        meta = model.metadata or {}
+        path = getattr(model, "model_path", None) or getattr(model, "path", None)
+    elif isinstance(model, Mapping):
+        meta = model
+    elif model:
+        path = model
+        try:
+            from napari_stpredict.tumor.score import read_model_metadata
+
+            meta = read_model_metadata(model)
+        except Exception:  # provenance is best effort: a moved model file must not stop an export
+            meta = {}
+    rec = pred.info.get("model", {}) if pred is not None else {}
+    out: dict[str, Any] = {k: meta[k] for k in _MODEL_KEYS if k in meta}
+    out["path"] = str(path or (rec.get("path") if isinstance(rec, Mapping) else "") or "")
+    if isinstance(rec, Mapping) and rec.get("key"):
+        out["key"] = rec["key"]
+    return out
+
+
+def slide_provenance(slide: Any, pred: Predictions | None = None) -> dict[str, Any]:
+    """Facts about the slide (a ``Slide`` or ``None`` → what the store recorded)."""
+    rec = pred.info.get("slide", {}) if pred is not None else {}
+    rec = rec if isinstance(rec, Mapping) else {"path": rec}
+    out: dict[str, Any] = {"path": str(rec.get("path", "") or "")}
+    if rec.get("fingerprint"):
+        out["fingerprint"] = rec["fingerprint"]
+    if slide is not None:
+        out["path"] = str(getattr(slide, "path", out["path"]))
+        for k in ("format", "mpp"):
+            v = getattr(slide, k, None)
+            if v is not None:
+                out[k] = v
+        shape = getattr(slide, "shape", None)
+        if shape is not None:
+            out["shape"] = [int(shape[0]), int(shape[1])]
+    if pred is not None:
+        geo = pred.geometry
+        out.setdefault("shape", list(geo.shape0))
+        if geo.mpp:
+            out.setdefault("mpp", geo.mpp)
+    return out
+
+
+def _blocks(
+    pred: Predictions, idx: list[int], done: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(cells (n, 2), values (n, len(idx))) of the predicted cells, a few grid rows at a time."""
+    gh, _ = done.shape
+    sel = np.asarray(idx)
+    contiguous = len(idx) == len(pred.genes) and np.array_equal(sel, np.arange(len(idx)))
+    for r0 in range(0, gh, _ROW_BLOCK):
+        r1 = min(r0 + _ROW_BLOCK, gh)
+        d = done[r0:r1]
+        if not d.any():
+            continue
+        if contiguous:
+            block = np.asarray(pred.values[:, r0:r1, :], dtype=np.float32)
+        else:
+            block = np.stack([np.asarray(pred.values[i, r0:r1, :], dtype=np.float32) for i in idx])
+        ii, jj = np.nonzero(d)
+        yield np.stack([ii + r0, jj], axis=1), block[:, ii, jj].T
+
+
+def _tumor_arrays(
+    tumor: Any, shape: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if tumor is None:
+        return None, None
+    mask = np.asarray(getattr(tumor, "mask", tumor), dtype=bool)
+    if mask.shape != shape:
+        raise ExportError(f"tumour mask: shape {mask.shape} differs from the grid {shape}")
+    score = getattr(getattr(tumor, "score", None), "score", None)
+    return mask, (np.asarray(score, dtype=np.float32) if score is not None else None)
+
+
+def predictions_to_anndata(
+    predictions: Any,
+    *,
+    genes: Sequence[str] | None = None,
+    tumor: Any = None,
+    slide: Any = None,
+    model: Any = None,
+    library_id: str | None = None,
+    images: bool = True,
+    cancel: CancelToken | None = None,
+) -> Any:
+    """Predicted cells as an AnnData (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    predictions
+        A ``PredictionStore``, its path or :class:`Predictions`.
+    genes
+        Genes to include (default: all).
+    tumor
+        Optional :class:`~napari_stpredict.tumor.TumorMap` (or bool mask): adds
+        ``obs["tumor_score"]`` and ``obs["tumor"]``.
+    slide
+        Optional ``Slide``: provenance and the ``hires``/``lowres`` images when ``images``.
+    model
+        Predictor, model metadata dict or model file path (provenance); default: the store's.
+    library_id
+        Key under ``uns["spatial"]`` (default: the slide file's stem).
+
+    Raises
+    ------
+    ExportError
+        Nothing predicted; unknown genes.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    pred = as_predictions(predictions)
+    done = pred.require("h5ad export")
+    idx = pred.gene_indices(genes)
+    names = [pred.genes[i] for i in idx]
+    geo = pred.geometry
+    mask, score = _tumor_arrays(tumor, geo.shape)
+    cells_l, vals_l = [], []
+    for cells, vals in _blocks(pred, idx, done):
+        check_cancel(cancel, "h5ad export")
+        cells_l.append(cells)
+        vals_l.append(vals)
+    cells = np.concatenate(cells_l)
+    x = np.concatenate(vals_l).astype(np.float32)
+    yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
+    obs = pd.DataFrame(
+        {"i": cells[:, 0].astype(np.int32), "j": cells[:, 1].astype(np.int32)},
+        index=pd.Index([f"{i}_{j}" for i, j in cells], name="cell"),
+    )
+    if score is not None:
+        obs["tumor_score"] = score[cells[:, 0], cells[:, 1]]
+    if mask is not None:
+        obs["tumor"] = mask[cells[:, 0], cells[:, 1]]
+    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, name="gene")))
+    adata.obsm["spatial"] = np.stack([xc, yc], axis=1).astype(np.float64)
+    slide_info = slide_provenance(slide, pred)
+    model_info = model_provenance(model, pred)
+    lib = (
+        library_id
+        or (Path(slide_info["path"]).stem if slide_info.get("path") else "slide")
+        or "slide"
+    )
+    scalef: dict[str, float] = {"spot_diameter_fullres": float(geo.stride_px)}
+    imgs: dict[str, np.ndarray] = {}
+    if images and slide is not None:
+        for key, side in (("hires", HIRES_MAX), ("lowres", LOWRES_MAX)):
+            img, f = _thumbnail(slide, side)
+            imgs[key] = img
+            scalef[f"tissue_{key}_scalef"] = f
+    else:
+        scalef["tissue_hires_scalef"] = 1.0  # images absent; scanpy still finds the key
+    adata.uns["spatial"] = {
+        lib: {
+            "images": imgs,
+            "scalefactors": scalef,
+            "metadata": {"source": "napari-stpredict", "software_version": __version__},
+        }
+    }
+    provenance = {
+        "software": f"napari-stpredict {__version__}",
+        "slide": slide_info,
+        "model": model_info,
+        "grid": geo.source.to_dict()
+        if hasattr(geo.source, "to_dict")
+        else {"shape": list(geo.shape)},
+        "store": str(pred.path or ""),
+        "units": expression_units(model_info),
+        "coordinates": "obsm['spatial'] = cell centres [x, y] in level-0 slide pixels",
+        "n_grid_cells": pred.n_cells,
+        "n_predicted": int(done.sum()),
+        "partial": bool(done.sum() < pred.n_cells),
+    }
+    if hasattr(tumor, "to_dict"):
+        provenance["tumor"] = tumor.to_dict()
+    adata.uns["stpredict"] = h5_safe(provenance)
+    return adata
+
+
+def _thumbnail(slide: Any, side: int) -> tuple[np.ndarray, float]:
+    h0, w0 = (int(v) for v in slide.shape[:2])
+    f = min(1.0, side / max(h0, w0))
+    oh, ow = max(1, round(h0 * f)), max(1, round(w0 * f))
+    img = np.asarray(slide.read_resampled(0, 0, h0, w0, out_shape=(oh, ow)), dtype=np.uint8)
+    return img, ow / w0
+
+
+def export_h5ad(
+    predictions: Any,
+    dst: str | os.PathLike,
+    *,
+    genes: Sequence[str] | None = None,
+    tumor: Any = None,
+    slide: Any = None,
+    model: Any = None,
+    library_id: str | None = None,
+    images: bool = True,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> ExportResult:
+    """Write per-cell predictions as ``.h5ad`` (see :func:`predictions_to_anndata`).
+
+    Raises
+    ------
+    ExportError
+        Nothing predicted, unknown genes, existing target without ``overwrite``, unwritable
+        folder.
+    """
+    from napari_stpredict.io_utils import check_target
+
+    check_target(dst, overwrite=overwrite)  # fail before the work
+    report(progress, 0, 2, "collecting predictions")
+    adata = predictions_to_anndata(
+        predictions,
+        genes=genes,
+        tumor=tumor,
+        slide=slide,
+        model=model,
+        library_id=library_id,
+        images=images,
+        cancel=cancel,
+    )
+    report(progress, 1, 2, "writing h5ad")
+    with writing(dst, overwrite=overwrite, what="h5ad file") as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
+    report(progress, 2, 2, "h5ad written")
+    st = adata.uns["stpredict"]
+    return ExportResult(
+        Path(dst),
+        "h5ad",
+        int(st["n_grid_cells"]),
+        int(st["n_predicted"]),
+        f"{adata.n_obs} cells × {adata.n_vars} genes",
+    )
+
+
+def export_csv(
+    predictions: Any,
+    dst: str | os.PathLike,
+    *,
+    genes: Sequence[str] | None = None,
+    tumor: Any = None,
+    overwrite: bool = False,
+    float_format: str = "%.6g",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> ExportResult:
+    """Write per-cell predictions as CSV, streaming a few grid rows at a time.
+
+    Columns: ``i, j`` (grid cell), ``x_px, y_px`` (cell centre, level-0 px), ``x_um, y_um``
+    (when the slide has an mpp), ``tumor_score, tumor`` (with ``tumor``), then one column per
+    gene (predicted log-normalised expression). Only predicted cells are written.
+    """
+    pred = as_predictions(predictions)
+    done = pred.require("CSV export")
+    idx = pred.gene_indices(genes)
+    names = [pred.genes[i] for i in idx]
+    geo = pred.geometry
+    mask, score = _tumor_arrays(tumor, geo.shape)
+    header = ["i", "j", "x_px", "y_px"]
+    if geo.mpp:
+        header += ["x_um", "y_um"]
+    if score is not None:
+        header.append("tumor_score")
+    if mask is not None:
+        header.append("tumor")
+    header += names
+    n = 0
+    total = int(done.sum())
+    with (
+        writing(dst, overwrite=overwrite, what="CSV file") as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as fh,
+    ):
+        w = csv.writer(fh)
+        w.writerow(header)
+        for cells, vals in _blocks(pred, idx, done):
+            check_cancel(cancel, "CSV export")
+            yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
+            cols: list[np.ndarray] = [cells[:, 0], cells[:, 1], xc, yc]
+            if geo.mpp:
+                cols += [xc * geo.mpp, yc * geo.mpp]
+            if score is not None:
+                cols.append(score[cells[:, 0], cells[:, 1]])
+            if mask is not None:
+                cols.append(mask[cells[:, 0], cells[:, 1]].astype(np.int8))
+            fmt_cols = [_fmt(c, float_format) for c in cols] + [
+                _fmt(vals[:, k], float_format) for k in range(vals.shape[1])
+            ]
+            w.writerows(zip(*fmt_cols, strict=True))
+            n += len(cells)
+            report(progress, n, total, "writing CSV")
+    return ExportResult(Path(dst), "csv", pred.n_cells, total, f"{n} cells × {len(names)} genes")
+
+
+def _fmt(col: np.ndarray, float_format: str) -> list[str]:
+    if np.issubdtype(col.dtype, np.integer) or col.dtype == bool:
+        return [str(int(v)) for v in col]
+    return ["" if not math.isfinite(v) else float_format % v for v in col.tolist()]

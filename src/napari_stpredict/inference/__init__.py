@@ -1,0 +1,56 @@
+"""Inference core shared by the napari widget and ``stpredict predict``.
+
+- :class:`TileGrid` — the slide cut into model patches; cells ↔ level-0 px ↔ µm; view and
+  tissue selection; heatmap registration (see ``docs/inference.md``).
+- :class:`PredictionStore` — cached predictions on disk (zarr, genes × grid, NaN = not
+  predicted), keyed by slide + model + grid; :func:`clear_cache`, :func:`default_cache_dir`.
+- :class:`Engine` — batched, cached, cancellable prediction of cells, nearest to the view
+  centre first.
+
+>>> from napari_stpredict.inference import Engine, PredictionStore, TileGrid  # doctest: +SKIP
+>>> grid = TileGrid.for_slide(slide, predictor)                                # doctest: +SKIP
+>>> store = PredictionStore.for_slide(slide, predictor, grid)                  # doctest: +SKIP
+>>> with Engine(slide, predictor, grid, store) as engine:                      # doctest: +SKIP
+...     for batch in engine.run(grid.cells_in_view(y0, x0, y1, x1, units="layer")):
+...         refresh(batch.cells, batch.values)
+"""
+
+from __future__ import annotations
+
+from napari_stpredict.inference.engine import (
+    BatchResult,
+    Engine,
+    EngineStats,
+    RunSummary,
+    order_cells,
+)
+from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.store import (
+    CacheEntry,
+    PredictionStore,
+    cache_max_bytes,
+    clear_cache,
+    default_cache_dir,
+    evict_cache,
+    list_cache,
+    model_key,
+    store_key,
+)
+
+__all__ = [
+    "BatchResult",
+    "CacheEntry",
+    "Engine",
+    "EngineStats",
+    "PredictionStore",
+    "RunSummary",
+    "TileGrid",
+    "cache_max_bytes",
+    "clear_cache",
+    "default_cache_dir",
+    "evict_cache",
+    "list_cache",
+    "model_key",
+    "order_cells",
+    "store_key",
+]

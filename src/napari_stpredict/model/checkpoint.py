@@ -1,0 +1,381 @@
+"""The model file: one ``.safetensors`` with weights, the reference bank and JSON metadata.
+
+Layout
+------
+Tensors
+    ``model.<name>``: the :class:`~napari_stpredict.model.methods.STModel` state dict (float32);
+    ``bank.embeddings`` ``(N, D)`` float32 L2-normalised expression embeddings of the training
+    spots, ``bank.expression`` ``(N, G)`` float32 their normalised expression,
+    ``bank.section_index`` ``(N,)`` int32 index into ``metadata["bank_sections"]``
+    (retrieval methods only).
+safetensors header metadata (strings)
+    ``format = "napari-stpredict-model"``, ``format_version = "1"``, ``stpredict = <JSON>``.
+JSON (``ModelFile.metadata``)
+    ``format``, ``format_version``, ``package_version``, ``created``, ``method``, ``backbone``,
+    ``model_config`` (rebuilds the architecture), ``pretrained``, ``genes``, ``normalization``,
+    ``patch_um``, ``patch_px``, ``image_mean``, ``image_std``, ``top_k``, ``training_sections``,
+    ``bank_sections``, ``n_bank``, ``gene_stats`` (``mean``, ``std``, ``p01``, ``p50``, ``p99``
+    per gene of the training log-normalised expression), ``metrics``, ``history``, ``config``,
+    ``content_sha256`` (of all tensors, checked on load).
+
+Nothing is ever unpickled: safetensors stores raw tensors and the metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_stpredict.errors import ModelFileError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "GENE_STAT_KEYS",
+    "ModelFile",
+    "compute_gene_stats",
+    "load_model_file",
+    "save_model_file",
+]
+
+FORMAT_NAME = "napari-stpredict-model"
+FORMAT_VERSION = 1
+GENE_STAT_KEYS = ("mean", "std", "p01", "p50", "p99")
+_REQUIRED = {
+    "method": str,
+    "backbone": str,
+    "model_config": dict,
+    "genes": list,
+    "normalization": dict,
+    "patch_px": int,
+    "top_k": int,
+    "training_sections": list,
+    "gene_stats": dict,
+    "image_mean": list,
+    "image_std": list,
+}
+
+
+@dataclass
+class ModelFile:
+    """A loaded, validated model file (tensors on the CPU).
+
+    Attributes
+    ----------
+    path
+        The file.
+    metadata
+        The JSON metadata (see the module docstring).
+    state_dict
+        Model weights (names without the ``model.`` prefix).
+    bank_embeddings, bank_expression, bank_section_index
+        The reference bank, or ``None`` for direct regression.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    bank_embeddings: torch.Tensor | None = None
+    bank_expression: torch.Tensor | None = None
+    bank_section_index: torch.Tensor | None = None
+    _gene_stats: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def genes(self) -> list[str]:
+        """Gene panel, in output column order."""
+        return list(self.metadata["genes"])
+
+    @property
+    def method(self) -> str:
+        """``"cmrc"``, ``"bleep"`` or ``"regression"``."""
+        return str(self.metadata["method"])
+
+    @property
+    def gene_stats(self) -> dict[str, np.ndarray]:
+        """Per-gene statistics of the training expression: ``mean std p01 p50 p99`` → ``(G,)``."""
+        if self._gene_stats is None:
+            self._gene_stats = {
+                k: np.asarray(self.metadata["gene_stats"][k], dtype=np.float32)
+                for k in GENE_STAT_KEYS
+            }
+        return self._gene_stats
+
+    def build_model(self):
+        """Rebuild the :class:`~napari_stpredict.model.methods.STModel` with these weights (eval mode)."""
+        from napari_stpredict.model.methods import build_model
+
+        cfg = dict(self.metadata["model_config"])
+        method = cfg.pop("method", self.method)
+        try:
+            model = build_model(method, pretrained="none", **cfg)
+        except Exception as err:
+            raise ModelFileError(
+                f"{self.path}: cannot rebuild the model ({_first_line(err)})"
+            ) from None
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as err:
+            raise ModelFileError(
+                f"{self.path}: weights do not fit the model ({_first_line(err)})"
+            ) from None
+        return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def compute_gene_stats(expression: np.ndarray) -> dict[str, list[float]]:
+    """Per-gene ``mean, std, p01, p50, p99`` of a ``(N, G)`` normalised expression matrix."""
+    x = np.asarray(expression, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError("expression must be a non-empty (N, G) matrix")
+    p01, p50, p99 = np.percentile(x, [1, 50, 99], axis=0)
+    stats = {"mean": x.mean(0), "std": x.std(0), "p01": p01, "p50": p50, "p99": p99}
+    return {k: [float(np.float32(v)) for v in stats[k]] for k in GENE_STAT_KEYS}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_model_file(
+    path: str | os.PathLike,
+    model,
+    *,
+    bank_embeddings: torch.Tensor | np.ndarray | None,
+    bank_expression: torch.Tensor | np.ndarray | None,
+    metadata: dict[str, Any],
+    bank_section_index: torch.Tensor | np.ndarray | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a model file atomically.
+
+    Parameters
+    ----------
+    path
+        Target ``.safetensors`` file.
+    model
+        The trained :class:`~napari_stpredict.model.methods.STModel`.
+    bank_embeddings, bank_expression
+        The reference bank (``(N, D)`` and ``(N, G)``); ``None`` for direct regression.
+    metadata
+        At least ``genes``, ``normalization``, ``patch_px``, ``patch_um`` (float or ``None``),
+        ``training_sections``, ``gene_stats``; optional ``top_k`` (50), ``bank_sections``,
+        ``metrics``, ``history``, ``config``, ``image_mean``/``image_std`` (ImageNet).
+        ``method``, ``backbone``, ``model_config`` and the format fields are filled in here.
+    bank_section_index
+        ``(N,)`` index of each bank spot into ``metadata["bank_sections"]``.
+    overwrite
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    from safetensors.torch import save_file
+
+    from napari_stpredict import __version__
+    from napari_stpredict.io_utils import atomic_path
+    from napari_stpredict.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach()
+        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        .contiguous()
+        .clone()
+        for k, v in model.state_dict().items()
+    }
+    meta = dict(metadata)
+    meta.setdefault("top_k", 50)
+    meta.setdefault("image_mean", list(IMAGENET_MEAN))
+    meta.setdefault("image_std", list(IMAGENET_STD))
+    meta.setdefault("metrics", {})
+    meta.setdefault("history", [])
+    meta.setdefault("config", {})
+    meta.setdefault("bank_sections", list(meta.get("training_sections", [])))
+    meta.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        package_version=__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        method=model.method,
+        backbone=model.backbone,
+        model_config=model.config,
+        pretrained=meta.get("pretrained", getattr(model, "pretrained_source", "none")),
+    )
+    if getattr(model, "retrieval", True):
+        if bank_embeddings is None or bank_expression is None:
+            raise ModelFileError(f"{path}: method {model.method!r} needs a reference bank")
+        emb = torch.as_tensor(bank_embeddings).detach().to("cpu", torch.float32).contiguous()
+        expr = torch.as_tensor(bank_expression).detach().to("cpu", torch.float32).contiguous()
+        if emb.ndim != 2 or expr.ndim != 2 or emb.shape[0] != expr.shape[0]:
+            raise ModelFileError(
+                f"{path}: bank shapes {tuple(emb.shape)} and {tuple(expr.shape)} do not match"
+            )
+        tensors["bank.embeddings"] = emb
+        tensors["bank.expression"] = expr
+        if bank_section_index is None:
+            bank_section_index = torch.zeros(emb.shape[0], dtype=torch.int32)
+        tensors["bank.section_index"] = (
+            torch.as_tensor(bank_section_index).to("cpu", torch.int32).contiguous()
+        )
+        meta["n_bank"] = int(emb.shape[0])
+    else:
+        meta["n_bank"] = 0
+    meta["content_sha256"] = _content_hash(tensors)
+    meta = _jsonable(meta)
+    _validate_metadata(Path(path), meta)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "stpredict": json.dumps(meta, separators=(",", ":"), allow_nan=False),
+    }
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
+    for key, typ in _REQUIRED.items():
+        if key not in meta:
+            raise ModelFileError(f"{path}: metadata lacks {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise ModelFileError(f"{path}: metadata {key!r} is not a {typ.__name__}")
+    genes = meta["genes"]
+    if not genes or not all(isinstance(g, str) for g in genes) or len(set(genes)) != len(genes):
+        raise ModelFileError(f"{path}: metadata 'genes' must be unique gene names")
+    pum = meta.get("patch_um")
+    if pum is not None and (not isinstance(pum, int | float) or pum <= 0):
+        raise ModelFileError(f"{path}: metadata 'patch_um'={pum!r} is not a positive number")
+    if meta["patch_px"] < 8:
+        raise ModelFileError(f"{path}: metadata 'patch_px'={meta['patch_px']} is too small")
+    if meta["top_k"] < 1:
+        raise ModelFileError(f"{path}: metadata 'top_k'={meta['top_k']} must be ≥ 1")
+    for k in GENE_STAT_KEYS:
+        vals = meta["gene_stats"].get(k)
+        if not isinstance(vals, list) or len(vals) != len(genes):
+            raise ModelFileError(f"{path}: metadata gene_stats[{k!r}] must list one value per gene")
+    if len(meta["image_mean"]) != 3 or len(meta["image_std"]) != 3:
+        raise ModelFileError(f"{path}: metadata image_mean/image_std must have 3 values")
+
+
+def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFile:
+    """Read and validate a model file.
+
+    Parameters
+    ----------
+    path
+        A file written by :func:`save_model_file`.
+    verify
+        Check the tensor checksum (detects bit-level corruption; costs one pass over the data).
+
+    Returns
+    -------
+    ModelFile
+
+    Raises
+    ------
+    ModelFileError
+        Missing, not a safetensors file, not a napari-stpredict model, from an incompatible
+        format version, or corrupt (one line naming the file and the reason).
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{p}: model file not found")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            names = list(f.keys())
+            if header.get("format") != FORMAT_NAME:
+                raise ModelFileError(
+                    f"{p}: not a napari-stpredict model file (no {FORMAT_NAME!r} header)"
+                )
+            version = header.get("format_version", "")
+            if not version.isdigit():
+                raise ModelFileError(f"{p}: corrupt model file (format_version={version!r})")
+            if int(version) != FORMAT_VERSION:
+                raise ModelFileError(
+                    f"{p}: model file format version {version} is not supported by this "
+                    f"napari-stpredict (reads version {FORMAT_VERSION}); retrain or use a matching version"
+                )
+            tensors = {n: f.get_tensor(n) for n in names}
+    except ModelFileError:
+        raise
+    except Exception as err:
+        raise ModelFileError(
+            f"{p}: not a readable model file (corrupt or not safetensors: {_first_line(err)})"
+        ) from None
+    try:
+        meta = json.loads(header.get("stpredict", ""))
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{p}: corrupt model file (metadata is not valid JSON)") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{p}: corrupt model file (metadata is not a JSON object)")
+    _validate_metadata(p, meta)
+    if verify and meta.get("content_sha256") != _content_hash(tensors):
+        raise ModelFileError(f"{p}: corrupt model file (tensor checksum mismatch)")
+    state = {n[len("model.") :]: t for n, t in tensors.items() if n.startswith("model.")}
+    if not state:
+        raise ModelFileError(f"{p}: model file has no weights")
+    mf = ModelFile(path=p, metadata=meta, state_dict=state)
+    n_genes = len(meta["genes"])
+    if meta["model_config"].get("n_genes") != n_genes:
+        raise ModelFileError(f"{p}: model_config n_genes does not match {n_genes} genes")
+    if "bank.embeddings" in tensors:
+        emb, expr = (
+            tensors["bank.embeddings"],
+            tensors.get("bank.expression"),
+        )
+        sec = tensors.get("bank.section_index")
+        if expr is None or sec is None:
+            raise ModelFileError(f"{p}: incomplete reference bank")
+        if emb.ndim != 2 or expr.shape != (emb.shape[0], n_genes) or sec.shape != (emb.shape[0],):
+            raise ModelFileError(
+                f"{p}: reference bank shapes {tuple(emb.shape)}, {tuple(expr.shape)}, "
+                f"{tuple(sec.shape)} do not match {n_genes} genes"
+            )
+        if emb.shape[0] == 0:
+            raise ModelFileError(f"{p}: reference bank is empty")
+        if not (torch.isfinite(emb).all() and torch.isfinite(expr).all()):
+            raise ModelFileError(f"{p}: reference bank contains NaN or infinite values")
+        mf.bank_embeddings, mf.bank_expression, mf.bank_section_index = emb, expr, sec
+    elif meta["method"] != "regression":
+        raise ModelFileError(f"{p}: method {meta['method']!r} needs a reference bank, none stored")
+    return mf

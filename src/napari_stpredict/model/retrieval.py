@@ -1,0 +1,97 @@
+"""Inference by retrieval: top-k cosine neighbours in the reference bank, mean expression."""
+
+from __future__ import annotations
+
+import torch
+
+from napari_stpredict.errors import StPredictError
+
+__all__ = ["retrieve_topk", "topk_mean_expression"]
+
+
+def retrieve_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    *,
+    k: int,
+    chunk: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` bank rows by dot product (cosine for L2-normalised inputs).
+
+    The bank is scanned in chunks of ``chunk`` rows, keeping a running top-k, so memory is
+    ``B × (k + chunk)`` whatever the bank size.
+
+    Parameters
+    ----------
+    queries
+        ``(B, D)`` query embeddings.
+    bank
+        ``(N, D)`` reference embeddings on the same device.
+    k
+        Neighbours per query (clipped to ``N``).
+
+    Returns
+    -------
+    (scores, indices)
+        Both ``(B, k)``, scores in descending order.
+    """
+    n = bank.shape[0]
+    if n == 0:
+        raise StPredictError("reference bank is empty")
+    k = max(1, min(int(k), n))
+    q = queries.to(bank.dtype)
+    best_s = best_i = None
+    for start in range(0, n, chunk):
+        block = bank[start : start + chunk]
+        s = q @ block.T
+        kk = min(k, s.shape[1])
+        s, i = torch.topk(s, kk, dim=1)
+        i = i + start
+        if best_s is not None:
+            s = torch.cat([best_s, s], dim=1)
+            i = torch.cat([best_i, i], dim=1)
+            s, j = torch.topk(s, min(k, s.shape[1]), dim=1)
+            i = torch.gather(i, 1, j)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+def topk_mean_expression(
+    queries: torch.Tensor,
+    bank_embeddings: torch.Tensor,
+    bank_expression: torch.Tensor,
+    *,
+    k: int = 50,
+    query_chunk: int = 256,
+    bank_chunk: int = 65536,
+) -> torch.Tensor:
+    """Predict expression as the mean normalised expression of the top-``k`` bank spots.
+
+    Parameters
+    ----------
+    queries
+        ``(B, D)`` L2-normalised image embeddings.
+    bank_embeddings
+        ``(N, D)`` L2-normalised expression embeddings of the training spots.
+    bank_expression
+        ``(N, G)`` their normalised expression.
+    k
+        Number of neighbours (the paper uses 50).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, G)`` float32 on the bank's device.
+    """
+    out = []
+    for start in range(0, queries.shape[0], query_chunk):
+        q = queries[start : start + query_chunk]
+        _, idx = retrieve_topk(q, bank_embeddings, k=k, chunk=bank_chunk)
+        out.append(
+            bank_expression[idx.reshape(-1)].view(idx.shape[0], idx.shape[1], -1).float().mean(1)
+        )
+    if not out:
+        return torch.zeros(
+            (0, bank_expression.shape[1]), dtype=torch.float32, device=bank_expression.device
+        )
+    return torch.cat(out)

@@ -1,0 +1,492 @@
+"""The :class:`Slide` object and the level sources behind it.
+
+A slide is a list of *level sources*, level 0 first. A source reads an in-bounds rectangle of
+its level as ``(h, w, 3) uint8`` and can present itself as a dask array chunked on its native
+tiles. Backends (``tiff``, ``omezarr``, ``image``) build the sources; :class:`Slide` adds a lazy
+pyramid below the coarsest stored level (so napari never has to show a huge level zoomed
+out), padding outside the slide (255, white glass) and resampling (:meth:`Slide.read_resampled`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from napari_stpredict.errors import SlideError
+
+#: Value of pixels outside the slide (white, like glass without tissue).
+FILL = 255
+#: Lazy levels are added below the coarsest stored level until the longest side is at most this.
+MIN_LEVEL_SIZE = 1024
+#: Chunk side of lazy (downsampled-on-read) levels.
+LAZY_CHUNK = 512
+#: Source window budget of one band in :meth:`Slide.read_resampled` (bytes).
+_BAND_BYTES = 64 * 2**20
+#: A level whose downsample exceeds the wanted output pixel size by less than this factor is
+#: still used (stored pyramids have downsamples like 4.0003 for a nominal 4).
+_LEVEL_TOLERANCE = 1.01
+
+
+def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor × factor`` blocks of an ``(h, w, c)`` uint8 array (trailing rows cut).
+
+    Parameters
+    ----------
+    arr
+        ``(h, w, c)`` uint8 image.
+    factor
+        Integer reduction factor (≥ 1).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(h // factor, w // factor, c)`` uint8, rounded to nearest.
+    """
+    if factor == 1:
+        return arr
+    h, w, _ = arr.shape
+    oh, ow = h // factor, w // factor
+    # strided adds: numpy reductions over the inner axes of a reshaped view are ~10x slower
+    acc = np.zeros((oh, ow, arr.shape[2]), np.uint16 if factor <= 16 else np.uint32)
+    for dy in range(factor):
+        for dx in range(factor):
+            acc += arr[dy : oh * factor : factor, dx : ow * factor : factor]
+    n = factor * factor
+    acc += n // 2
+    acc //= n
+    return acc.astype(np.uint8)
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Convert an 8-bit ``(h, w)``/``(h, w, 1..4)`` array to ``(h, w, 3)`` RGB.
+
+    Grey is repeated over the three channels; an alpha channel is composited over white
+    (transparent = background glass).
+    """
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c == 3:
+        return arr
+    if c == 1:
+        return np.repeat(arr, 3, axis=2)
+    colour = arr[:, :, :1] if c == 2 else arr[:, :, :3]
+    alpha = arr[:, :, -1:].astype(np.uint16)
+    mixed = (colour.astype(np.uint16) * alpha + FILL * (255 - alpha) + 127) // 255
+    out = mixed.astype(np.uint8)
+    return np.repeat(out, 3, axis=2) if c == 2 else out
+
+
+def check_pixel_type(path: Path | str, dtype: np.dtype, channels: int, what: str = "") -> None:
+    """Refuse pixel types that are not 8-bit grey/RGB(A) brightfield images.
+
+    Raises
+    ------
+    SlideError
+        For non-uint8 data or a channel count other than 1–4.
+    """
+    where = f" ({what})" if what else ""
+    if np.dtype(dtype) != np.uint8:
+        raise SlideError(
+            f"{path}: {np.dtype(dtype)} pixels{where} are not supported; expected an 8-bit RGB "
+            "brightfield slide (convert 16-bit/float images to 8-bit RGB first)"
+        )
+    if channels not in (1, 2, 3, 4):
+        raise SlideError(
+            f"{path}: {channels} channels{where} are not supported; expected an RGB brightfield "
+            "slide (multichannel/fluorescence images are refused)"
+        )
+
+
+class LevelSource(ABC):
+    """One pyramid level: reads in-bounds rectangles and exposes a dask array.
+
+    Attributes
+    ----------
+    shape
+        ``(h, w)`` of the level.
+    chunks
+        ``(th, tw)``: the native tile (chunk) size.
+    """
+
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    #: ``(dy, dx)`` level-0 px per level px when the file states it exactly; ``None`` = the
+    #: level covers the whole slide, so the downsample follows from the shapes
+    downsample: tuple[float, float] | None = None
+
+    @abstractmethod
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Return the in-bounds rectangle ``[y0, y1) × [x0, x1)`` as ``(h, w, 3) uint8``."""
+
+    @abstractmethod
+    def to_dask(self, name: str) -> da.Array:
+        """Return the level as a lazy ``(h, w, 3) uint8`` dask array chunked on native tiles."""
+
+
+class _ArrayLike:
+    """Minimal array protocol over a :class:`LevelSource` for ``dask.array.from_array``."""
+
+    def __init__(self, source: LevelSource) -> None:
+        self.source = source
+        self.shape = (*source.shape, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        out = self.source.read(y0, y1, x0, x1)
+        return out[(slice(None), slice(None), *key[2:3])] if len(key) > 2 else out
+
+
+def source_to_dask(source: LevelSource, name: str) -> da.Array:
+    """Wrap a :class:`LevelSource` as a dask array chunked on ``source.chunks``."""
+    th, tw = source.chunks
+    return da.from_array(
+        _ArrayLike(source),
+        chunks=(th, tw, 3),
+        name=name,
+        asarray=False,
+        fancy=False,
+        lock=False,
+        meta=np.empty((0, 0, 0), np.uint8),
+    )
+
+
+class ArraySource(LevelSource):
+    """A level held in memory (decoded JPEG/PNG and its pre-computed pyramid)."""
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        *,
+        chunks: tuple[int, int] = (LAZY_CHUNK, LAZY_CHUNK),
+        downsample: tuple[float, float] | None = None,
+    ) -> None:
+        self.array = array
+        self.downsample = downsample
+        self.shape = (int(array.shape[0]), int(array.shape[1]))
+        self.chunks = (min(chunks[0], self.shape[0]), min(chunks[1], self.shape[1]))
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return np.ascontiguousarray(self.array[y0:y1, x0:x1])
+
+    def to_dask(self, name: str) -> da.Array:
+        return da.from_array(self.array, chunks=(*self.chunks, 3), name=name)
+
+
+class DownsampledSource(LevelSource):
+    """A lazy level: ``factor × factor`` block means of ``base``, computed on read.
+
+    Reads are done in bands so memory stays bounded by the band, not by the request.
+    """
+
+    def __init__(self, base: LevelSource, factor: int = 2) -> None:
+        self.base = base
+        self.factor = factor
+        self.shape = (base.shape[0] // factor, base.shape[1] // factor)
+        self.chunks = (min(LAZY_CHUNK, self.shape[0]), min(LAZY_CHUNK, self.shape[1]))
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        f = self.factor
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        row_bytes = max(1, (x1 - x0) * f * f * 3)
+        band = max(1, _BAND_BYTES // 4 // row_bytes)
+        for by in range(y0, y1, band):
+            by1 = min(by + band, y1)
+            src = self.base.read(by * f, by1 * f, x0 * f, x1 * f)
+            out[by - y0 : by1 - y0] = block_mean(src, f)
+        return out
+
+    def to_dask(self, name: str) -> da.Array:
+        return source_to_dask(self, name)
+
+
+def _fingerprint_path(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        # a store folder: its metadata documents (small) plus the names and sizes at top level
+        for sub in sorted(path.rglob("*")):
+            if sub.name in (".zattrs", ".zarray", ".zgroup", "zarr.json") and sub.is_file():
+                h.update(str(sub.relative_to(path)).encode())
+                h.update(sub.read_bytes())
+        for sub in sorted(path.iterdir()):
+            h.update(sub.name.encode())
+    else:
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(2**20))
+            if size > 2**20:
+                fh.seek(max(2**20, size - 2**20))
+                h.update(fh.read(2**20))
+    return h.hexdigest()[:32]
+
+
+def _reopen(path: str, mpp: float | None) -> Slide:
+    from napari_stpredict.slide.opener import open_slide
+
+    return open_slide(path, mpp=mpp)
+
+
+class Slide:
+    """A whole-slide image: a lazy multiscale pyramid plus its physical scale.
+
+    Do not construct directly; use :func:`napari_stpredict.slide.open_slide`.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file (or store folder).
+    format : str
+        ``"svs"``, ``"ndpi"``, ``"tiff"``, ``"ome-tiff"``, ``"ome-zarr"`` or ``"image"``.
+    levels : list of dask.array.Array
+        ``(h, w, 3) uint8`` levels, level 0 first, chunked on the native tiles. Levels after
+        the stored ones (see ``metadata["stored_levels"]``) are computed on read.
+    mpp : float or None
+        Micrometres per level-0 pixel.
+    downsamples : list of float
+        Level-0 pixels per level pixel (mean of both axes).
+    metadata : dict
+        JSON-serialisable facts about the file (vendor properties, compression, tile size).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        format: str,
+        sources: list[LevelSource],
+        mpp: float | None,
+        metadata: dict[str, Any] | None = None,
+        mpp_override: float | None = None,
+        closer: Callable[[], None] | None = None,
+    ) -> None:
+        if not sources:
+            raise SlideError(f"{path}: no image levels")
+        for i, src in enumerate(sources):
+            if src.shape[0] <= 0 or src.shape[1] <= 0:
+                raise SlideError(f"{path}: level {i} has zero size {src.shape}")
+        self.path = Path(path)
+        self.format = format
+        self.mpp = mpp
+        self._mpp_override = mpp_override
+        self._closer = closer
+        self._closed = False
+        self._n_stored = len(sources)
+        self._sources = list(sources)
+        base = self._sources[-1]
+        while max(base.shape) > MIN_LEVEL_SIZE and min(base.shape) >= 4:
+            base = DownsampledSource(base, 2)
+            self._sources.append(base)
+        h0, w0 = self._sources[0].shape
+        # per-axis downsample: a stored level covers the whole slide, so its size sets it
+        self._axis_ds: list[tuple[float, float]] = []
+        for i, src in enumerate(self._sources):
+            if i < self._n_stored:
+                ds = src.downsample or (h0 / src.shape[0], w0 / src.shape[1])
+                self._axis_ds.append((float(ds[0]), float(ds[1])))
+            else:
+                py, px = self._axis_ds[i - 1]
+                self._axis_ds.append((py * 2, px * 2))
+        self.downsamples = [float((dy + dx) / 2) for dy, dx in self._axis_ds]
+        self.shape: tuple[int, int] = (int(h0), int(w0))
+        meta = dict(metadata or {})
+        meta.setdefault("stored_levels", self._n_stored)
+        meta["tile"] = list(self._sources[0].chunks)
+        self.metadata: dict[str, Any] = meta
+        self._fingerprint: str | None = None
+        self._lock = threading.Lock()
+        self.levels: list[da.Array] = self._make_levels()
+
+    def _make_levels(self) -> list[da.Array]:
+        token = hashlib.sha1(f"{self.path.resolve()}|{id(self)}".encode()).hexdigest()[:16]
+        return [
+            src.to_dask(f"stpredict-slide-{token}-{i}") for i, src in enumerate(self._sources)
+        ]
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def layer_scale(self) -> tuple[float, float]:
+        """napari layer scale: ``(mpp, mpp)`` when mpp is known, else ``(1, 1)``."""
+        return (self.mpp, self.mpp) if self.mpp else (1.0, 1.0)
+
+    @property
+    def units(self) -> str:
+        """Layer units: ``"µm"`` when mpp is known, else ``"px"``."""
+        return "µm" if self.mpp else "px"
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of every level."""
+        return [src.shape for src in self._sources]
+
+    def fingerprint(self) -> str:
+        """A content key for caches: hash of the file size and its first and last MiB."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint_path(self.path)
+        return self._fingerprint
+
+    # ----------------------------------------------------------------- reading
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Read a rectangle of one level.
+
+        Parameters
+        ----------
+        level
+            Level index (0 = full resolution).
+        y, x
+            Top-left corner **in that level's pixel grid** (may be negative or past the end).
+        h, w
+            Size in that level's pixels.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(h, w, 3) uint8``; pixels outside the level are 255.
+        """
+        self._check_open()
+        if not 0 <= level < len(self._sources):
+            raise SlideError(f"{self.path}: level {level} does not exist ({len(self._sources)} levels)")
+        y, x, h, w = int(y), int(x), int(h), int(w)
+        if h < 0 or w < 0:
+            raise SlideError(f"{self.path}: negative region size {h}x{w}")
+        src = self._sources[level]
+        lh, lw = src.shape
+        iy0, iy1 = max(y, 0), min(y + h, lh)
+        ix0, ix1 = max(x, 0), min(x + w, lw)
+        if iy0 == y and ix0 == x and iy1 == y + h and ix1 == x + w:
+            return self._read_source(src, iy0, iy1, ix0, ix1)
+        out = np.full((h, w, 3), FILL, np.uint8)
+        if iy1 > iy0 and ix1 > ix0:
+            out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = self._read_source(src, iy0, iy1, ix0, ix1)
+        return out
+
+    def _read_source(self, src: LevelSource, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        try:
+            return src.read(y0, y1, x0, x1)
+        except SlideError:
+            raise
+        except Exception as err:  # a codec error in one tile: name the file and the place
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise SlideError(
+                f"{self.path}: cannot decode region y={y0}:{y1} x={x0}:{x1}: {msg}"
+            ) from err
+
+    def best_level(self, downsample: float, *, stored_only: bool = True) -> int:
+        """The coarsest level whose pixels are at most ``downsample`` level-0 px (≥ resolution)."""
+        n = self._n_stored if stored_only else len(self._sources)
+        best = 0
+        for i in range(n):
+            dy, dx = self._axis_ds[i]
+            if max(dy, dx) <= downsample * _LEVEL_TOLERANCE:
+                best = i
+        return best
+
+    def read_resampled(
+        self,
+        y0: float,
+        x0: float,
+        h: float,
+        w: float,
+        *,
+        out_shape: tuple[int, int],
+    ) -> np.ndarray:
+        """Read a level-0 rectangle resized to ``out_shape``, anti-aliased and pixel-registered.
+
+        The rectangle ``[y0, y0 + h) × [x0, x0 + w)`` is in continuous level-0 pixel
+        coordinates (pixel ``(i, j)`` covers ``[i, i+1) × [j, j+1)``); it may be fractional
+        and may extend past the slide (outside = 255). Output pixel ``(i, j)`` is centred on
+        level-0 point ``(y0 + (i + ½)·h/oh, x0 + (j + ½)·w/ow)``. The pixels come from the
+        coarsest stored level that still has at least the output resolution, resampled with
+        an anti-aliased bilinear filter (Pillow); a request at the level's own scale and
+        integer offsets returns the stored pixels unchanged. Only the tiles under the
+        rectangle are decoded; large requests are processed in bands (bounded memory).
+
+        Parameters
+        ----------
+        y0, x0, h, w
+            The level-0 rectangle (``h``, ``w`` > 0).
+        out_shape
+            ``(oh, ow)`` of the result.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(oh, ow, 3) uint8``.
+        """
+        self._check_open()
+        oh, ow = int(out_shape[0]), int(out_shape[1])
+        if oh <= 0 or ow <= 0 or not (h > 0 and w > 0):
+            raise SlideError(f"{self.path}: empty resample request {h}x{w} -> {oh}x{ow}")
+        level = self.best_level(min(h / oh, w / ow))
+        dy, dx = self._axis_ds[level]
+        # the rectangle in the chosen level's continuous pixel frame
+        ly0, lx0 = y0 / dy, x0 / dx
+        lh, lw = h / dy, w / dx
+        sy, sx = lh / oh, lw / ow  # level px per output px
+        if sy == 1.0 and sx == 1.0 and ly0 == int(ly0) and lx0 == int(lx0):
+            return self.read_region(level, int(ly0), int(lx0), oh, ow)
+        from PIL import Image
+
+        my = math.ceil(max(sy, 1.0)) + 2  # filter support + rounding margin
+        mx = math.ceil(max(sx, 1.0)) + 2
+        wx0 = math.floor(lx0) - mx
+        wx1 = math.ceil(lx0 + lw) + mx
+        out = np.empty((oh, ow, 3), np.uint8)
+        row_bytes = (wx1 - wx0) * 3
+        band = max(1, int((_BAND_BYTES // row_bytes - 2 * my) / max(sy, 1e-9)))
+        band = min(band, oh)
+        for i0 in range(0, oh, band):
+            i1 = min(i0 + band, oh)
+            by0 = ly0 + i0 * sy
+            by1 = ly0 + i1 * sy
+            wy0 = math.floor(by0) - my
+            wy1 = math.ceil(by1) + my
+            window = self.read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
+            box = (lx0 - wx0, by0 - wy0, lx0 + lw - wx0, by1 - wy0)
+            img = Image.fromarray(window, mode=None).resize(
+                (ow, i1 - i0), Image.Resampling.BILINEAR, box=box
+            )
+            out[i0:i1] = np.asarray(img)
+        return out
+
+    # ----------------------------------------------------------------- life cycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SlideError(f"{self.path}: slide is closed")
+
+    def close(self) -> None:
+        """Release the file handles (the dask levels become unusable)."""
+        with self._lock:
+            if not self._closed and self._closer is not None:
+                self._closer()
+            self._closed = True
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # file handles do not travel: a copy in another process re-opens the file
+        return (_reopen, (str(self.path), self._mpp_override))
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g} µm/px" if self.mpp else "mpp unknown"
+        return (
+            f"Slide({str(self.path)!r}, format={self.format!r}, shape={self.shape}, "
+            f"levels={len(self.levels)}, {mpp})"
+        )
+

@@ -1,0 +1,441 @@
+"""TIFF-family slides: Aperio SVS, Hamamatsu NDPI, OME-TIFF, generic tiled (pyramidal) TIFF.
+
+Two read paths share tifffile's per-tile decoder:
+
+- ``Slide.levels`` (what napari slices) are ``tifffile`` ``aszarr`` stores → zarr → dask,
+  one chunk per native tile, decoded on demand.
+- ``read_region``/``read_resampled`` (the training and inference hot path) decode the tiles
+  under the request directly: positional reads (``os.pread``, so threads and forked
+  DataLoader workers never race on a shared file offset) + ``TiffPage.decode``. zarr-python
+  3's per-chunk overhead is about twice the decode time of a 240-px JPEG tile, which this
+  path avoids (see docs/benchmarks.md). Tests check both paths against ``TiffPage.asarray``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import tifffile
+
+from napari_stpredict.errors import SlideError
+from napari_stpredict.slide.base import FILL, LevelSource, check_pixel_type, to_rgb
+
+#: Resolution tags claiming pixels larger than this (µm) are placeholders (e.g. 72 dpi).
+MAX_PLAUSIBLE_MPP = 100.0
+#: Requests touching at least this many tiles are decoded on a thread pool.
+_PARALLEL_TILES = 8
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="stpredict-tiff"
+            )
+        return _POOL
+
+
+class _TiffPlane:
+    """Direct decoder of the tiles (or strips) of one TIFF page."""
+
+    def __init__(self, page: tifffile.TiffPage, fh: tifffile.FileHandle, path: Path) -> None:
+        kf = page.keyframe
+        if kf.is_tiled and kf.tiledepth > 1:
+            raise SlideError(f"{path}: volumetric (3-D tiled) TIFF pages are not supported")
+        self.path = path
+        self.h, self.w = int(kf.imagelength), int(kf.imagewidth)
+        self.spp = int(kf.samplesperpixel)
+        self.planar = kf.planarconfig == 2 and self.spp > 1
+        self.th, self.tw = int(kf.chunks[0]), int(kf.chunks[1])
+        self.nty = math.ceil(self.h / self.th)
+        self.ntx = math.ceil(self.w / self.tw)
+        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self.page = page
+        self.decode = kf.decode  # resolved now: raises for an unknown compression
+        args: dict[str, Any] = {"_fullsize": True}
+        if page.jpegtables is not None:
+            args["jpegtables"] = page.jpegtables
+        if kf.jpegheader is not None:
+            args["jpegheader"] = kf.jpegheader
+        self.decode_args = args
+        self.fh = fh
+        try:
+            self.fd: int | None = fh.filehandle.fileno() if hasattr(os, "pread") else None
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        #: tiles decoded so far (tests and benchmarks count reads with it)
+        self.tiles_read = 0
+
+    def _bytes(self, index: int) -> bytes | None:
+        if index >= len(self.offsets):
+            return None  # e.g. Philips files missing the last row of tiles
+        off, n = int(self.offsets[index]), int(self.counts[index])
+        if off == 0 or n == 0:
+            return None
+        if self.fd is not None:
+            return os.pread(self.fd, n, off)
+        with self.fh.lock:
+            self.fh.seek(off)
+            return self.fh.read(n)
+
+    def tile(self, ty: int, tx: int) -> np.ndarray:
+        """Decoded tile ``(th, tw, spp)`` (edge tiles padded; missing tiles filled with 255)."""
+        self.tiles_read += 1
+        planes = range(self.spp) if self.planar else range(1)
+        parts = []
+        for s in planes:
+            index = (s * self.nty + ty) * self.ntx + tx if self.planar else ty * self.ntx + tx
+            data = self._bytes(index)
+            if data is None:
+                parts.append(np.full((self.th, self.tw, 1 if self.planar else self.spp), FILL, np.uint8))
+                continue
+            arr = self.decode(data, index, **self.decode_args)[0]
+            parts.append(np.asarray(arr).reshape(self.th, self.tw, -1))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """In-bounds rectangle ``(y1-y0, x1-x0, spp)``."""
+        out = np.empty((y1 - y0, x1 - x0, self.spp), np.uint8)
+        if y1 <= y0 or x1 <= x0:
+            return out
+        ty0, ty1 = y0 // self.th, (y1 - 1) // self.th + 1
+        tx0, tx1 = x0 // self.tw, (x1 - 1) // self.tw + 1
+        jobs = [(ty, tx) for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
+
+        def place(job: tuple[int, int]) -> None:
+            ty, tx = job
+            tile = self.tile(ty, tx)
+            gy0, gx0 = ty * self.th, tx * self.tw
+            sy0, sy1 = max(y0, gy0), min(y1, gy0 + self.th)
+            sx0, sx1 = max(x0, gx0), min(x1, gx0 + self.tw)
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0
+            ]
+
+        if len(jobs) >= _PARALLEL_TILES and (os.cpu_count() or 1) > 1:
+            list(_pool().map(place, jobs))
+        else:
+            for job in jobs:
+                place(job)
+        return out
+
+
+class TiffLevel(LevelSource):
+    """One pyramid level of a TIFF series (one RGB page, or one page per channel)."""
+
+    def __init__(
+        self, series: tifffile.TiffPageSeries, index: int, planes: list[_TiffPlane], fill: int
+    ) -> None:
+        self.series = series
+        self.index = index
+        self.planes = planes
+        self.shape = (planes[0].h, planes[0].w)
+        self.chunks = (min(planes[0].th, self.shape[0]), min(planes[0].tw, self.shape[1]))
+        self.channels = sum(p.spp for p in planes)
+        self._fill = fill
+
+    @property
+    def tiles_read(self) -> int:
+        """Tiles decoded by the direct path so far."""
+        return sum(p.tiles_read for p in self.planes)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        parts = [p.read(y0, y1, x0, x1) for p in self.planes]
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+        return to_rgb(arr)
+
+    def to_dask(self, name: str) -> da.Array:
+        import zarr
+
+        store = self.series.aszarr(level=self.index, fillvalue=self._fill)
+        z = zarr.open_array(store=store, mode="r")
+        arr = da.from_zarr(z, name=name)
+        axes = self.series.levels[self.index].get_axes(True)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        elif axes[0] in "CS" and arr.ndim == 3:
+            arr = arr.transpose(1, 2, 0)
+        if self.channels != 3:
+            arr = arr.map_blocks(
+                to_rgb,
+                chunks=(*arr.chunks[:2], (3,)),
+                dtype=np.uint8,
+                meta=np.empty((0, 0, 0), np.uint8),
+            )
+        return arr
+
+
+def _mpp_from_resolution(page: tifffile.TiffPage) -> float | None:
+    tags = page.tags
+    xres = tags.valueof("XResolution")
+    unit = tags.valueof("ResolutionUnit")
+    if xres is None or unit is None:
+        return None
+    try:
+        num, den = xres
+        px_per_unit = num / den
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not px_per_unit > 0:
+        return None
+    unit = int(unit)
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
+    if um_per_unit is None:
+        return None
+    mpp = um_per_unit / px_per_unit
+    return mpp if 0 < mpp <= MAX_PLAUSIBLE_MPP else None
+
+
+_OME_UNITS = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "mm": 1e3,
+    "cm": 1e4, "dm": 1e5, "m": 1e6, "in": 25400.0, "mil": 25.4,
+}  # fmt: skip
+
+
+def _resolution(page: tifffile.TiffPage) -> tuple[float, float, int] | None:
+    tags = page.tags
+    try:
+        xn, xd = tags.valueof("XResolution")
+        yn, yd = tags.valueof("YResolution")
+        return xn / xd, yn / yd, int(tags.valueof("ResolutionUnit") or 1)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _resolution_downsamples(levels: list[TiffLevel]) -> list[tuple[float, float]] | None:
+    """Exact per-level downsamples from resolution tags, if every level has consistent ones.
+
+    Our writer (and others) record each level's resolution; many files instead copy level 0's
+    tags to every level, so ratios are used only where they agree with the level sizes.
+    """
+    res = [_resolution(lv.planes[0].page) for lv in levels]
+    if any(r is None or not (r[0] > 0 and r[1] > 0) for r in res) or len({r[2] for r in res}) != 1:
+        return None
+    h0, w0 = levels[0].shape
+    out = []
+    for lv, r in zip(levels, res, strict=True):
+        dy, dx = res[0][1] / r[1], res[0][0] / r[0]
+        if abs(h0 / dy - lv.shape[0]) >= 1.0 or abs(w0 / dx - lv.shape[1]) >= 1.0:
+            return None
+        out.append((dy, dx))
+    return out
+
+
+def _mpp_from_ome(xml: str, shape: tuple[int, int]) -> float | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    candidates = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
+    matching = [
+        el
+        for el in candidates
+        if el.get("SizeY") == str(shape[0]) and el.get("SizeX") == str(shape[1])
+    ]
+    for el in matching or candidates:
+        size = el.get("PhysicalSizeX")
+        if size is None:
+            continue
+        factor = _OME_UNITS.get(el.get("PhysicalSizeXUnit", "µm"))
+        try:
+            mpp = float(size) * factor if factor is not None else None
+        except ValueError:
+            mpp = None
+        if mpp and mpp > 0:
+            return mpp
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("latin-1", "replace")
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value] if len(value) <= 16 else f"<{len(value)} values>"
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 16 else f"<array {value.shape}>"
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def _main_series(tf: tifffile.TiffFile, path: Path) -> tifffile.TiffPageSeries:
+    best, best_px = None, -1
+    for s in tf.series:
+        if s.name in ("Label", "Macro", "Thumbnail", "Map"):
+            continue
+        axes = s.get_axes(True)
+        shape = s.get_shape(True)
+        try:
+            px = shape[axes.index("Y")] * shape[axes.index("X")]
+        except ValueError:
+            continue
+        if px > best_px:
+            best, best_px = s, px
+    if best is None:
+        raise SlideError(f"{path}: no 2-D image series in this TIFF")
+    return best
+
+
+def _level_planes(
+    level: tifffile.TiffPageSeries, fh: tifffile.FileHandle, path: Path, index: int
+) -> list[_TiffPlane]:
+    axes = level.get_axes(True)
+    shape = level.get_shape(True)
+    if 0 in shape:
+        raise SlideError(f"{path}: level {index} has zero size {tuple(shape)}")
+    pages = [p for p in level.pages if p is not None]
+    if axes in ("YX", "YXS", "SYX") and len(pages) == 1:
+        page = pages[0]
+    elif axes == "CYX" and len(pages) == shape[0]:
+        page = None
+    else:
+        raise SlideError(
+            f"{path}: image layout {axes} {tuple(shape)} is not supported "
+            "(expected one RGB plane per level; stacks and multichannel images are refused)"
+        )
+    try:
+        if page is not None:
+            return [_TiffPlane(page, fh, path)]
+        return [_TiffPlane(p, fh, path) for p in pages]
+    except SlideError:
+        raise
+    except Exception as err:
+        raise SlideError(f"{path}: unsupported TIFF level {index}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _probe(level: TiffLevel, path: Path, index: int) -> None:
+    """Decode one stored tile so a corrupt file is refused at open, not in the viewer."""
+    plane = level.planes[0]
+    n = plane.nty * plane.ntx
+    for i in range(n):
+        if i < len(plane.offsets) and plane.offsets[i] and plane.counts[i]:
+            ty, tx = divmod(i, plane.ntx)
+            try:
+                for p in level.planes:
+                    p.tile(ty, tx)
+                    p.tiles_read -= 1
+            except Exception as err:
+                raise SlideError(
+                    f"{path}: corrupt image data (level {index}, tile {i}): {_one_line(err)}"
+                ) from err
+            return
+
+
+def open_tiff(path: Path) -> dict[str, Any]:
+    """Open a TIFF-family slide; return the pieces :class:`~.base.Slide` is built from.
+
+    Returns
+    -------
+    dict
+        ``format``, ``sources``, ``mpp``, ``metadata``, ``closer``.
+    """
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as err:
+        raise SlideError(f"{path}: not a readable TIFF file: {_one_line(err)}") from err
+    try:
+        return _build(tf, path)
+    except BaseException:
+        tf.close()
+        raise
+
+
+def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
+    try:
+        series = _main_series(tf, path)
+        levels = list(series.levels)
+    except SlideError:
+        raise
+    except Exception as err:
+        raise SlideError(f"{path}: cannot parse TIFF structure: {_one_line(err)}") from err
+    fmt = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome-tiff" if tf.is_ome else "tiff"
+    page0 = series.keyframe
+    axes = series.get_axes(True)
+    shape = series.get_shape(True)
+    channels = 1
+    if "S" in axes:
+        channels = shape[axes.index("S")]
+    elif "C" in axes:
+        channels = shape[axes.index("C")]
+    check_pixel_type(path, series.dtype, channels)
+    if page0.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        raise SlideError(f"{path}: palette (indexed colour) TIFFs are not supported")
+    if page0.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        raise SlideError(f"{path}: inverted (min-is-white) greyscale TIFFs are not supported")
+
+    sources: list[TiffLevel] = []
+    fh = tf.filehandle
+    for i, level in enumerate(levels):
+        planes = _level_planes(level, fh, path, i)
+        lv = TiffLevel(series, i, planes, FILL)
+        if sources and (lv.shape[0] > sources[-1].shape[0] or lv.shape[1] > sources[-1].shape[1]):
+            break  # not a pyramid past this point
+        sources.append(lv)
+    exact = _resolution_downsamples(sources) if len(sources) > 1 else None
+    if exact is not None:
+        for lv, ds in zip(sources, exact, strict=True):
+            lv.downsample = ds
+    _probe(sources[0], path, 0)
+    if len(sources) > 1:
+        _probe(sources[-1], path, len(sources) - 1)
+
+    meta: dict[str, Any] = {
+        "vendor": {"svs": "aperio", "ndpi": "hamamatsu"}.get(fmt, "generic"),
+        "compression": tifffile.COMPRESSION(page0.compression).name.lower()
+        if page0.compression in tifffile.COMPRESSION.__members__.values()
+        else int(page0.compression),
+        "series": series.name,
+        "axes": axes,
+    }
+    mpp, mpp_source = None, None
+    if fmt == "svs":
+        try:
+            props = tifffile.tifffile.svs_description_metadata(page0.description)
+        except ValueError:
+            props = {}
+        meta["properties"] = _jsonable(props)
+        if "AppMag" in props:
+            meta["objective_power"] = _jsonable(props["AppMag"])
+        try:
+            mpp = float(props["MPP"]) if "MPP" in props else None
+            mpp_source = "svs MPP" if mpp else None
+        except (TypeError, ValueError):
+            mpp = None
+    elif fmt == "ndpi":
+        ndpi = page0.ndpi_tags or {}
+        meta["properties"] = _jsonable({k: v for k, v in ndpi.items() if k != "McuStarts"})
+        if "Magnification" in ndpi:
+            meta["objective_power"] = _jsonable(ndpi["Magnification"])
+    elif fmt == "ome-tiff":
+        xml = tf.ome_metadata or ""
+        mpp = _mpp_from_ome(xml, sources[0].shape)
+        mpp_source = "OME PhysicalSizeX" if mpp else None
+    if mpp is None:
+        mpp = _mpp_from_resolution(page0)
+        mpp_source = "TIFF resolution tags" if mpp else None
+    if mpp is not None and not (0 < mpp < float("inf")):
+        mpp, mpp_source = None, None
+    meta["mpp_source"] = mpp_source
+    return {"format": fmt, "sources": sources, "mpp": mpp, "metadata": meta, "closer": tf.close}

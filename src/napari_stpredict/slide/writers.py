@@ -1,0 +1,315 @@
+"""Pyramid writers: tiled OME-TIFF (levels as SubIFDs) and OME-Zarr (NGFF 0.4 multiscales).
+
+Both stream one row of tiles at a time, so memory is bounded by ``tile × width`` pixels, not by
+the slide. Each level is the 2× block mean of the one above it. For OME-TIFF the coarser levels
+go to a temporary zarr store in the target folder while the finer level is written (a TIFF is
+written level after level, level 0 first); OME-Zarr reads them back from the output itself.
+Outputs appear under their final name only when complete (``io_utils.atomic_path``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_stpredict.errors import StPredictError
+from napari_stpredict.io_utils import atomic_path
+from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
+from napari_stpredict.slide.base import FILL, Slide, block_mean
+
+COMPRESSIONS = ("jpeg", "deflate")
+JPEG_QUALITY = 90
+
+# A strip reader returns rows [y0, y1) of a level at full width as (h, w, 3) uint8.
+StripReader = Callable[[int, int], np.ndarray]
+
+
+def _check_options(tile: int, compression: str, mpp: float | None, allowed: tuple[str, ...]) -> None:
+    if not isinstance(tile, int) or tile < 16 or tile % 16:
+        raise StPredictError(f"tile size {tile!r} must be a multiple of 16 (e.g. 256, 512)")
+    if compression not in allowed:
+        raise StPredictError(f"compression {compression!r} not supported here (choose from {', '.join(allowed)})")
+    if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < mpp < float("inf")):
+        raise StPredictError(f"mpp {mpp!r} must be a positive number")
+
+
+def pyramid_shapes(shape: tuple[int, int], tile: int) -> list[tuple[int, int]]:
+    """Level shapes: halve (floor) until the longest side fits in one tile."""
+    shapes = [shape]
+    while max(shapes[-1]) > tile and min(shapes[-1]) >= 2:
+        h, w = shapes[-1]
+        shapes.append((h // 2, w // 2))
+    return shapes
+
+
+def _slide_strip_reader(slide: Slide) -> StripReader:
+    w = slide.shape[1]
+    return lambda y0, y1: slide.read_region(0, y0, 0, y1 - y0, w)
+
+
+def _tiles(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """Full-size tiles of a strip, left to right; edges padded with white (no JPEG ringing)."""
+    h, w = strip.shape[:2]
+    for x in range(0, w, tile):
+        t = strip[:, x : x + tile]
+        if t.shape[0] != tile or t.shape[1] != tile:
+            pad = np.full((tile, tile, 3), FILL, np.uint8)
+            pad[: t.shape[0], : t.shape[1]] = t
+            t = pad
+        yield np.ascontiguousarray(t)
+
+
+class _Progress:
+    def __init__(self, progress: ProgressCallback | None, cancel: CancelToken | None, total: int):
+        self.progress, self.cancel, self.total, self.done = progress, cancel, total, 0
+
+    def step(self, message: str) -> None:
+        check_cancel(self.cancel, "convert")
+        self.done += 1
+        report(self.progress, self.done, self.total, message)
+
+
+def _temp_level(folder: Path, index: int, shape: tuple[int, int], tile: int) -> Any:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    return zarr.create_array(
+        store=str(folder / f"level{index}"),
+        shape=(*shape, 3),
+        chunks=(tile // 2, tile * 4, 3),
+        dtype="uint8",
+        fill_value=FILL,
+        compressors=BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"),
+    )
+
+
+def write_ome_tiff(
+    slide: Slide,
+    dst: str | os.PathLike,
+    *,
+    tile: int = 512,
+    compression: str = "jpeg",
+    mpp: float | None = None,
+    quality: int = JPEG_QUALITY,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Write a slide as a tiled pyramidal OME-TIFF (sub-resolutions in SubIFDs).
+
+    Parameters
+    ----------
+    slide
+        The source (any readable slide).
+    dst
+        Output path (``.ome.tif``/``.ome.tiff`` by convention).
+    tile
+        Tile side in pixels (multiple of 16).
+    compression
+        ``"jpeg"`` (lossy, YCbCr 4:2:0 at ``quality``) or ``"deflate"`` (lossless).
+    mpp
+        µm per level-0 pixel to record; default: the slide's own (omitted when unknown).
+    quality
+        JPEG quality (1–100).
+    overwrite
+        Replace an existing ``dst``.
+    progress, cancel
+        Progress callback (units: tile rows of all levels) and cancel token.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dst``.
+    """
+    import tifffile
+
+    _check_options(tile, compression, mpp, COMPRESSIONS)
+    mpp = float(mpp) if mpp is not None else slide.mpp
+    shapes = pyramid_shapes(slide.shape, tile)
+    prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
+    comp: dict[str, Any]
+    if compression == "jpeg":
+        comp = {
+            "compression": "jpeg",
+            "compressionargs": {"level": int(quality)},
+            # RGB input: tifffile stores it as YCbCr JPEG (chroma subsampled)
+            "photometric": "rgb",
+        }
+    else:
+        comp = {"compression": "zlib", "compressionargs": {"level": 6}, "photometric": "rgb", "predictor": 2}
+    name = Path(dst).name.split(".")[0]
+    metadata: dict[str, Any] = {"axes": "YXS", "Name": name}
+    if mpp:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    with atomic_path(dst, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
+        prefix=".stpredict-pyramid-", dir=Path(tmp).parent
+    ) as scratch:
+        reader = _slide_strip_reader(slide)
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+            for k, (h, w) in enumerate(shapes):
+                nxt = _temp_level(Path(scratch), k + 1, shapes[k + 1], tile) if k + 1 < len(shapes) else None
+                # every level records its resolution, so readers get exact 2^k downsamples
+                # (relative, unit-less ones when the physical scale is unknown)
+                ds = 2**k
+                if mpp:
+                    res = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
+                else:
+                    res = {"resolution": (1 / ds, 1 / ds), "resolutionunit": "NONE"}
+                tw.write(
+                    _level_tiles(reader, (h, w), tile, nxt, prog, f"level {k}"),
+                    shape=(h, w, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    subifds=len(shapes) - 1 if k == 0 else None,
+                    subfiletype=1 if k else 0,
+                    metadata=metadata if k == 0 else None,
+                    maxworkers=os.cpu_count() or 1,
+                    # encode about one strip at a time: memory bounded by the strip
+                    buffersize=max(2**20, tile * w * 3),
+                    **comp,
+                    **res,
+                )
+                if k > 0:
+                    shutil.rmtree(Path(scratch) / f"level{k}", ignore_errors=True)
+                if nxt is not None:
+                    arr = nxt
+                    reader = lambda y0, y1, a=arr: np.asarray(a[y0:y1])  # noqa: E731
+    return Path(dst)
+
+
+def _level_tiles(
+    reader: StripReader,
+    shape: tuple[int, int],
+    tile: int,
+    nxt: Any,
+    prog: _Progress,
+    label: str,
+) -> Iterator[np.ndarray]:
+    """Yield the tiles of one level row by row; feed the 2× reduced strip to ``nxt``."""
+    h, _ = shape
+    for y in range(0, h, tile):
+        strip = reader(y, min(y + tile, h))
+        prog.step(label)
+        # before yielding: the TIFF writer stops pulling once it has all tiles, so code after
+        # the last yield would never run
+        if nxt is not None:
+            small = block_mean(strip, 2)
+            y2 = y // 2
+            rows = min(small.shape[0], nxt.shape[0] - y2)
+            if rows > 0:
+                nxt[y2 : y2 + rows] = small[:rows, : nxt.shape[1]]
+        yield from _tiles(strip, tile)
+
+
+def write_ome_zarr(
+    slide: Slide,
+    dst: str | os.PathLike,
+    *,
+    tile: int = 512,
+    compression: str = "deflate",
+    mpp: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Write a slide as an OME-Zarr image (zarr v2, OME-NGFF 0.4 multiscales, axes c, y, x).
+
+    Parameters
+    ----------
+    slide
+        The source (any readable slide).
+    dst
+        Output folder (``.zarr`` by convention).
+    tile
+        Chunk side in pixels (multiple of 16); one chunk holds the three channels of a tile.
+    compression
+        ``"deflate"`` (zlib, lossless). JPEG chunks are not part of the OME-Zarr standard and
+        are refused.
+    mpp
+        µm per level-0 pixel to record; default: the slide's own (omitted when unknown).
+    overwrite
+        Replace an existing ``dst``.
+    progress, cancel
+        Progress callback (units: tile rows of all levels) and cancel token.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dst``.
+    """
+    import numcodecs
+    import zarr
+
+    _check_options(tile, compression, mpp, ("deflate",))
+    mpp = float(mpp) if mpp is not None else slide.mpp
+    shapes = pyramid_shapes(slide.shape, tile)
+    prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
+    with atomic_path(dst, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        arrays = []
+        for k, (h, w) in enumerate(shapes):
+            arrays.append(
+                root.create_array(
+                    str(k),
+                    shape=(3, h, w),
+                    chunks=(3, tile, tile),
+                    dtype="uint8",
+                    fill_value=FILL,
+                    compressors=numcodecs.Zlib(level=6),
+                    chunk_key_encoding={"name": "v2", "separator": "/"},
+                )
+            )
+        unit = {"unit": "micrometer"} if mpp else {}
+        px = mpp or 1.0
+        root.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "name": Path(dst).name.split(".")[0],
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", **unit},
+                    {"name": "x", "type": "space", **unit},
+                ],
+                "datasets": [
+                    {
+                        "path": str(k),
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, px * 2**k, px * 2**k]}
+                        ],
+                    }
+                    for k in range(len(shapes))
+                ],
+                "type": "mean",
+            }
+        ]
+        root.attrs["omero"] = {
+            "rdefs": {"model": "color"},
+            "channels": [
+                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255}, "active": True}
+                for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
+            ],
+        }
+        reader = _slide_strip_reader(slide)
+        for k, (h, _w) in enumerate(shapes):
+            out = arrays[k]
+            for y in range(0, h, tile):
+                strip = reader(y, min(y + tile, h))
+                out[:, y : y + strip.shape[0], :] = strip.transpose(2, 0, 1)
+                prog.step(f"level {k}")
+            if k + 1 < len(shapes):
+                src = out
+                nh, nw = shapes[k + 1]
+
+                def reader(y0: int, y1: int, a: Any = src, nw: int = nw) -> np.ndarray:
+                    # rows [y0, y1) of the next level = 2× block mean of rows [2y0, 2y1) here
+                    block = np.asarray(a[:, 2 * y0 : 2 * y1, : 2 * nw]).transpose(1, 2, 0)
+                    return block_mean(np.ascontiguousarray(block), 2)
+
+    return Path(dst)
