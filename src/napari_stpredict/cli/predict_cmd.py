@@ -99,20 +99,20 @@ def _table(rows: list[dict[str, Any]]):
 
 @app.command("predict")
 def predict(
-    slides: list[Path] = typer.Argument(
-        ...,
+    slides: list[Path] | None = typer.Argument(
+        None,
         help="Slide files, or folders of slides (every slide file directly inside).",
         show_default=False,
     ),
-    model: Path = typer.Option(
-        ...,
+    model: Path | None = typer.Option(
+        None,
         "--model",
         "-m",
         help="Model file (.safetensors) from `stpredict train`.",
         show_default=False,
     ),
-    out: Path = typer.Option(
-        ...,
+    out: Path | None = typer.Option(
+        None,
         "--out",
         "-o",
         help="Output folder: OUT/<slide>/predictions.zarr, exports, summary.json.",
@@ -173,7 +173,15 @@ def predict(
     from rich.console import Console
 
     from napari_stpredict.cohort import parse_exports, predict_cohort
+    from napari_stpredict.errors import StPredictError
 
+    # checked here rather than by click so that the message and exit status (2) are ours
+    if not slides:
+        raise StPredictError("no slides given (stpredict predict SLIDES... --model M --out DIR)")
+    if model is None:
+        raise StPredictError("--model: required (a model file from `stpredict train`)")
+    if out is None:
+        raise StPredictError("--out: required (the output folder)")
     exports = parse_exports(export)  # bad names are bad input, before anything starts
     console = Console(stderr=True)
     bars: _CohortBars | None = None

@@ -60,9 +60,15 @@ def info(
     from rich.table import Table
 
     console = Console()
-    mpp_text = f"{doc['mpp']:.4g} µm/px ({doc['metadata'].get('mpp_source')})" if doc["mpp"] else "unknown (use --mpp)"
+    mpp_text = (
+        f"{doc['mpp']:.4g} µm/px ({doc['metadata'].get('mpp_source')})"
+        if doc["mpp"]
+        else "unknown (use --mpp)"
+    )
     console.print(f"[bold]{doc['path']}[/bold]")
-    console.print(f"format: {doc['format']}   mpp: {mpp_text}   size: {doc['shape'][0]} x {doc['shape'][1]} px")
+    console.print(
+        f"format: {doc['format']}   mpp: {mpp_text}   size: {doc['shape'][0]} x {doc['shape'][1]} px"
+    )
     table = Table("level", "shape (h, w, c)", "downsample", "chunks", "stored")
     for i, lv in enumerate(doc["levels"]):
         table.add_row(
@@ -73,6 +79,8 @@ def info(
             "yes" if lv["stored"] else "lazy",
         )
     console.print(table)
+    if doc["metadata"].get("mpp_suspect"):
+        console.print(f"[yellow]warning:[/yellow] {doc['metadata']['mpp_suspect']} (--mpp)")
 
 
 def _target_kind(dst: Path) -> str:
@@ -81,24 +89,41 @@ def _target_kind(dst: Path) -> str:
         return "ome-tiff"
     if name.endswith(".zarr"):
         return "ome-zarr"
-    raise StPredictError(f"{dst}: output must end in .ome.tif, .ome.tiff (OME-TIFF) or .zarr (OME-Zarr)")
+    raise StPredictError(
+        f"{dst}: output must end in .ome.tif, .ome.tiff (OME-TIFF) or .zarr (OME-Zarr)"
+    )
 
 
 @app.command("convert")
 def convert(
-    src: Path = typer.Argument(..., help="Any readable slide (SVS, NDPI, TIFF, OME-Zarr, JPEG, PNG)."),
-    dst: Path = typer.Argument(..., help="Output: .ome.tif/.ome.tiff (pyramidal OME-TIFF) or .zarr (OME-Zarr)."),
+    src: Path = typer.Argument(
+        ..., help="Any readable slide (SVS, NDPI, TIFF, OME-Zarr, JPEG, PNG)."
+    ),
+    dst: Path = typer.Argument(
+        ..., help="Output: .ome.tif/.ome.tiff (pyramidal OME-TIFF) or .zarr (OME-Zarr)."
+    ),
     tile: int = typer.Option(512, "--tile", help="Tile size in pixels (multiple of 16)."),
     compression: str | None = typer.Option(
-        None, "--compression", help="jpeg or deflate (default: jpeg for OME-TIFF, deflate for OME-Zarr)."
+        None,
+        "--compression",
+        help="jpeg or deflate (default: jpeg for OME-TIFF, deflate for OME-Zarr).",
     ),
     quality: int = typer.Option(90, "--quality", help="JPEG quality (1-100)."),
-    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel to record (when the source has none)."),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="µm per pixel to record (when the source has none)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Write a tiled multi-resolution pyramid, streaming (bounded memory), atomically."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from napari_stpredict.io_utils import check_target
     from napari_stpredict.slide import open_slide, write_ome_tiff, write_ome_zarr
@@ -117,7 +142,9 @@ def convert(
     t0 = time.perf_counter()
     with open_slide(src, mpp=mpp) as slide:
         if slide.mpp is None:
-            console.print(f"[yellow]note:[/yellow] {src} has no resolution; writing without µm/px (pass --mpp)")
+            console.print(
+                f"[yellow]note:[/yellow] {src} has no resolution; writing without µm/px (pass --mpp)"
+            )
         with Progress(
             TextColumn("[bold]convert[/bold] {task.description}"),
             BarColumn(),
@@ -145,4 +172,6 @@ def convert(
         h, w = slide.shape
     dt = time.perf_counter() - t0
     mb = h * w * 3 / 1e6
-    console.print(f"wrote {dst} ({kind}, {compression}, {h} x {w} px, {mb / dt:.0f} MB/s of level-0 pixels)")
+    console.print(
+        f"wrote {dst} ({kind}, {compression}, {h} x {w} px, {mb / dt:.0f} MB/s of level-0 pixels)"
+    )

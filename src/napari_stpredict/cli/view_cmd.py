@@ -153,6 +153,7 @@ def _run_viewer(
     import napari
     from qtpy.QtCore import QTimer
 
+    from napari_stpredict.widgets._live import camera_of
     from napari_stpredict.widgets.predict import PredictWidget
 
     viewer = napari.Viewer(title=f"stpredict · {slide_path.name}", show=True)
@@ -181,11 +182,12 @@ def _run_viewer(
         assumed = mpp or (predictor.patch_um / predictor.patch_px if predictor is not None else 1.0)
         units_per_um = 1.0 / assumed
     viewer.reset_view()
+    camera = camera_of(viewer)
     if center_um is not None:
         x, y = center_um
-        viewer.camera.center = (y * units_per_um, x * units_per_um)
+        camera.center = (y * units_per_um, x * units_per_um)
     if zoom is not None:
-        viewer.camera.zoom = zoom / units_per_um
+        camera.zoom = zoom / units_per_um
 
     if screenshot is None:
         napari.run()

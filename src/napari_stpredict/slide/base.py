@@ -311,9 +311,7 @@ class Slide:
 
     def _make_levels(self) -> list[da.Array]:
         token = hashlib.sha1(f"{self.path.resolve()}|{id(self)}".encode()).hexdigest()[:16]
-        return [
-            src.to_dask(f"stpredict-slide-{token}-{i}") for i, src in enumerate(self._sources)
-        ]
+        return [src.to_dask(f"stpredict-slide-{token}-{i}") for i, src in enumerate(self._sources)]
 
     # ----------------------------------------------------------------- properties
     @property
@@ -357,7 +355,9 @@ class Slide:
         """
         self._check_open()
         if not 0 <= level < len(self._sources):
-            raise SlideError(f"{self.path}: level {level} does not exist ({len(self._sources)} levels)")
+            raise SlideError(
+                f"{self.path}: level {level} does not exist ({len(self._sources)} levels)"
+            )
         y, x, h, w = int(y), int(x), int(h), int(w)
         if h < 0 or w < 0:
             raise SlideError(f"{self.path}: negative region size {h}x{w}")
@@ -489,4 +489,3 @@ class Slide:
             f"Slide({str(self.path)!r}, format={self.format!r}, shape={self.shape}, "
             f"levels={len(self.levels)}, {mpp})"
         )
-

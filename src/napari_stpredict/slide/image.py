@@ -37,7 +37,11 @@ def _header(path: Path, head: bytes) -> tuple[int, int, str]:
 
     # the plugin classes parse the header without Pillow's decompression-bomb limit, which
     # would refuse legitimate whole-slide-sized images
-    cls = JpegImagePlugin.JpegImageFile if head.startswith(JPEG_MAGIC) else PngImagePlugin.PngImageFile
+    cls = (
+        JpegImagePlugin.JpegImageFile
+        if head.startswith(JPEG_MAGIC)
+        else PngImagePlugin.PngImageFile
+    )
     try:
         with cls(str(path)) as im:
             return int(im.size[0]), int(im.size[1]), str(im.mode)
@@ -55,7 +59,11 @@ def _decode(path: Path, head: bytes, mode: str) -> np.ndarray:
     # palette, bilevel and CMYK images: let Pillow expand them to RGB(A)
     from PIL import JpegImagePlugin, PngImagePlugin
 
-    cls = JpegImagePlugin.JpegImageFile if head.startswith(JPEG_MAGIC) else PngImagePlugin.PngImageFile
+    cls = (
+        JpegImagePlugin.JpegImageFile
+        if head.startswith(JPEG_MAGIC)
+        else PngImagePlugin.PngImageFile
+    )
     with cls(str(path)) as im:
         target = "RGBA" if (mode == "PA" or "transparency" in im.info) else "RGB"
         return np.asarray(im.convert(target))
@@ -87,8 +95,10 @@ def open_image(path: Path, head: bytes) -> dict[str, Any]:
         arr = _decode(path, head, mode)
     except Exception as err:
         text = str(err).strip().splitlines()
-        raise SlideError(f"{path}: corrupt image data: {text[0] if text else type(err).__name__}") from err
-    if arr.ndim == 3 and arr.shape[2] == 0 or arr.size == 0:
+        raise SlideError(
+            f"{path}: corrupt image data: {text[0] if text else type(err).__name__}"
+        ) from err
+    if (arr.ndim == 3 and arr.shape[2] == 0) or arr.size == 0:
         raise SlideError(f"{path}: image has zero size")
     check_pixel_type(path, arr.dtype, 1 if arr.ndim == 2 else arr.shape[2])
     rgb = np.ascontiguousarray(to_rgb(arr))

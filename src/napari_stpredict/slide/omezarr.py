@@ -62,7 +62,10 @@ class ZarrLevel(LevelSource):
         arr = self._to_yxc(arr[self._index(slice(None), slice(None))])
         if arr.shape[2] != 3:
             arr = arr.map_blocks(
-                to_rgb, chunks=(*arr.chunks[:2], (3,)), dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8)
+                to_rgb,
+                chunks=(*arr.chunks[:2], (3,)),
+                dtype=np.uint8,
+                meta=np.empty((0, 0, 0), np.uint8),
             )
         elif len(arr.chunks[2]) > 1:
             arr = arr.rechunk({2: 3})
@@ -113,7 +116,12 @@ def open_omezarr(path: Path) -> dict[str, Any]:
 
     global_scale = _scale(m.get("coordinateTransformations"), ndim)
     scales = [
-        [g * s for g, s in zip(global_scale, _scale(d.get("coordinateTransformations"), ndim), strict=True)]
+        [
+            g * s
+            for g, s in zip(
+                global_scale, _scale(d.get("coordinateTransformations"), ndim), strict=True
+            )
+        ]
         for d in datasets
     ]
     iy, ix = names.index("y"), names.index("x")

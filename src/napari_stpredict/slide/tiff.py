@@ -28,8 +28,9 @@ import tifffile
 from napari_stpredict.errors import SlideError
 from napari_stpredict.slide.base import FILL, LevelSource, check_pixel_type, to_rgb
 
-#: Resolution tags claiming pixels larger than this (µm) are placeholders (e.g. 72 dpi).
-MAX_PLAUSIBLE_MPP = 100.0
+#: Resolution tags claiming pixels larger than this (µm) are probably placeholders (72 dpi =
+#: 352.8 µm/px); they are still used, as OpenSlide and QuPath do, but flagged in the metadata.
+SUSPECT_MPP = 50.0
 #: Requests touching at least this many tiles are decoded on a thread pool.
 _PARALLEL_TILES = 8
 
@@ -100,7 +101,9 @@ class _TiffPlane:
             index = (s * self.nty + ty) * self.ntx + tx if self.planar else ty * self.ntx + tx
             data = self._bytes(index)
             if data is None:
-                parts.append(np.full((self.th, self.tw, 1 if self.planar else self.spp), FILL, np.uint8))
+                parts.append(
+                    np.full((self.th, self.tw, 1 if self.planar else self.spp), FILL, np.uint8)
+                )
                 continue
             arr = self.decode(data, index, **self.decode_args)[0]
             parts.append(np.asarray(arr).reshape(self.th, self.tw, -1))
@@ -195,8 +198,7 @@ def _mpp_from_resolution(page: tifffile.TiffPage) -> float | None:
     um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
     if um_per_unit is None:
         return None
-    mpp = um_per_unit / px_per_unit
-    return mpp if 0 < mpp <= MAX_PLAUSIBLE_MPP else None
+    return um_per_unit / px_per_unit
 
 
 _OME_UNITS = {
@@ -438,4 +440,9 @@ def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     if mpp is not None and not (0 < mpp < float("inf")):
         mpp, mpp_source = None, None
     meta["mpp_source"] = mpp_source
+    if mpp is not None and mpp > SUSPECT_MPP:
+        meta["mpp_suspect"] = (
+            f"{mpp:.1f} µm/px looks like a default screen resolution, not a scan; "
+            "pass the real mpp if known"
+        )
     return {"format": fmt, "sources": sources, "mpp": mpp, "metadata": meta, "closer": tf.close}

@@ -64,7 +64,7 @@ class TissueMask:
             + s[iy + 1, ix + 1] * fy * fx
         )
 
-    def fraction(self, y0, x0, y1, x1):  # noqa: ANN001, ANN201 - scalars or arrays
+    def fraction(self, y0, x0, y1, x1):
         """Tissue fraction of the level-0 rectangle ``[y0, y1) × [x0, x1)``.
 
         Accepts scalars or broadcastable arrays (many rectangles at once). Parts of the

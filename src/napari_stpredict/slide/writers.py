@@ -31,11 +31,15 @@ JPEG_QUALITY = 90
 StripReader = Callable[[int, int], np.ndarray]
 
 
-def _check_options(tile: int, compression: str, mpp: float | None, allowed: tuple[str, ...]) -> None:
+def _check_options(
+    tile: int, compression: str, mpp: float | None, allowed: tuple[str, ...]
+) -> None:
     if not isinstance(tile, int) or tile < 16 or tile % 16:
         raise StPredictError(f"tile size {tile!r} must be a multiple of 16 (e.g. 256, 512)")
     if compression not in allowed:
-        raise StPredictError(f"compression {compression!r} not supported here (choose from {', '.join(allowed)})")
+        raise StPredictError(
+            f"compression {compression!r} not supported here (choose from {', '.join(allowed)})"
+        )
     if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < mpp < float("inf")):
         raise StPredictError(f"mpp {mpp!r} must be a positive number")
 
@@ -56,7 +60,7 @@ def _slide_strip_reader(slide: Slide) -> StripReader:
 
 def _tiles(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
     """Full-size tiles of a strip, left to right; edges padded with white (no JPEG ringing)."""
-    h, w = strip.shape[:2]
+    w = strip.shape[1]
     for x in range(0, w, tile):
         t = strip[:, x : x + tile]
         if t.shape[0] != tile or t.shape[1] != tile:
@@ -143,23 +147,38 @@ def write_ome_tiff(
             "photometric": "rgb",
         }
     else:
-        comp = {"compression": "zlib", "compressionargs": {"level": 6}, "photometric": "rgb", "predictor": 2}
+        comp = {
+            "compression": "zlib",
+            "compressionargs": {"level": 6},
+            "photometric": "rgb",
+            "predictor": 2,
+        }
     name = Path(dst).name.split(".")[0]
     metadata: dict[str, Any] = {"axes": "YXS", "Name": name}
     if mpp:
-        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-    with atomic_path(dst, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
-        prefix=".stpredict-pyramid-", dir=Path(tmp).parent
-    ) as scratch:
+        metadata.update(
+            PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
+        )
+    with (
+        atomic_path(dst, overwrite=overwrite) as tmp,
+        tempfile.TemporaryDirectory(prefix=".stpredict-pyramid-", dir=Path(tmp).parent) as scratch,
+    ):
         reader = _slide_strip_reader(slide)
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
             for k, (h, w) in enumerate(shapes):
-                nxt = _temp_level(Path(scratch), k + 1, shapes[k + 1], tile) if k + 1 < len(shapes) else None
+                nxt = (
+                    _temp_level(Path(scratch), k + 1, shapes[k + 1], tile)
+                    if k + 1 < len(shapes)
+                    else None
+                )
                 # every level records its resolution, so readers get exact 2^k downsamples
                 # (relative, unit-less ones when the physical scale is unknown)
                 ds = 2**k
                 if mpp:
-                    res = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
+                    res = {
+                        "resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)),
+                        "resolutionunit": "CENTIMETER",
+                    }
                 else:
                     res = {"resolution": (1 / ds, 1 / ds), "resolutionunit": "NONE"}
                 tw.write(
@@ -292,7 +311,12 @@ def write_ome_zarr(
         root.attrs["omero"] = {
             "rdefs": {"model": "color"},
             "channels": [
-                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255}, "active": True}
+                {
+                    "label": c,
+                    "color": col,
+                    "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+                    "active": True,
+                }
                 for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
             ],
         }
@@ -305,7 +329,7 @@ def write_ome_zarr(
                 prog.step(f"level {k}")
             if k + 1 < len(shapes):
                 src = out
-                nh, nw = shapes[k + 1]
+                nw = shapes[k + 1][1]
 
                 def reader(y0: int, y1: int, a: Any = src, nw: int = nw) -> np.ndarray:
                     # rows [y0, y1) of the next level = 2× block mean of rows [2y0, 2y1) here

@@ -59,6 +59,12 @@ def format_ids(df: pd.DataFrame, template: str, *, where: str, what: str) -> pd.
             f"{where}: {what} has no column {missing[0]!r} used by the id template "
             f"{template!r} (columns: {cols})"
         )
+    empty = df[list(dict.fromkeys(names))].isna().any(axis=1)
+    if empty.any():
+        raise DatasetError(
+            f"{where}: {what} has {int(empty.sum())} row(s) with empty id columns "
+            f"({', '.join(dict.fromkeys(names))})"
+        )
     values = {}
     for n in dict.fromkeys(names):
         col = df[n]

@@ -29,7 +29,7 @@ from napari_stpredict.st.pitch import estimate_spot_pitch
 _CHUNK_ROWS = 512
 
 
-def _check_block(block: np.ndarray, *, where: str, path, row0: int, ids) -> None:
+def _check_block(block: np.ndarray, *, where: str, path, ids) -> None:
     if not np.isfinite(block).all():
         r = int(np.nonzero(~np.isfinite(block).all(axis=1))[0][0])
         raise DatasetError(
@@ -76,7 +76,7 @@ def read_counts_table(spec: SectionSpec) -> tuple[sp.csr_matrix, list[str], pd.I
                     f"{where}: counts {path} has non-numeric values (expected spots × genes "
                     f"with spot ids in the first column{'' if spec.transpose else '; genes × spots needs transpose: true'})"
                 ) from None
-            _check_block(block, where=where, path=path, row0=len(ids), ids=chunk_ids)
+            _check_block(block, where=where, path=path, ids=chunk_ids)
             blocks.append(sp.csr_matrix(block))
             ids.extend(chunk_ids)
     except DatasetError:

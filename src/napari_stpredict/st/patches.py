@@ -28,6 +28,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Datasets whose crops fit in this many bytes are cached in memory by default.
 DEFAULT_CACHE_BYTES = 1 << 30
 
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float32))).astype(np.float32)
+_OFFSET = (
+    -np.asarray(IMAGENET_MEAN, dtype=np.float32) / np.asarray(IMAGENET_STD, dtype=np.float32)
+).astype(np.float32)
+
 
 def patches_to_tensor(patches: np.ndarray) -> torch.Tensor:
     """uint8 RGB patches → ImageNet-normalised float32 tensor.
@@ -47,11 +52,9 @@ def patches_to_tensor(patches: np.ndarray) -> torch.Tensor:
         raise ValueError(
             f"expected uint8 (N, P, P, 3) or (P, P, 3) patches, got {arr.dtype} {arr.shape}"
         )
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
-    t = t.movedim(-1, -3)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((t - mean) / std).contiguous()
+    # numpy, not torch: no intra-op thread pool to contend for in DataLoader workers
+    out = arr.astype(np.float32) * _SCALE + _OFFSET
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, -3)))
 
 
 def spot_rect(x: float, y: float, size: float) -> tuple[float, float, float, float]:
@@ -335,9 +338,8 @@ def make_loader(
     batch_size, shuffle, drop_last
         As for :class:`torch.utils.data.DataLoader`.
     num_workers
-        Worker processes; default ``min(2, cpu count)`` when crops come from slides, ``0``
-        when they are cached (augmenting a cached crop is cheaper than sending it between
-        processes).
+        Worker processes, default ``min(2, cpu count)``: they read (or take from the cache),
+        augment and normalise crops while the main process trains.
     device
         Training device: pinned memory is used for CUDA.
     seed
@@ -350,7 +352,7 @@ def make_loader(
     if dataset.cache and not dataset.preloaded:
         dataset.preload(progress=progress, cancel=cancel)
     if num_workers is None:
-        num_workers = 0 if dataset.preloaded else min(2, os.cpu_count() or 1)
+        num_workers = min(2, os.cpu_count() or 1)
     dev = torch.device(device) if device is not None and str(device) != "auto" else None
     generator = torch.Generator()
     generator.manual_seed(int(seed) if seed is not None else int(torch.initial_seed() % 2**63))

@@ -214,6 +214,18 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
         mpp, mpp_source = pitch_um / pitch_px, "spot_grid"
     else:
         mpp, mpp_source = None, None
+    grid_mpp = pitch_um / pitch_px if pitch_um is not None and pitch_px else None
+    if (
+        grid_mpp is not None
+        and mpp_source in ("manifest", "image")
+        and not (0.8 < grid_mpp / mpp < 1.25)
+    ):
+        # coordinates in another frame than the image, or a wrong pitch/mpp: say so early
+        warnings.warn(
+            f"{spec.where}: the spot grid gives {grid_mpp:.3g} µm/px but the {mpp_source} says "
+            f"{mpp:.3g}; check scale, spot_pitch_um and mpp",
+            stacklevel=2,
+        )
 
     if raw.spot_diameter_px is not None:
         diameter = float(raw.spot_diameter_px)

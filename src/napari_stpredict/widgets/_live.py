@@ -1,6 +1,6 @@
 """Live scheduling: predict the visible tissue cells as the user pans and zooms.
 
-The :class:`LiveScheduler` listens to the camera (``viewer.camera.events``), the canvas size and
+The :class:`LiveScheduler` listens to the camera (``camera_of(viewer).events``), the canvas size and
 the slide layer's ``loaded`` event (a new data level / corner pixels), debounces them
 (:data:`DEBOUNCE_MS`), and asks the session's Engine for the visible tissue cells plus a margin
 that are not predicted yet, nearest to the view centre first. One job runs at a time in a
@@ -39,6 +39,13 @@ MARGIN = 1
 MAX_LIVE_CELLS = 20_000
 #: Minimum tissue fraction of a cell's footprint for the cell to be predicted.
 MIN_TISSUE = 0.2
+
+
+def camera_of(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    camera = getattr(scene, "camera", None) if scene is not None else None
+    return camera if camera is not None else viewer.camera
 
 
 # ------------------------------------------------------------------------------------ session
@@ -310,8 +317,8 @@ class LiveScheduler(QObject):
         self._paused = False  # after cancel: wait for the user to move the camera
         #: batches that arrived for a session that is no longer active (dropped, not drawn)
         self.dropped_batches = 0
-        viewer.camera.events.center.connect(self._on_camera)
-        viewer.camera.events.zoom.connect(self._on_camera)
+        camera_of(viewer).events.center.connect(self._on_camera)
+        camera_of(viewer).events.zoom.connect(self._on_camera)
         viewer.canvas.events.size.connect(self._on_camera)
 
     # -- state -------------------------------------------------------------------------------
@@ -389,8 +396,8 @@ class LiveScheduler(QObject):
         session = self._session
         if session is None:
             return None
-        center = np.asarray(self.viewer.camera.center, dtype=float)[-2:]
-        zoom = float(self.viewer.camera.zoom)
+        center = np.asarray(camera_of(self.viewer).center, dtype=float)[-2:]
+        zoom = float(camera_of(self.viewer).zoom)
         size = np.asarray(self.viewer.canvas.size, dtype=float)[-2:]  # (h, w) screen px
         if zoom <= 0 or not np.all(size > 0):
             return None
@@ -572,8 +579,8 @@ class LiveScheduler(QObject):
         viewer = self.viewer
         if viewer is not None:
             for emitter in (
-                viewer.camera.events.center,
-                viewer.camera.events.zoom,
+                camera_of(viewer).events.center,
+                camera_of(viewer).events.zoom,
                 viewer.canvas.events.size,
             ):
                 with contextlib.suppress(TypeError, ValueError, RuntimeError):

@@ -1,0 +1,265 @@
+"""Slide layer benchmarks: tile reads vs raw tifffile, open latency/RSS, convert throughput.
+
+1. Tile read throughput, as a ratio within one run: every tile of level 0 read through
+   ``Slide.read_region`` (one native tile per call) vs tifffile's own decode of the same tiles
+   (``FileHandle`` read + ``TiffPage.decode``, no Slide code), single thread, interleaved
+   repeats, median. Also reported for information: the dask/zarr path napari uses
+   (``Slide.levels[0][tile].compute()``) and ``read_resampled`` 224-px patches.
+   Slides: ``cmu_small_region.svs`` (240-px JPEG tiles) and the 4×4 C2 mosaic pyramid
+   (512-px JPEG tiles).
+2. Open latency and RSS growth of the 4×4 mosaic of HER2ST C2 (39 644 × 37 096 px, JPEG OME-TIFF
+   pyramid, built with ``write_ome_tiff`` in a temporary folder): a fresh process per repeat;
+   RSS after imports vs after ``open_slide`` + reading one tile.
+3. ``stpredict convert`` of that mosaic to OME-TIFF (jpeg) and OME-Zarr (deflate), and of the
+   decoded JPEG ``C2.jpg``: MB/s of level-0 RGB pixels and the child's peak RSS.
+
+    /work/venv/bin/python benchmarks/bench_slide.py [--repeats 5] [--workdir DIR] [--skip-zarr] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = Path(os.environ.get("STPREDICT_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+C2 = SHARED / "her2st" / "images" / "C2.jpg"
+CMU = SHARED / "wsi" / "cmu_small_region.svs"
+PY = sys.executable
+
+
+def _spans(a0: int, a1: int, period: int) -> list[tuple[int, int, int]]:
+    """Pieces of [a0, a1) on a periodic axis: (source start, source end, output offset)."""
+    out, a = [], a0
+    while a < a1:
+        s = a % period
+        n = min(a1 - a, period - s)
+        out.append((s, s + n, a - a0))
+        a += n
+    return out
+
+
+def build_mosaic(dst: Path) -> float:
+    """Write the 4×4 C2 mosaic pyramid; return seconds."""
+    import imagecodecs
+
+    from napari_stpredict.slide import write_ome_tiff
+    from napari_stpredict.slide.base import LevelSource, Slide, source_to_dask
+
+    img = imagecodecs.imread(C2)
+
+    class Mosaic(LevelSource):
+        def __init__(self) -> None:
+            self.shape = (img.shape[0] * 4, img.shape[1] * 4)
+            self.chunks = (512, 512)
+
+        def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+            for sy0, sy1, dy in _spans(y0, y1, img.shape[0]):
+                for sx0, sx1, dx in _spans(x0, x1, img.shape[1]):
+                    out[dy : dy + sy1 - sy0, dx : dx + sx1 - sx0] = img[sy0:sy1, sx0:sx1]
+            return out
+
+        def to_dask(self, name: str):
+            return source_to_dask(self, name)
+
+    t = time.perf_counter()
+    write_ome_tiff(
+        Slide(Path("C2x4"), format="image", sources=[Mosaic()], mpp=0.689), dst, tile=512
+    )
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- 1. tile reads
+def tile_reads(path: Path, repeats: int, max_tiles: int = 400) -> dict:
+    import tifffile
+
+    from napari_stpredict.slide import open_slide
+
+    slide = open_slide(path)
+    tf = tifffile.TiffFile(path)
+    page = tf.series[0].levels[0].keyframe
+    fh = tf.filehandle
+    th, tw = page.tilelength, page.tilewidth
+    nty, ntx = -(-page.imagelength // th), -(-page.imagewidth // tw)
+    rng = np.random.default_rng(0)
+    idx = np.arange(nty * ntx)
+    if len(idx) > max_tiles:
+        idx = np.sort(rng.choice(idx, max_tiles, replace=False))
+    kw = {"jpegtables": page.jpegtables} if page.jpegtables is not None else {}
+    h0, w0 = slide.shape
+
+    def raw() -> None:
+        for i in idx:
+            fh.seek(page.dataoffsets[i])
+            data = fh.read(page.databytecounts[i])
+            page.decode(data, int(i), **kw)
+
+    def via_slide() -> None:
+        for i in idx:
+            ty, tx = divmod(int(i), ntx)
+            slide.read_region(0, ty * th, tx * tw, min(th, h0 - ty * th), min(tw, w0 - tx * tw))
+
+    def via_dask() -> None:
+        lv = slide.levels[0]
+        for i in idx:
+            ty, tx = divmod(int(i), ntx)
+            lv[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw].compute(scheduler="sync")
+
+    centres = rng.uniform(0, 1, (len(idx), 2)) * (np.array(slide.shape) - 300) + 150
+
+    def patches() -> None:
+        for cy, cx in centres:
+            slide.read_resampled(cy - 112.2, cx - 112.2, 224.4, 224.4, out_shape=(224, 224))
+
+    times: dict[str, list[float]] = {"raw": [], "slide": [], "dask": [], "resampled": []}
+    for fn in (raw, via_slide):  # warm caches
+        fn()
+    for _ in range(repeats):
+        for name, fn in (
+            ("raw", raw),
+            ("slide", via_slide),
+            ("dask", via_dask),
+            ("resampled", patches),
+        ):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = len(idx)
+    return {
+        "slide": path.name,
+        "tile": [th, tw],
+        "compression": slide.metadata.get("compression"),
+        "tiles": n,
+        "raw_tiles_per_s": n / med["raw"],
+        "slide_tiles_per_s": n / med["slide"],
+        "dask_tiles_per_s": n / med["dask"],
+        "resampled_patches_per_s": n / med["resampled"],
+        "ratio_slide_vs_raw": med["raw"] / med["slide"],
+        "ratio_dask_vs_raw": med["raw"] / med["dask"],
+    }
+
+
+# --------------------------------------------------------------------------- 2. open
+_OPEN_CHILD = r"""
+import json, sys, time
+def rss():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+import numpy, dask.array, zarr, tifffile, PIL.Image
+from napari_stpredict.slide import open_slide
+r0 = rss(); t0 = time.perf_counter()
+s = open_slide(sys.argv[1])
+t1 = time.perf_counter(); r1 = rss()
+tile = s.read_region(0, 10240, 15360, 512, 512)
+t2 = time.perf_counter(); r2 = rss()
+print(json.dumps({"open_s": t1 - t0, "first_tile_s": t2 - t1, "rss_open_mb": (r1 - r0) / 1e6,
+                  "rss_open_tile_mb": (r2 - r0) / 1e6, "levels": len(s.levels), "shape": list(s.shape)}))
+"""
+
+
+def open_cost(path: Path, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [PY, "-c", _OPEN_CHILD, str(path)], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    keys = ("open_s", "first_tile_s", "rss_open_mb", "rss_open_tile_mb")
+    return {
+        **{k: statistics.median(r[k] for r in runs) for k in keys},
+        "max_open_s": max(r["open_s"] for r in runs),
+        "shape": runs[0]["shape"],
+        "levels": runs[0]["levels"],
+    }
+
+
+# --------------------------------------------------------------------------- 3. convert
+_CONVERT_CHILD = r"""
+import resource, sys, time
+from napari_stpredict.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+print("RESULT", rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def convert_cost(src: Path, dst: Path, *extra: str) -> dict:
+    from napari_stpredict.slide import open_slide
+
+    with open_slide(src) as s:
+        h, w = s.shape
+    out = subprocess.run(
+        [PY, "-c", _CONVERT_CHILD, "convert", str(src), str(dst), "--overwrite", *extra],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1].split()
+    rc, secs, peak = int(line[1]), float(line[2]), int(line[3])
+    assert rc == 0, out.stderr
+    size = sum(p.stat().st_size for p in dst.rglob("*")) if dst.is_dir() else dst.stat().st_size
+    return {
+        "src": src.name,
+        "dst": dst.name,
+        "shape": [h, w],
+        "seconds": secs,
+        "mb_per_s": h * w * 3 / 1e6 / secs,
+        "peak_rss_mb": peak / 1e6,
+        "output_mb": size / 1e6,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--skip-zarr", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="stpredict-bench-slide-"))
+    work.mkdir(parents=True, exist_ok=True)
+    mosaic = work / "c2_mosaic_4x4.ome.tif"
+    result: dict = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": " ".join([Path(PY).name, *sys.argv]),
+    }
+    if not mosaic.exists():
+        result["mosaic_build_s"] = build_mosaic(mosaic)
+    print("tile reads ...", file=sys.stderr)
+    result["tile_reads"] = [tile_reads(CMU, args.repeats), tile_reads(mosaic, args.repeats)]
+    print("open ...", file=sys.stderr)
+    result["open"] = open_cost(mosaic, args.repeats)
+    print("convert ...", file=sys.stderr)
+    conv = [
+        convert_cost(mosaic, work / "out.ome.tif"),
+        convert_cost(C2, work / "c2.ome.tif", "--mpp", "0.689"),
+    ]
+    if not args.skip_zarr:
+        conv.append(convert_cost(mosaic, work / "out.zarr"))
+    result["convert"] = conv
+    result["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
