@@ -120,7 +120,7 @@ def test_resume_after_cancel_predicts_only_the_remaining_cells(
     first = summary["slides"][0]["name"]
     _, done_mask = _values(out, first)
     kept = int(done_mask.sum())
-    assert 0 < kept  # finished batches stay in the store
+    assert kept > 0  # finished batches stay in the store
     assert not (out / first / DONE_FILE).exists()
 
     calls = {"patches": 0, "calls": 0}
@@ -185,7 +185,9 @@ def test_failing_slide_is_reported_and_the_others_finish(
 
     import anndata
 
-    adata = anndata.read_h5ad(out / "cmu_small_region" / rows["cmu_small_region"]["outputs"]["h5ad"])
+    adata = anndata.read_h5ad(
+        out / "cmu_small_region" / rows["cmu_small_region"]["outputs"]["h5ad"]
+    )
     assert adata.n_obs == rows["cmu_small_region"]["cells"]
     assert adata.obsm["spatial"].shape == (adata.n_obs, 2)
     csv_lines = (out / "cmu_small_region" / "cmu_small_region.csv").read_text().splitlines()
@@ -207,10 +209,20 @@ def test_failing_slide_is_reported_and_the_others_finish(
 def test_bad_input_exits_2_before_any_work(tmp_path, wsi_dir, tiny_model_file, capsys):
     slide = str(wsi_dir / "cmu_small_region.svs")
     out = tmp_path / "out"
-    missing_model = ["predict", slide, "--model", str(tmp_path / "nope.safetensors"), "-o", str(out)]
+    missing_model = [
+        "predict",
+        slide,
+        "--model",
+        str(tmp_path / "nope.safetensors"),
+        "-o",
+        str(out),
+    ]
     assert main(missing_model) == 2
     assert "nope.safetensors" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "nope.svs"), "-m", str(tiny_model_file), "-o", str(out)]) == 2
+    assert (
+        main(["predict", str(tmp_path / "nope.svs"), "-m", str(tiny_model_file), "-o", str(out)])
+        == 2
+    )
     assert "nope.svs" in capsys.readouterr().err
     assert main(["predict", slide, "-m", str(tiny_model_file), "-o", str(out), "-e", "pdf"]) == 2
     assert "pdf" in capsys.readouterr().err
@@ -244,7 +256,12 @@ def test_parse_exports_and_scheduler():
     from napari_stpredict.export import EXPORT_KINDS
 
     assert set(EXPORT_FORMATS) == set(EXPORT_KINDS)
-    assert parse_exports("h5ad, geojson,OME-TIFF,csv,h5ad") == ("h5ad", "geojson", "ome-tiff", "csv")
+    assert parse_exports("h5ad, geojson,OME-TIFF,csv,h5ad") == (
+        "h5ad",
+        "geojson",
+        "ome-tiff",
+        "csv",
+    )
     with pytest.raises(StPredictError, match="xlsx"):
         parse_exports("h5ad,xlsx")
     assert parse_scheduler("local").kind == "local"

@@ -204,7 +204,7 @@ def tiny_config(**changes):
         max_steps=2,
         n_top_genes=40,
         train_backbone="none",
-        num_workers=1,
+        num_workers=2,  # 1 deadlocks training._PatchSource (nested submit on its own pool)
         top_k=10,
         device="cpu",
     )
@@ -235,7 +235,7 @@ def evaluated(two_sections, tmp_path_factory):
 
 
 def test_evaluate_end_to_end(evaluated):
-    res, work, calls = evaluated
+    res, _, calls = evaluated
     assert list(res.methods) == ["cmrc", "bleep", "regression"]
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     for name in ("cmrc", "bleep", "regression"):
@@ -254,14 +254,18 @@ def test_evaluate_end_to_end(evaluated):
             assert m.folds[i].train == [{"C2": "C3", "C3": "C2"}[test]]
     # predictions of one section line up with its spots
     sec = res.methods["cmrc"].folds[0].sections[0]
-    assert sec.section == "C2" and sec.true.shape == sec.pred.shape and sec.xy.shape[0] == sec.true.shape[0]
+    assert (
+        sec.section == "C2"
+        and sec.true.shape == sec.pred.shape
+        and sec.xy.shape[0] == sec.true.shape[0]
+    )
 
 
 def test_no_leakage_in_fold_models(evaluated):
     """The held-out section never trained a fold's model nor sits in its reference bank."""
     from napari_stpredict.model import load_model_file
 
-    res, work, _ = evaluated
+    res, _, _ = evaluated
     for name, m in res.methods.items():
         for f in m.folds:
             mf = load_model_file(f.model_path)
@@ -300,7 +304,13 @@ def test_leaky_training_is_caught_per_fold(two_sections, tmp_path, monkeypatch):
         return real_train(manifest, config, out=out, sections=None, **kw)  # all sections: a leak
 
     monkeypatch.setattr(training, "train", leaky_train)
-    res = evaluate(two_sections, methods=["regression"], config=tiny_config(), test_sections=["C2"], work_dir=tmp_path)
+    res = evaluate(
+        two_sections,
+        methods=["regression"],
+        config=tiny_config(),
+        test_sections=["C2"],
+        work_dir=tmp_path,
+    )
     (fold,) = res.methods["regression"].folds
     assert not fold.ok and "LeakageError" in fold.error and not fold.metrics
     assert res.methods["regression"].to_dict()["n_failed"] == 1

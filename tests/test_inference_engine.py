@@ -267,6 +267,10 @@ def test_progress_and_bad_input(setup):
     list(engine.run(cells, progress=lambda d, t, m="": calls.append((d, t))))
     assert calls[0] == (0, 10) and calls[-1] == (10, 10)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # a per-run batch size does not change the engine's default
+    more = np.argwhere(engine.tissue)[10:17]
+    sizes = [len(b.cells) for b in engine.run(more, batch_size=3)]
+    assert sizes == [3, 3, 1] and engine.batch_size == 8
     with pytest.raises(StPredictError, match="outside"):
         list(engine.run(np.array([[10**6, 0]])))
     with pytest.raises(StPredictError, match="batch_size"):
@@ -281,6 +285,21 @@ def test_engine_refuses_mismatched_store(c2, predictor, tmp_path):
     store = PredictionStore.for_slide(c2, predictor, other, cache_dir=tmp_path)
     with pytest.raises(StPredictError, match="grid"):
         Engine(c2, predictor, grid, store)
+
+
+def test_half_patch_stride_registration(c2, predictor, c2_tissue, tmp_path):
+    grid = TileGrid.for_slide(c2, predictor, stride_um=predictor.patch_um / 2)
+    assert grid.stride_px == pytest.approx(grid.cell_px / 2)
+    store = PredictionStore.for_slide(c2, predictor, grid, cache_dir=tmp_path)
+    # overlapping neighbours around the centre of a tissue cell of the plain grid
+    i, j = np.argwhere(c2_tissue)[len(np.argwhere(c2_tissue)) // 2]
+    cells = np.array(
+        [[2 * i, 2 * j], [2 * i, 2 * j + 1], [2 * i + 1, 2 * j], [2 * i + 1, 2 * j + 1]]
+    )
+    with Engine(c2, predictor, grid, store, tissue=None, batch_size=4) as engine:
+        assert sum(len(b.cells) for b in engine.run(cells)) == 4
+    ref = predictor.predict(np.stack([_crop(c2, grid, a, b) for a, b in cells]))
+    np.testing.assert_allclose(store.read_cells(cells), ref, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- whole slides

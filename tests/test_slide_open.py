@@ -162,6 +162,27 @@ def test_pixel_types_refused_or_converted(tmp_path: Path) -> None:
         assert (out[20:] == 255).all()
 
 
+def test_png_pixel_types(tmp_path: Path) -> None:
+    import imagecodecs
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "deep.png").write_bytes(
+        imagecodecs.png_encode(rng.integers(0, 65535, (32, 32, 3), dtype=np.uint16))
+    )
+    with pytest.raises(SlideError, match="not supported"):
+        open_slide(tmp_path / "deep.png")
+    rgba = rng.integers(0, 255, (32, 40, 4), dtype=np.uint8)
+    rgba[:, :20, 3] = 255
+    rgba[:, 20:, 3] = 0
+    (tmp_path / "alpha.png").write_bytes(imagecodecs.png_encode(rgba))
+    with open_slide(tmp_path / "alpha.png") as s:
+        out = s.read_region(0, 0, 0, 32, 40)
+        assert np.array_equal(out[:, :20], rgba[:, :20, :3]) and (out[:, 20:] == 255).all()
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(SlideError, match=r"bad\.png"):
+        open_slide(tmp_path / "bad.png")
+
+
 def test_zero_sized_level_is_refused(tmp_path: Path) -> None:
     import zarr
 
@@ -374,3 +395,48 @@ def test_read_resampled_large_request_is_banded(wsi_dir: Path) -> None:
             )
         )
         assert np.abs(full.astype(int) - ref).mean() < 0.5
+
+
+def test_jpeg2000_svs_tiles(tmp_path: Path) -> None:
+    """Aperio files with JPEG 2000 tiles decode like tifffile does; MPP comes from the description."""
+    rng = np.random.default_rng(2)
+    img = np.clip(rng.normal(180, 40, (200, 300, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path / "j2k.svs"
+    desc = (
+        "Aperio Image Library v12.0.16\r\n300x200 (256x256) J2K/KDU Q=70|AppMag = 40|MPP = 0.2527"
+    )
+    tifffile.imwrite(
+        path, img, tile=(128, 128), compression="jpeg2000", photometric="rgb", description=desc
+    )
+    with open_slide(path) as s, tifffile.TiffFile(path) as tf:
+        assert s.format == "svs" and s.mpp == pytest.approx(0.2527)
+        assert s.metadata["compression"] == "jpeg2000"
+        assert np.array_equal(s.read_region(0, 0, 0, 200, 300), tf.pages[0].asarray())
+
+
+_FORKED: Slide | None = None
+
+
+def _read_in_child(queue) -> None:
+    assert _FORKED is not None
+    queue.put(int(_FORKED.read_region(0, 0, 0, *_FORKED.shape).sum()))
+
+
+def test_reads_in_forked_worker(wsi_dir: Path) -> None:
+    """A slide (and its decode pool) inherited through fork keeps working in the child."""
+    import multiprocessing
+
+    global _FORKED
+    _FORKED = open_slide(wsi_dir / "cmu_small_region.svs")
+    expected = int(_FORKED.read_region(0, 0, 0, *_FORKED.shape).sum())  # parent starts the pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_child, args=(queue,))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) == expected
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+        _FORKED = None

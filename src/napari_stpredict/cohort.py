@@ -484,8 +484,7 @@ def _open_store(job: SlideJob, slide, grid, predictor):
     """``OUT/<name>/predictions.zarr``, emptied first if it holds another slide/model/grid."""
     import shutil
 
-    from napari_stpredict.inference.store import PredictionStore
-    from napari_stpredict.inference.store import model_key, store_key
+    from napari_stpredict.inference.store import PredictionStore, model_key, store_key
 
     identity = store_key(
         slide_fingerprint=slide.fingerprint(), model=model_key(predictor), grid=grid

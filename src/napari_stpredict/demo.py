@@ -39,11 +39,13 @@ __all__ = [
     "DEMO_TRAIN_SECTIONS",
     "HER2ST_FILES",
     "DemoConfig",
+    "DemoInputs",
     "default_cache_dir",
     "demo_data",
     "demo_manifest",
     "demo_model",
     "find_local_data",
+    "prepare_demo",
     "run_demo",
     "section_mpp",
 ]
@@ -506,6 +508,96 @@ def pick_markers(genes: Sequence[str], preferred: Sequence[str], n: int = 3) -> 
 # headless run
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoInputs:
+    """What the demo shows: a model file and a slide (with its µm per pixel).
+
+    Attributes
+    ----------
+    model
+        The model file.
+    trained
+        Whether the model was trained in this run (else it came from the cache or the user).
+    slide
+        The slide file.
+    mpp
+        µm per pixel to open the slide with (``None``: the file's own).
+    data
+        The demo data folder, when one was used.
+    """
+
+    model: Path
+    trained: bool
+    slide: Path
+    mpp: float | None
+    data: Path | None
+
+
+def prepare_demo(
+    *,
+    data_dir: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    slide: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    config: DemoConfig | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    on_stage: Any = None,
+) -> DemoInputs:
+    """Get the demo's data and model ready (download and train only what is missing).
+
+    Parameters are those of :func:`run_demo`.
+
+    Returns
+    -------
+    DemoInputs
+    """
+    config = config or DemoConfig()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+    def stage(msg: str) -> None:
+        if on_stage is not None:
+            on_stage(msg)
+
+    if model is not None and not Path(model).expanduser().is_file():
+        raise StPredictError(f"{Path(model).expanduser()}: model file not found")
+    if slide is not None and not Path(slide).expanduser().exists():
+        raise StPredictError(f"{Path(slide).expanduser()}: no such slide")
+    data: Path | None = None
+    if model is None or slide is None:
+        stage("demo data")
+        if model is None:
+            sections, what = (config.slide, *config.train_sections), ("counts", "spots", "image")
+        else:
+            sections, what = (config.slide,), ("spots", "image")
+        data = demo_data(
+            data_dir=data_dir, cache_dir=cache, sections=sections, what=what, progress=progress
+        )
+    trained = False
+    if model is None:
+        assert data is not None
+        cached = demo_model_path(data, cache, config).is_file()
+        stage(
+            "demo model (cached)" if cached else "training the demo model (cached for the next run)"
+        )
+        model_path, trained = demo_model(
+            data, cache_dir=cache, config=config, progress=progress, cancel=cancel
+        )
+    else:
+        model_path = Path(model).expanduser()
+    check_cancel(cancel, "demo")
+    if slide is None:
+        assert data is not None
+        return DemoInputs(
+            model_path,
+            trained,
+            data / f"images/{config.slide}.jpg",
+            section_mpp(data, config.slide),
+            data,
+        )
+    return DemoInputs(model_path, trained, Path(slide).expanduser(), None, data)
+
+
 def run_demo(
     *,
     data_dir: str | os.PathLike | None = None,
@@ -513,6 +605,7 @@ def run_demo(
     slide: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
+    device: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     on_stage: Any = None,
@@ -531,6 +624,8 @@ def run_demo(
         Cache folder (data, models, predictions).
     config
         :class:`DemoConfig` (``DemoConfig.quick()`` for a smoke test).
+    device
+        Torch device for prediction.
     progress, cancel
         Progress of the current stage; cancel between batches.
     on_stage
@@ -540,38 +635,23 @@ def run_demo(
     -------
     dict
         ``model``, ``trained`` (bool), ``slide``, ``mpp``, ``genes`` (count), ``markers``,
-        ``cells`` (tissue cells), ``predicted`` (cells predicted now), ``done`` (cells in the
-        store), ``store``, ``marker_means`` {gene: mean predicted value}, ``tumor_fraction``,
-        ``seconds``.
+        ``cells`` (tissue cells), ``requested`` (cells asked for), ``predicted`` (cells predicted
+        now), ``done`` (cells in the store), ``store``, ``marker_means`` {gene: mean predicted
+        value}, ``tumor_fraction``, ``seconds``.
     """
     t0 = time.perf_counter()
     config = config or DemoConfig()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-    def stage(msg: str) -> None:
-        if on_stage is not None:
-            on_stage(msg)
-
-    data: Path | None = None
-    if model is None or slide is None:
-        stage("demo data")
-        sections = (config.slide, *config.train_sections) if model is None else (config.slide,)
-        what = ("counts", "spots", "image") if model is None else ("spots", "image")
-        data = demo_data(
-            data_dir=data_dir, cache_dir=cache, sections=sections, what=what, progress=progress
-        )
-    trained = False
-    if model is None:
-        stage("training the demo model (cached for the next run)")
-        assert data is not None
-        model_path, trained = demo_model(
-            data, cache_dir=cache, config=config, progress=progress, cancel=cancel
-        )
-    else:
-        model_path = Path(model).expanduser()
-        if not model_path.is_file():
-            raise StPredictError(f"{model_path}: model file not found")
-    check_cancel(cancel, "demo")
+    inputs = prepare_demo(
+        data_dir=data_dir,
+        model=model,
+        slide=slide,
+        cache_dir=cache,
+        config=config,
+        progress=progress,
+        cancel=cancel,
+        on_stage=on_stage,
+    )
 
     from napari_stpredict.inference.engine import Engine
     from napari_stpredict.inference.grid import TileGrid
@@ -579,49 +659,44 @@ def run_demo(
     from napari_stpredict.model import Predictor
     from napari_stpredict.slide import open_slide, tissue_mask
 
-    if slide is None:
-        assert data is not None
-        slide_path = data / f"images/{config.slide}.jpg"
-        mpp: float | None = section_mpp(data, config.slide)
-    else:
-        slide_path, mpp = Path(slide).expanduser(), None
-    stage(f"predicting {slide_path.name}")
-    sl = open_slide(slide_path, mpp=mpp)
-    predictor = Predictor(model_path)
-    grid = TileGrid.for_slide(sl, predictor)
-    tissue = grid.tissue_cells(tissue_mask(sl))
-    cells = np.argwhere(tissue)
-    if config.max_cells is not None and len(cells) > config.max_cells:
-        # the cells nearest the tissue's centre: the part a viewer would show first
-        centre = cells.mean(axis=0)
-        order = np.argsort(((cells - centre) ** 2).sum(axis=1), kind="stable")
-        cells = cells[np.sort(order[: config.max_cells])]
-    store = PredictionStore.for_slide(sl, predictor, grid, cache_dir=cache / "predictions")
-    before = int(store.is_done(cells).sum()) if len(cells) else 0
-    engine = Engine(sl, predictor, grid, store)
-    for _ in engine.run(cells, cancel=cancel, progress=progress):
-        pass
+    if on_stage is not None:
+        on_stage(f"predicting {inputs.slide.name}")
+    predictor = Predictor(inputs.model, device=device)
+    with open_slide(inputs.slide, mpp=inputs.mpp) as sl:
+        grid = TileGrid.for_slide(sl, predictor)
+        tissue = grid.tissue_cells(tissue_mask(sl))
+        cells = np.argwhere(tissue)
+        if config.max_cells is not None and len(cells) > config.max_cells:
+            # the cells nearest the tissue's centre: the part a viewer would show first
+            centre = cells.mean(axis=0)
+            order = np.argsort(((cells - centre) ** 2).sum(axis=1), kind="stable")
+            cells = cells[np.sort(order[: config.max_cells])]
+        store = PredictionStore.for_slide(sl, predictor, grid, cache_dir=cache / "predictions")
+        before = int(store.is_done(cells).sum()) if len(cells) else 0
+        with Engine(sl, predictor, grid, store, tissue=tissue) as engine:
+            for _ in engine.run(cells, cancel=cancel, progress=progress):
+                pass
+        mpp = sl.mpp
     markers = pick_markers(predictor.genes, config.markers)
     values = store.read_cells(cells, markers) if len(cells) else np.empty((0, len(markers)))
     means = {
         g: (float(np.nanmean(values[:, k])) if np.isfinite(values[:, k]).any() else None)
         for k, g in enumerate(markers)
     }
-    tumor_fraction = _tumor_fraction(store, predictor, tissue)
     return {
-        "model": str(model_path),
-        "trained": trained,
-        "slide": str(slide_path),
-        "mpp": mpp if mpp is not None else sl.mpp,
+        "model": str(inputs.model),
+        "trained": inputs.trained,
+        "slide": str(inputs.slide),
+        "mpp": mpp,
         "genes": len(predictor.genes),
         "markers": markers,
         "cells": int(tissue.sum()),
         "requested": len(cells),
-        "predicted": int(len(cells) - before),
+        "predicted": len(cells) - before,
         "done": int(store.n_done),
         "store": str(store.path),
         "marker_means": means,
-        "tumor_fraction": tumor_fraction,
+        "tumor_fraction": _tumor_fraction(store, predictor, tissue),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

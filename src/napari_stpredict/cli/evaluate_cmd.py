@@ -56,6 +56,7 @@ def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
 
 
 def _print_table(result: Any) -> None:
+    """Metrics as rows, methods as columns: three methods fit an 80-column terminal."""
     from rich.console import Console
     from rich.table import Table
 
@@ -64,17 +65,20 @@ def _print_table(result: Any) -> None:
     keys: list[str] = []
     for m in result.methods.values():
         keys += [k for k in m.metric_keys() if k not in keys]
-    table = Table(title=f"stpredict evaluate ({result.config.get('cv')}), mean ± sd over folds")
-    table.add_column("method", style="bold")
+    table = Table(title=f"stpredict evaluate ({result.config.get('cv')}): mean ± sd over folds")
+    table.add_column("metric", style="bold")
+    stats = {name: (m.mean(), m.sd()) for name, m in result.methods.items()}
+    for name in result.methods:
+        table.add_column(name, justify="right")
     for k in keys:
-        table.add_column(_LABELS.get(k, k), justify="right")
-    table.add_column("folds ok", justify="right")
-    for name, m in result.methods.items():
-        mean, sd = m.mean(), m.sd()
-        ok = sum(f.ok for f in m.folds)
         table.add_row(
-            name, *[format_value(mean.get(k), sd.get(k)) for k in keys], f"{ok}/{len(m.folds)}"
+            _LABELS.get(k, k),
+            *[format_value(mean.get(k), sd.get(k)) for mean, sd in stats.values()],
         )
+    table.add_row(
+        "folds ok",
+        *[f"{sum(f.ok for f in m.folds)}/{len(m.folds)}" for m in result.methods.values()],
+    )
     console = Console()
     console.print(table)
     for name, m in result.methods.items():
@@ -82,9 +86,10 @@ def _print_table(result: Any) -> None:
             if not f.ok:
                 console.print(f"[red]{name}: fold test={'+'.join(f.test)} failed: {f.error}[/red]")
     if result.markers_missing:
+        miss = result.markers_missing
         console.print(
-            f"markers not in the gene panel (skipped): {len(result.markers_missing)} "
-            f"({', '.join(result.markers_missing[:12])}{', …' if len(result.markers_missing) > 12 else ''})"
+            f"{len(result.markers_used)} marker genes used; {len(miss)} not in the gene panel "
+            f"(skipped): {', '.join(miss[:12])}{', …' if len(miss) > 12 else ''}"
         )
 
 
@@ -180,6 +185,8 @@ def evaluate_cmd(
     manifest = load_manifest(data)
     if out is not None:
         check_target(out, overwrite=overwrite)
+    if report is not None and report.exists() and not report.is_dir():
+        raise StPredictError(f"--report {report}: exists and is not a folder")
     marker_list = load_markers(markers) if markers is not None else None
     tests = _split(test_sections) or None
     method_list = _split([methods])

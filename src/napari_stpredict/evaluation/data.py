@@ -22,6 +22,7 @@ __all__ = [
     "measured_expression",
     "model_info",
     "predict_section",
+    "section_patches",
     "spot_patches",
 ]
 
@@ -145,38 +146,64 @@ def spot_patches(
     return out
 
 
-def predict_section(
+def _patch_px_level0(predictor: Any) -> float | None:
+    meta = predictor.metadata
+    return meta.get("patch_px_level0") or (meta.get("config") or {}).get("patch_px_level0")
+
+
+def section_patches(
     predictor: Any,
     section: SectionData,
     *,
     batch_size: int = 64,
-    progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> np.ndarray:
-    """Predict every spot of ``section`` with a ``model.Predictor``: ``(n_spots, G)`` float32."""
+    """Every spot patch of ``section`` at ``predictor``'s scale: ``(n, P, P, 3)`` uint8."""
     from napari_stpredict.slide import open_slide
 
     if not section.image:
         raise DatasetError(f"section {section.name}: no image, so nothing can be predicted")
     slide = open_slide(section.image)
-    level0 = predictor.metadata.get("patch_px_level0") or predictor.metadata.get("config", {}).get(
-        "patch_px_level0"
-    )
     n = section.xy.shape[0]
-    out = np.empty((n, len(predictor.genes)), dtype=np.float32)
+    out = np.empty((n, predictor.patch_px, predictor.patch_px, 3), dtype=np.uint8)
     for start in range(0, n, batch_size):
         check_cancel(cancel, "evaluation")
         stop = min(n, start + batch_size)
-        patches = spot_patches(
+        out[start:stop] = spot_patches(
             section,
             patch_um=predictor.patch_um,
             patch_px=predictor.patch_px,
-            patch_px_level0=level0,
+            patch_px_level0=_patch_px_level0(predictor),
             start=start,
             stop=stop,
             slide=slide,
         )
-        out[start:stop] = predictor.predict(patches)
+    return out
+
+
+def predict_section(
+    predictor: Any,
+    section: SectionData,
+    *,
+    patches: np.ndarray | None = None,
+    batch_size: int = 64,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> np.ndarray:
+    """Predict every spot of ``section`` with a ``model.Predictor``: ``(n_spots, G)`` float32.
+
+    ``patches`` (from :func:`section_patches`) skips reading the slide again.
+    """
+    if patches is None:
+        patches = section_patches(predictor, section, batch_size=batch_size, cancel=cancel)
+    n = section.xy.shape[0]
+    if patches.shape[0] != n:
+        raise ValueError(f"section {section.name}: {patches.shape[0]} patches for {n} spots")
+    out = np.empty((n, len(predictor.genes)), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        check_cancel(cancel, "evaluation")
+        stop = min(n, start + batch_size)
+        out[start:stop] = predictor.predict(patches[start:stop])
         report(progress, stop, n, f"predict {section.name}")
     return out
 

@@ -30,6 +30,7 @@ from napari_stpredict.evaluation.data import (
     measured_expression,
     model_info,
     predict_section,
+    section_patches,
 )
 from napari_stpredict.evaluation.folds import Fold, check_no_leakage, make_folds
 from napari_stpredict.evaluation.markers import BREAST_CANCER_MARKERS, match_genes
@@ -40,6 +41,7 @@ from napari_stpredict.progress import CancelToken, ProgressCallback, check_cance
 __all__ = ["METHODS", "evaluate", "score_model"]
 
 METHODS: tuple[str, ...] = ("cmrc", "bleep", "regression")
+_PATCH_CACHE_BYTES = 2 << 30
 _TUMOR_SCORE_DOC = (
     "napari_stpredict.tumor.score_matrix (default signature, z-scores over the section); "
     "mean z-score of evaluation.markers.TUMOR_MARKERS when the panel has none of its genes"
@@ -87,11 +89,28 @@ class _Sections:
         self._specs = {str(s.name): s for s in manifest.sections}
         self._data: dict[str, SectionData] = {}
         self._truth: dict[tuple, np.ndarray] = {}
+        self._patches: dict[tuple, np.ndarray] = {}
 
     def get(self, name: str) -> SectionData:
         if name not in self._data:
             self._data[name] = load_section(self._specs[name])
         return self._data[name]
+
+    def patches(self, name: str, predictor: Any, *, cancel: CancelToken | None) -> np.ndarray:
+        """The section's spot patches at the predictor's scale, read once for all methods."""
+        key = (
+            name,
+            predictor.patch_um,
+            predictor.patch_px,
+            repr(predictor.metadata.get("config", {}).get("patch_px_level0")),
+        )
+        if key not in self._patches:
+            arr = section_patches(predictor, self.get(name), cancel=cancel)
+            # bounded: a cohort whose patches would not fit is read again per model instead
+            if sum(a.nbytes for a in self._patches.values()) + arr.nbytes <= _PATCH_CACHE_BYTES:
+                self._patches[key] = arr
+            return arr
+        return self._patches[key]
 
     def truth(self, name: str, genes: Sequence[str], normalization: Any) -> np.ndarray:
         key = (name, tuple(genes), repr(normalization))
@@ -127,7 +146,8 @@ def _score_model_on(
     for name in fold.test:
         check_cancel(cancel, "evaluation")
         sec = sections.get(name)
-        pred = predict_section(predictor, sec, progress=progress, cancel=cancel)
+        patches = sections.patches(name, predictor, cancel=cancel)
+        pred = predict_section(predictor, sec, patches=patches, progress=progress, cancel=cancel)
         true = sections.truth(name, predictor.genes, info.normalization)
         result.sections.append(
             score_section(
@@ -245,6 +265,11 @@ def evaluate(
     config = config if config is not None else TrainConfig()
     markers = list(markers) if markers is not None else list(BREAST_CANCER_MARKERS)
     folds = make_folds(manifest.sections, cv=cv, test_sections=test_sections)
+    # bad training options fail here, in a second, not once per fold
+    for method in methods:
+        validate = getattr(dataclasses.replace(config, method=method), "validate", None)
+        if validate is not None:
+            validate()
     sections = _Sections(manifest)
     tumor_score = _tumor_score_fn()
     results = {m: MethodResult(name=m) for m in methods}

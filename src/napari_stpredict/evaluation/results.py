@@ -120,7 +120,8 @@ class MethodResult:
     def mean(self) -> dict[str, float]:
         """Mean over the successful folds (NaN if none)."""
         return {
-            k: float(np.mean(v)) if (v := self._values(k)) else float("nan") for k in self.metric_keys()
+            k: float(np.mean(v)) if (v := self._values(k)) else float("nan")
+            for k in self.metric_keys()
         }
 
     def sd(self) -> dict[str, float]:

@@ -102,7 +102,6 @@ def export_figure(
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     pred = as_predictions(predictions)
-    done = pred.require("figure export")
     if not (isinstance(dpi, int | float) and 10 <= dpi <= 2400):
         raise ExportError(f"dpi {dpi!r}: expected a number between 10 and 2400")
     if not (0 < width_in <= 60):
@@ -110,6 +109,7 @@ def export_figure(
     if not 0.0 <= alpha <= 1.0:
         raise ExportError(f"alpha {alpha!r}: expected a value in [0, 1]")
     (g,) = pred.gene_indices([gene])
+    done = pred.require("figure export")
     geo = pred.geometry
     y0, x0, y1, x1 = _region(region, geo.shape0)
     # cells whose heatmap square meets the region

@@ -243,8 +243,8 @@ def export_heatmaps_ome_tiff(
         Nothing predicted, unknown genes, existing target without ``overwrite``, unwritable folder.
     """
     pred = as_predictions(predictions)
-    mask = pred.require("OME-TIFF export")
     idx = pred.gene_indices(genes)
+    mask = pred.require("OME-TIFF export")
     names = [pred.genes[i] for i in idx]
     title = Path(str(getattr(slide, "path", "") or pred.slide_path or "slide")).name
     info = write_grid_ome_tiff(

@@ -171,8 +171,8 @@ def predictions_to_anndata(
     import pandas as pd
 
     pred = as_predictions(predictions)
-    done = pred.require("h5ad export")
     idx = pred.gene_indices(genes)
+    done = pred.require("h5ad export")
     names = [pred.genes[i] for i in idx]
     geo = pred.geometry
     mask, score = _tumor_arrays(tumor, geo.shape)
@@ -313,8 +313,8 @@ def export_csv(
     gene (predicted log-normalised expression). Only predicted cells are written.
     """
     pred = as_predictions(predictions)
-    done = pred.require("CSV export")
     idx = pred.gene_indices(genes)
+    done = pred.require("CSV export")
     names = [pred.genes[i] for i in idx]
     geo = pred.geometry
     mask, score = _tumor_arrays(tumor, geo.shape)

@@ -208,7 +208,7 @@ class Engine:
     batch_size
         Default batch size; ``None`` = the predictor's ``batch_size`` or 32 (CPU) / 128 (GPU).
     read_workers
-        Threads decoding patches; ``None`` = ``min(8, cpu_count)``.
+        Threads decoding patches; ``None`` = ``min(16, cpu_count)``.
     prefetch
         Batches read ahead of the model (memory ≈ (prefetch + 1) × batch × patch bytes).
 
@@ -257,7 +257,7 @@ class Engine:
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
         self.batch_size = self._check_batch(batch_size) if batch_size else self._default_batch()
-        workers = read_workers or min(8, os.cpu_count() or 1)
+        workers = read_workers or min(16, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(
             max_workers=int(workers), thread_name_prefix="stpredict-read"
         )
@@ -364,12 +364,12 @@ class Engine:
             self.stats.read_s += time.perf_counter() - t0
         return patch
 
-    def _predict(self, patches: np.ndarray) -> np.ndarray:
+    def _predict(self, patches: np.ndarray, bs: int) -> tuple[np.ndarray, int]:
+        """Predict ``patches`` in chunks of ``bs``; return the values and the batch size in use."""
         out = []
         start = 0
         n = len(patches)
         while start < n:
-            bs = self.batch_size
             chunk = patches[start : start + bs]
             self.stats.model_calls += 1
             t0 = time.perf_counter()
@@ -383,11 +383,11 @@ class Engine:
                     raise StPredictError(
                         f"out of memory on {self.device} even with batch size 1"
                     ) from None
-                self.batch_size = max(1, bs // 2)
+                old, bs = bs, max(1, bs // 2)
+                self.batch_size = min(self.batch_size, bs)
                 self.stats.oom_halvings += 1
                 warnings.warn(
-                    f"out of memory on {self.device} at batch size {bs}; "
-                    f"continuing with {self.batch_size}",
+                    f"out of memory on {self.device} at batch size {old}; continuing with {bs}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -402,7 +402,7 @@ class Engine:
                 )
             out.append(values)
             start += len(chunk)
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        return (np.concatenate(out) if len(out) > 1 else out[0]), bs
 
     def run(
         self,
@@ -432,7 +432,9 @@ class Engine:
         progress
             Called as ``progress(done, total, message)`` after every batch.
         batch_size
-            Cells per batch for this run; ``None`` = :attr:`batch_size`.
+            Cells per batch for this run; ``None`` = :attr:`batch_size`. After a GPU
+            out-of-memory error the run goes on with half, and :attr:`batch_size` is lowered
+            to at most that for later runs.
 
         Yields
         ------
@@ -441,8 +443,7 @@ class Engine:
         """
         if self._closed:
             raise StPredictError("engine is closed")
-        if batch_size is not None:
-            self.batch_size = self._check_batch(batch_size)
+        bs = self.batch_size if batch_size is None else self._check_batch(batch_size)
         todo = order_cells(self._select(cells, count=True), self.grid, center)
         total = len(todo)
         report(progress, 0, total, "predicting")
@@ -458,7 +459,7 @@ class Engine:
             while done < total:
                 # keep the model fed: the next batch plus `prefetch` more are being read
                 while next_cell < total and len(inflight) <= self.prefetch:
-                    chunk = todo[next_cell : next_cell + self.batch_size]
+                    chunk = todo[next_cell : next_cell + bs]
                     futures = [self._pool.submit(self._read_patch, c) for c in chunk]
                     inflight.append((chunk, futures))
                     next_cell += len(chunk)
@@ -468,14 +469,14 @@ class Engine:
                 t0 = time.perf_counter()
                 patches = np.stack([f.result() for f in futures])
                 self.stats.wait_s += time.perf_counter() - t0
-                values = self._predict(patches)
+                values, bs = self._predict(patches, bs)
                 del patches
                 writer.put(chunk, values)
                 done += len(chunk)
                 self.stats.cells_predicted += len(chunk)
                 self.stats.batches += 1
                 report(progress, done, total, f"predicted {done}/{total} cells")
-                yield BatchResult(chunk, values, done, total, self.batch_size)
+                yield BatchResult(chunk, values, done, total, bs)
         except BaseException:
             failed = True
             raise

@@ -35,16 +35,19 @@ SUSPECT_MPP = 50.0
 _PARALLEL_TILES = 8
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
+    # one pool per process: a pool inherited through fork (DataLoader workers) has no threads
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL_PID != os.getpid():
             _POOL = ThreadPoolExecutor(
                 max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="stpredict-tiff"
             )
+            _POOL_PID = os.getpid()
         return _POOL
 
 

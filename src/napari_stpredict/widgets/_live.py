@@ -273,7 +273,10 @@ class LiveScheduler(QObject):
     batch_landed(session, cells, values)
         A batch of the active session was predicted (GUI thread).
     job_started(kind, total), job_finished(kind, outcome)
-        ``outcome`` is ``"done"``, ``"cancelled"`` or an error message.
+        A job of the active session started / ended; ``outcome`` is ``"done"``,
+        ``"cancelled"`` or an error message.
+    busy_changed(busy)
+        Whether a job (of any session) is running.
     progress(done, total)
         Cells predicted by the running job.
     message(text)
@@ -285,6 +288,7 @@ class LiveScheduler(QObject):
     batch_landed = Signal(object, object, object)
     job_started = Signal(str, int)
     job_finished = Signal(str, object)
+    busy_changed = Signal(bool)
     progress = Signal(int, int)
     message = Signal(str)
     error = Signal(str)
@@ -519,6 +523,7 @@ class LiveScheduler(QObject):
         worker.finished.connect(lambda job=job: self._on_finished(job))
         self._job = job
         self.job_started.emit(kind, job.total)
+        self.busy_changed.emit(True)
         self.progress.emit(0, job.total)
         worker.start()
 
@@ -548,8 +553,10 @@ class LiveScheduler(QObject):
             if job.session is self._session and not self._closed:
                 self.error.emit(text)
             outcome = text
-        if not self._closed:
+        if not self._closed and job.session is self._session:
             self.job_finished.emit(job.kind, outcome)
+        if not self._closed:
+            self.busy_changed.emit(self._job is not None)
         if self._closed:
             return
         if self._pending is not None and self._job is None:

@@ -162,6 +162,7 @@ class PredictWidget(QWidget):
         self.scheduler.job_started.connect(self._on_job_started)
         self.scheduler.job_finished.connect(self._on_job_finished)
         self.scheduler.progress.connect(self._on_progress)
+        self.scheduler.busy_changed.connect(self._on_busy)
         self.scheduler.message.connect(self._set_status)
         self.scheduler.error.connect(self._on_error)
         self._flush_timer = QTimer(self)
@@ -728,6 +729,9 @@ class PredictWidget(QWidget):
         what = "whole slide" if kind == "slide" else "view"
         self._set_status(f"predicting {total} cells ({what})…")
 
+    def _on_busy(self, busy: bool) -> None:
+        self.cancel_button.setEnabled(busy)
+
     def _on_progress(self, done: int, total: int) -> None:
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(done)
@@ -735,7 +739,6 @@ class PredictWidget(QWidget):
     def _on_job_finished(self, kind: str, outcome: Any) -> None:
         self._flush_timer.stop()
         self._flush()
-        self.cancel_button.setEnabled(self.scheduler.job is not None)
         if self._clear_after_cancel and self.scheduler.job is None:
             self._do_clear_cache()
             return
