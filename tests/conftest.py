@@ -93,3 +93,64 @@ def real_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
     finally:
         engine.close()
     return store, Path(tiny_model_file)
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny trained model (model/ and training.py)
+
+#: Marker genes the tiny model always predicts (on top of the 785-gene HER2ST panel), so
+#: heatmap, tumour and export tests can use them. KRT5 is dropped: not measured in B4/C2.
+TINY_MODEL_MARKERS = (
+    "ERBB2", "GRB7", "ESR1", "PGR", "MKI67", "TOP2A", "KRT8", "KRT18", "EPCAM", "FOXA1",
+    "CCND1", "MUC1", "FASN", "SCD", "PTPRC", "CD74", "COL1A1", "KRT5",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    """The :class:`~napari_stpredict.training.TrainConfig` of :func:`tiny_model_file`."""
+    import numpy as np
+
+    from napari_stpredict.training import TrainConfig
+
+    panel = SHARED_DATA / "genelists" / "hist2st_her_hvg_cut_1000.npy"
+    genes = [str(g) for g in np.load(panel, allow_pickle=False)] if panel.exists() else []
+    return TrainConfig(
+        method="cmrc",
+        backbone="tf_efficientnet_lite0",
+        pretrained="offline",
+        genes=list(dict.fromkeys([*TINY_MODEL_MARKERS, *genes])),
+        missing_genes="drop",
+        patch_um=112.0,
+        patch_px=64,
+        epochs=1,
+        max_steps=2,
+        batch_size=16,
+        val_fraction=0.04,
+        device="cpu",
+        seed=0,
+        num_workers=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(her2st_dir, benchmarks_data_dir, tiny_model_config, tmp_path_factory) -> Path:
+    """A CMRCNet model file trained for 2 steps on HER2ST B4 + C2, cached for the session.
+
+    Real weights (offline ImageNet EfficientNet-Lite0 backbone, fine-tuned 2 steps), a real
+    reference bank (the ~430 training spots), 64 px patches of 112 µm, ~800 genes (the HER2ST
+    panel plus :data:`TINY_MODEL_MARKERS`), top-k 50. Load it with
+    ``napari_stpredict.model.Predictor(tiny_model_file, device="cpu")``.
+    """
+    import warnings
+
+    from napari_stpredict.training import train
+
+    manifest = benchmarks_data_dir / "her2st.yaml"
+    if not manifest.exists():
+        pytest.skip(f"dataset manifest {manifest} not found")
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny_cmrc.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dropped genes of the panel
+        train(manifest, tiny_model_config, out=out, sections=["B4", "C2"])
+    return out

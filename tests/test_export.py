@@ -296,11 +296,18 @@ def test_exports_of_a_real_predicted_slide(real_store, her2st_dir, tmp_path):
     store, model_path = real_store
     slide = open_slide(store.info["slide"]["path"], mpp=store.grid.mpp)
     genes = list(store.genes)[:3]
-    tm = threshold_score(score_store(store, gene_set=genes))
+    tm = threshold_score(score_store(store, gene_set=genes, model=model_path))
     out = tmp_path / "real"
     out.mkdir()
     results = export_predictions(
-        store, out, name="C2", kinds="ome-tiff,geojson,h5ad,png", genes=genes, slide=slide, tumor=tm
+        store,
+        out,
+        name="C2",
+        kinds="ome-tiff,geojson,h5ad,png",
+        genes=genes,
+        slide=slide,
+        model=model_path,
+        tumor=tm,
     )
     by = {r.kind: r for r in results}
     assert all(r.partial for r in results if r.kind != "png")

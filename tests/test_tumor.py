@@ -262,7 +262,7 @@ def test_score_on_a_real_predicted_store(real_store):
     stats = model_gene_stats(model_path, genes)
     np.testing.assert_allclose(stats["mean"], np.asarray(meta["gene_stats"]["mean"]), rtol=1e-6)
     gene_set = [g for g in DEFAULT_TUMOR_GENES if g in genes] or genes[:3]
-    sc = score_store(store, gene_set=gene_set)  # statistics from the model recorded in the store
+    sc = score_store(store, gene_set=gene_set, model=model_path)  # the model's training statistics
     assert sc.reference == "model"
     done = np.asarray(store.done[...])
     assert np.array_equal(sc.predicted, done)

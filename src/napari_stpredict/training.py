@@ -71,6 +71,8 @@ class TrainConfig:
     genes, n_top_genes
         Gene panel: a list of names or a gene list file; else the manifest's ``genes:`` file;
         else the union of each section's top ``n_top_genes`` highly variable genes.
+    missing_genes
+        Genes of the list not measured in every section: ``"error"`` (default) or ``"drop"``.
     patch_um, patch_px
         Patch side in µm and in pixels (default 112 µm → 224 px). Without a pixel size for a
         section's image, ``patch_px`` must be given and patches are ``patch_px`` image pixels.
@@ -116,6 +118,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     genes: list[str] | str | None = None
     n_top_genes: int = 1000
+    missing_genes: str = "error"
     patch_um: float | None = 112.0
     patch_px: int | None = None
     val_sections: list[str] | None = None
@@ -162,6 +165,8 @@ class TrainConfig:
             raise StPredictError(
                 f"train_backbone={self.train_backbone!r}: choose all, last or none"
             )
+        if self.missing_genes not in ("error", "drop"):
+            raise StPredictError(f"missing_genes={self.missing_genes!r}: choose error or drop")
         if self.cache not in ("auto", "memory", "none"):
             raise StPredictError(f"cache={self.cache!r}: choose auto, memory or none")
         checks = [
@@ -289,7 +294,7 @@ def _prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) 
 
     gene_source = config.genes if config.genes is not None else m.genes
     if gene_source is not None:
-        genes = select_genes(adatas, gene_list=gene_source)
+        genes = select_genes(adatas, gene_list=gene_source, missing=config.missing_genes)
     else:
         genes = select_genes(adatas, n_top=config.n_top_genes)
         # val sections must not pick the panel: recompute on training sections, keep shared genes
@@ -374,6 +379,9 @@ class _PatchSource:
             max_workers=max(1, workers), thread_name_prefix="stpredict-patch"
         )
         self.workers = max(1, workers)
+        # batches are assembled in their own thread: a batch task waiting on read tasks in the
+        # same pool could deadlock once every pool thread is such a waiting batch task
+        self.batches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stpredict-batch")
         self._item_section = np.asarray(dataset.item_section)
         self._opened: set[int] = set()
 
@@ -418,9 +426,10 @@ class _PatchSource:
 
     def submit(self, idx: np.ndarray) -> Future:
         """Start reading a batch in the background (returns a future of uint8 (B, P, P, 3))."""
-        return self.pool.submit(self._read_many, np.asarray(idx))
+        return self.batches.submit(self._read_many, np.asarray(idx))
 
     def close(self) -> None:
+        self.batches.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -478,7 +487,6 @@ class _FeatureStore:
                 self.data.patch_um,
                 self.data.patch_px,
                 self.data.spot_keys[section_i],
-                self.need_tokens,
             ]
         )
         h = hashlib.sha1(key.encode()).hexdigest()[:20]
@@ -501,7 +509,7 @@ class _FeatureStore:
             if f is not None and f.is_file():
                 with contextlib.suppress(Exception):
                     t = load_file(str(f))
-                    if t["pooled"].shape[0] == len(idx):
+                    if t["pooled"].shape[0] == len(idx) and (not self.need_tokens or "tokens" in t):
                         pooled_parts.append(t["pooled"])
                         if self.need_tokens:
                             token_parts.append(t["tokens"])

@@ -1,0 +1,121 @@
+"""Finding prediction stores, grids and tumour layers through layer metadata.
+
+Widgets talk through layers: a heatmap layer carries ``layer.metadata["stpredict"]`` with
+``kind="heatmap"``, ``store``, ``model``, ``grid``, ``slide_layer``, ``slide_path``; a tumour
+Labels layer the same with ``kind="tumor"`` (see ``docs/architecture.md``). This module groups
+layers by store so the Tumour and Export widgets can offer one entry per prediction store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_stpredict.errors import StPredictError
+
+#: Name of the tumour Labels layer (per source, see :func:`tumor_layer_name`).
+TUMOR_LAYER_SUFFIX = "tumour (stpredict)"
+
+
+def stpredict_meta(layer: Any) -> dict[str, Any] | None:
+    """A layer's ``metadata["stpredict"]`` dict, or ``None``."""
+    meta = (getattr(layer, "metadata", None) or {}).get("stpredict")
+    return dict(meta) if isinstance(meta, Mapping) and meta.get("store") else None
+
+
+@dataclass
+class StoreSource:
+    """One prediction store shown in the viewer, with the layers that refer to it."""
+
+    store: str
+    meta: dict[str, Any]
+    heatmaps: list[Any] = field(default_factory=list)
+    tumor: Any = None
+
+    @property
+    def label(self) -> str:
+        """Text for a combo box: slide name (store key)."""
+        slide = Path(
+            str(self.meta.get("slide_path") or self.meta.get("slide_layer") or "slide")
+        ).name
+        return f"{slide} — {Path(self.store).name[:12]}"
+
+    @property
+    def genes_shown(self) -> list[str]:
+        """Genes that have a heatmap layer, in layer order."""
+        out = []
+        for lyr in self.heatmaps:
+            g = (stpredict_meta(lyr) or {}).get("gene")
+            if g and g not in out:
+                out.append(str(g))
+        return out
+
+    @property
+    def reference_layer(self) -> Any:
+        """A layer whose ``scale``/``translate`` register a grid-shaped array on the slide."""
+        return self.heatmaps[0] if self.heatmaps else self.tumor
+
+
+def store_sources(viewer: Any) -> dict[str, StoreSource]:
+    """``{store path: StoreSource}`` for every store referred to by a layer, in layer order."""
+    out: dict[str, StoreSource] = {}
+    for layer in viewer.layers:
+        meta = stpredict_meta(layer)
+        if meta is None:
+            continue
+        src = out.setdefault(meta["store"], StoreSource(meta["store"], meta))
+        if meta.get("kind") == "tumor":
+            src.tumor = layer
+        else:
+            src.heatmaps.append(layer)
+            if src.meta.get("kind") == "tumor":
+                src.meta = meta
+    return out
+
+
+def tumor_layer_name(source: StoreSource) -> str:
+    """``"<slide> tumour (stpredict)"``."""
+    slide = Path(str(source.meta.get("slide_path") or "")).stem
+    return f"{slide} {TUMOR_LAYER_SUFFIX}".strip()
+
+
+def slide_layer_of(viewer: Any, source: StoreSource) -> Any:
+    """The slide Image layer a source was predicted on (by name), or ``None``."""
+    name = source.meta.get("slide_layer")
+    for layer in viewer.layers:
+        if layer.name == name:
+            return layer
+    return None
+
+
+def open_store(path: str) -> Any:
+    """Open a prediction store folder (core: raises StPredictError when it is gone)."""
+    from napari_stpredict.inference.store import PredictionStore
+
+    return PredictionStore.from_path(path)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A worker's error, returned as a value.
+
+    superqt re-raises an exception *returned* by a worker into ``errored`` (never
+    ``returned``), so workers wrap theirs in this to reach the ``returned`` handler.
+    """
+
+    error: BaseException
+
+    @property
+    def text(self) -> str:
+        """One line for the widget and the notification."""
+        e = self.error
+        return str(e) if isinstance(e, StPredictError) else f"{type(e).__name__}: {e}"
+
+
+def notify(kind: str, text: str) -> None:
+    """A napari notification: ``kind`` is ``error``, ``warning`` or ``info``."""
+    from napari.utils.notifications import show_error, show_info, show_warning
+
+    {"error": show_error, "warning": show_warning, "info": show_info}[kind](text)

@@ -1,0 +1,187 @@
+"""Tumour and Export widgets and the npe2 writers in a real napari viewer (run under xvfb-run).
+
+The prediction store is real (HER2ST C2 predicted by the tiny model, ``real_store``); heatmap
+layers are made with the Predict widget's own HeatmapSet so they carry the documented metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+@pytest.fixture
+def scene(make_napari_viewer, real_store):
+    """A viewer with the C2 slide, two heatmap layers of the real store, and the store."""
+    from napari_stpredict.slide import open_slide
+    from napari_stpredict.tumor import read_model_metadata
+    from napari_stpredict.widgets._heatmaps import HeatmapSet
+
+    store, model_path = real_store
+    slide_path = store.info["slide"]["path"]
+    slide = open_slide(slide_path, mpp=store.grid.mpp)
+    viewer = make_napari_viewer(show=True)
+    slide_layer = viewer.add_image(
+        slide.levels,
+        multiscale=True,
+        rgb=True,
+        name="C2",
+        scale=slide.layer_scale,
+        metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
+    )
+    meta = read_model_metadata(model_path)
+    heat = HeatmapSet(
+        viewer,
+        slide_layer=slide_layer,
+        grid=store.grid,
+        panel=store.genes,
+        gene_stats={k: np.asarray(v) for k, v in meta["gene_stats"].items()},
+        metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
+        read_plane=lambda i: store.read(i),
+    )
+    heat.set_genes(list(store.genes[:2]))
+    # look at the predicted block
+    done = np.argwhere(np.asarray(store.done[...]))
+    (i0, j0), (i1, j1) = done.min(0), done.max(0) + 1
+    y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
+    y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
+    s = slide.layer_scale[0]
+    viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
+    viewer.camera.zoom = 0.9 * min(viewer.canvas.size) / max((y1 - y0) * s, (x1 - x0) * s)
+    return viewer, store, model_path, heat
+
+
+def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp_path):
+    from napari_stpredict.model.predictor import Predictor
+    from napari_stpredict.tumor import otsu_threshold
+    from napari_stpredict.widgets import tumor as tumor_widget
+    from napari_stpredict.widgets.export import ExportWidget
+    from napari_stpredict.widgets.tumor import TumorWidget
+
+    viewer, store, _model_path, heat = scene
+    calls = {"predict": 0, "score": 0}
+    real_predict, real_score = Predictor.predict, tumor_widget.score_store
+
+    def counting_predict(self, patches):
+        calls["predict"] += 1
+        return real_predict(self, patches)
+
+    def counting_score(*args, **kwargs):
+        calls["score"] += 1
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", counting_predict)
+    monkeypatch.setattr(tumor_widget, "score_store", counting_score)
+
+    tw = TumorWidget(viewer)
+    viewer.window.add_dock_widget(tw, name="Tumour localization", area="right")
+    tw.set_source(str(store.path))
+    genes = list(store.genes[:3])
+    tw.set_gene_set(genes)
+    tw.compute()
+    qtbot.waitUntil(lambda: tw.layer is not None, timeout=60_000)
+    layer = tw.layer
+    assert calls["score"] == 1
+    # registered like the heatmaps and described for the other widgets
+    ref = heat.layers[genes[0]]
+    np.testing.assert_allclose(layer.scale[-2:], ref.scale[-2:])
+    np.testing.assert_allclose(layer.translate[-2:], ref.translate[-2:])
+    meta = layer.metadata["stpredict"]
+    assert meta["kind"] == "tumor" and meta["genes"] == genes and meta["store"] == str(store.path)
+    assert tw.threshold == pytest.approx(otsu_threshold(tw.score.score), abs=1e-6)
+    assert "mm²" in tw.readout.text()
+
+    counts = []
+    for step in (50, 500, 950):
+        tw.slider.setValue(step)
+        counts.append(int((layer.data == 1).sum()))
+        assert layer.metadata["stpredict"]["threshold"] == pytest.approx(tw.threshold)
+    assert counts[0] > counts[1] > counts[2]  # a higher threshold marks fewer cells
+    assert calls == {"predict": 0, "score": 1}  # no model call, no store read: the kept score
+    tw.set_min_size(3)
+    tw.set_smoothing(1.0)
+    tw.auto_button.click()
+    assert calls == {"predict": 0, "score": 1}
+    assert 0 < int(layer.data.sum()) < int(tw.score.predicted.sum())
+
+    # bad input: one-line message in the widget, the layer stays as it was
+    before = layer.data.copy()
+    tw.set_gene_set("NOT_A_GENE")
+    tw.compute(background=False)
+    assert "not among the model" in tw.readout.text()
+    np.testing.assert_array_equal(layer.data, before)
+    tw.set_gene_set(genes)
+
+    # the Export widget finds store, grid and tumour mask through the layers
+    ew = ExportWidget(viewer)
+    viewer.window.add_dock_widget(ew, name="Export", area="right")
+    ew.set_source(str(store.path))
+    ew.set_folder(tmp_path)
+    ew.name_edit.setText("c2")
+    ew.set_kinds(["ome-tiff", "geojson", "h5ad", "csv", "png"])
+    ew.export()
+    qtbot.waitUntil(lambda: not ew.busy, timeout=120_000)
+    text = ew.report.toPlainText()
+    assert "error" not in text, text
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(
+        ["c2_heatmaps.ome.tif", "c2_tumor.geojson", "c2.h5ad", "c2.csv", f"c2_{genes[0]}.png"]
+    )
+    assert all(f"wrote {tmp_path / n}" in text for n in written)
+    doc = json.loads((tmp_path / "c2_tumor.geojson").read_text())
+    assert len(doc["features"]) >= 1
+    # a second export without "overwrite" refuses and says so
+    ew.export()
+    qtbot.waitUntil(lambda: not ew.busy, timeout=60_000)
+    assert "already exists" in ew.report.toPlainText()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    qtbot.wait(300)
+    viewer.window.screenshot(str(ARTIFACTS / "tumor_export_widgets.png"), canvas_only=False)
+    assert (ARTIFACTS / "tumor_export_widgets.png").stat().st_size > 10_000
+
+
+def test_npe2_writers_use_layer_metadata(scene, qtbot, tmp_path):
+    import tifffile
+
+    from napari_stpredict._writer import write_heatmaps_ome_tiff, write_tumor_geojson
+    from napari_stpredict.errors import StPredictError
+    from napari_stpredict.widgets.tumor import TumorWidget
+
+    viewer, store, _model_path, heat = scene
+    tw = TumorWidget(viewer)
+    tw.set_source(str(store.path))
+    tw.set_gene_set(list(store.genes[:3]))
+    tw.compute(background=False)
+    layer = tw.layer
+    # through napari's own save machinery (npe2 picks our writer by extension)
+    viewer.layers.selection = {layer}
+    out = tmp_path / "tumor.geojson"
+    viewer.layers.save(str(out), selected=True, plugin="napari-stpredict")
+    doc = json.loads(out.read_text())
+    assert doc["type"] == "FeatureCollection"
+    assert (
+        sum(f["properties"]["measurements"]["Cells"] for f in doc["features"]) == layer.data.sum()
+    )
+    assert all(f["properties"]["classification"]["name"] == "Tumor" for f in doc["features"])
+
+    heat_layers = [heat.layers[g] for g in heat.genes]
+    (path,) = write_heatmaps_ome_tiff(
+        str(tmp_path / "h.ome.tif"), [lyr.as_layer_data_tuple() for lyr in heat_layers]
+    )
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].shape[0] == 2 and tif.series[0].axes == "CYX"
+    with pytest.raises(StPredictError, match="not a napari-stpredict tumour layer"):
+        slide_layer = viewer.layers["C2"]
+        write_tumor_geojson(
+            str(tmp_path / "x.geojson"),
+            np.zeros((2, 2)),
+            {"name": slide_layer.name, "metadata": {}},
+        )
