@@ -10,10 +10,14 @@
 2. Open latency and RSS growth of the 4×4 mosaic of HER2ST C2 (39 644 × 37 096 px, JPEG OME-TIFF
    pyramid, built with ``write_ome_tiff`` in a temporary folder): a fresh process per repeat;
    RSS after imports vs after ``open_slide`` + reading one tile.
-3. ``stpredict convert`` of that mosaic to OME-TIFF (jpeg) and OME-Zarr (deflate), and of the
-   decoded JPEG ``C2.jpg``: MB/s of level-0 RGB pixels and the child's peak RSS.
+3. ``stpredict convert`` of that mosaic to OME-TIFF (jpeg), and of ``C2.jpg`` to OME-TIFF (jpeg)
+   and OME-Zarr (deflate) (``--zarr-mosaic``: the mosaic to OME-Zarr too): MB/s of level-0 RGB
+   pixels and the child's peak RSS (VmHWM).
+4. For information: a napari-sized view (4 × 8 tiles, one dask compute) through
+   ``Slide.levels`` (tifffile aszarr → zarr → dask) vs the same dask graph over the direct tile
+   reader.
 
-    /work/venv/bin/python benchmarks/bench_slide.py [--repeats 5] [--workdir DIR] [--skip-zarr] [--json OUT]
+    /work/venv/bin/python benchmarks/bench_slide.py [--repeats 5] [--workdir DIR] [--zarr-mosaic] [--json OUT]
 """
 
 from __future__ import annotations
@@ -123,16 +127,24 @@ def tile_reads(path: Path, repeats: int, max_tiles: int = 400) -> dict:
         for cy, cx in centres:
             slide.read_resampled(cy - 112.2, cx - 112.2, 224.4, 224.4, out_shape=(224, 224))
 
-    times: dict[str, list[float]] = {"raw": [], "slide": [], "dask": [], "resampled": []}
-    for fn in (raw, via_slide):  # warm caches
+    from napari_stpredict.slide.base import source_to_dask
+
+    direct = source_to_dask(slide._sources[0], "bench-direct")
+    vy, vx = min(4, nty), min(8, ntx)  # a napari-sized view: 4 x 8 tiles, one compute
+
+    def view_zarr() -> None:
+        slide.levels[0][: vy * th, : vx * tw].compute()
+
+    def view_direct() -> None:
+        direct[: vy * th, : vx * tw].compute()
+
+    names = ("raw", "slide", "dask", "resampled", "view_zarr", "view_direct")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for fn in (raw, via_slide, view_zarr, view_direct):  # warm caches
         fn()
+    fns = (raw, via_slide, via_dask, patches, view_zarr, view_direct)
     for _ in range(repeats):
-        for name, fn in (
-            ("raw", raw),
-            ("slide", via_slide),
-            ("dask", via_dask),
-            ("resampled", patches),
-        ):
+        for name, fn in zip(names, fns, strict=True):
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -149,6 +161,9 @@ def tile_reads(path: Path, repeats: int, max_tiles: int = 400) -> dict:
         "resampled_patches_per_s": n / med["resampled"],
         "ratio_slide_vs_raw": med["raw"] / med["slide"],
         "ratio_dask_vs_raw": med["raw"] / med["dask"],
+        "view_tiles": vy * vx,
+        "view_zarr_s": med["view_zarr"],
+        "view_direct_s": med["view_direct"],
     }
 
 
@@ -189,12 +204,15 @@ def open_cost(path: Path, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------- 3. convert
+# peak RSS from VmHWM: ru_maxrss would include the parent's peak inherited across exec
 _CONVERT_CHILD = r"""
-import resource, sys, time
+import sys, time
 from napari_stpredict.cli import main
 t = time.perf_counter()
 rc = main(sys.argv[1:])
-print("RESULT", rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+dt = time.perf_counter() - t
+hwm = [int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('VmHWM:')][0]
+print("RESULT", rc, dt, hwm)
 """
 
 
@@ -226,7 +244,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--skip-zarr", action="store_true")
+    ap.add_argument(
+        "--zarr-mosaic",
+        action="store_true",
+        help="also convert the 4x4 mosaic to OME-Zarr (slow: deflate)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stpredict-bench-slide-"))
@@ -250,8 +272,9 @@ def main() -> None:
     conv = [
         convert_cost(mosaic, work / "out.ome.tif"),
         convert_cost(C2, work / "c2.ome.tif", "--mpp", "0.689"),
+        convert_cost(C2, work / "c2.zarr", "--mpp", "0.689"),
     ]
-    if not args.skip_zarr:
+    if args.zarr_mosaic:
         conv.append(convert_cost(mosaic, work / "out.zarr"))
     result["convert"] = conv
     result["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6

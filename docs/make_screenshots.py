@@ -104,25 +104,39 @@ def main() -> None:
     )
     for layer in list(widget.heatmaps.layers.values())[1:]:
         layer.visible = False
-    viewer.reset_view()
-    cy, cx = tissue_center_layer(inputs)
-    viewer.camera.center = (cy, cx)
-    viewer.camera.zoom = viewer.camera.zoom * args.zoom
-    wait_until(widget.view_complete, timeout=args.timeout, what="the visible cells")
-    save(viewer, args.out / "demo.png", canvas_only=False)
+    from napari_stpredict.widgets._live import camera_of
 
-    if tumor is not None and hasattr(tumor, "compute"):
-        tumor.compute()
-        wait_until(
-            lambda: any(
-                (layer.metadata.get("stpredict") or {}).get("kind") == "tumor"
-                for layer in viewer.layers
-            ),
-            timeout=120,
-            what="the tumour layer",
-        )
-        for layer in widget.heatmaps.layers.values():
+    viewer.reset_view()
+    camera = camera_of(viewer)
+    cy, cx = tissue_center_layer(inputs)
+    camera.center = (cy, cx)
+    camera.zoom = camera.zoom * args.zoom
+    wait_until(widget.view_complete, timeout=args.timeout, what="the visible cells")
+
+    def tumor_layers():
+        return [
+            layer
+            for layer in viewer.layers
+            if (layer.metadata.get("stpredict") or {}).get("kind") == "tumor"
+        ]
+
+    has_markers = any(
+        g in predictor.genes for g in ("ERBB2", "KRT19", "EPCAM", "KRT8", "KRT18", "CDH1")
+    )
+    if tumor is not None and has_markers:
+        # the demo computes the tumour layer once the first view is predicted
+        wait_until(lambda: bool(tumor_layers()), timeout=120, what="the tumour layer")
+    heat = list(widget.heatmaps.layers.values())
+    for layer in tumor_layers():
+        layer.visible = False
+    save(viewer, args.out / "demo.png", canvas_only=False)
+    if tumor_layers():
+        for layer in heat:
             layer.visible = False
+        for layer in tumor_layers():
+            layer.visible = True
+        viewer.layers.selection.active = tumor_layers()[0]
+        wait_until(lambda: True, timeout=5, what="drawing")
         save(viewer, args.out / "demo_tumor.png", canvas_only=False)
     widget.close_workers(wait_s=30)
     viewer.close()

@@ -65,10 +65,11 @@ def _her2st_mpp(her2st_dir: Path, section: str) -> float:
 
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
-    """``(store, model_path)``: HER2ST C2 (real H&E) with a block of tissue cells predicted.
+    """``(store, model_path)``: HER2ST C3 (real H&E) with a block of tissue cells predicted.
 
-    The tiny model predicts a 12 × 12 block of cells around the middle of the slide (tissue
-    cells only, like the live view), so the store is partially predicted, as in real use.
+    The tiny model (trained on B4 + C2) predicts a 10 × 10 block of cells around the middle of
+    the held-out C3 (tissue cells only, like the live view), so the store is partially
+    predicted, as in real use.
     """
     import numpy as np
 
@@ -78,14 +79,14 @@ def real_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
     from napari_stpredict.model import Predictor
     from napari_stpredict.slide import open_slide
 
-    slide = open_slide(her2st_dir / "images" / "C2.jpg", mpp=_her2st_mpp(her2st_dir, "C2"))
+    slide = open_slide(her2st_dir / "images" / "C3.jpg", mpp=_her2st_mpp(her2st_dir, "C3"))
     predictor = Predictor(tiny_model_file, device="cpu")
     grid = TileGrid.for_slide(slide, predictor)
     store = PredictionStore.for_slide(
         slide, predictor, grid, cache_dir=tmp_path_factory.mktemp("real_store")
     )
     gh, gw = grid.shape
-    ii, jj = np.mgrid[gh // 2 - 6 : gh // 2 + 6, gw // 2 - 6 : gw // 2 + 6]
+    ii, jj = np.mgrid[gh // 2 - 5 : gh // 2 + 5, gw // 2 - 5 : gw // 2 + 5]
     engine = Engine(slide, predictor, grid, store)
     try:
         for _ in engine.run(np.stack([ii.ravel(), jj.ravel()], axis=1)):

@@ -302,7 +302,7 @@ def test_exports_of_a_real_predicted_slide(real_store, her2st_dir, tmp_path):
     results = export_predictions(
         store,
         out,
-        name="C2",
+        name="C3",
         kinds="ome-tiff,geojson,h5ad,png",
         genes=genes,
         slide=slide,

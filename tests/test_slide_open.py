@@ -428,6 +428,8 @@ def test_reads_in_forked_worker(wsi_dir: Path) -> None:
 
     global _FORKED
     _FORKED = open_slide(wsi_dir / "cmu_small_region.svs")
+    # positional reads (no shared file offset between parent and child)
+    assert _FORKED._sources[0].planes[0].fd is not None
     expected = int(_FORKED.read_region(0, 0, 0, *_FORKED.shape).sum())  # parent starts the pool
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

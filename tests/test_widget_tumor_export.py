@@ -1,6 +1,6 @@
 """Tumour and Export widgets and the npe2 writers in a real napari viewer (run under xvfb-run).
 
-The prediction store is real (HER2ST C2 predicted by the tiny model, ``real_store``); heatmap
+The prediction store is real (HER2ST C3 predicted by the tiny model, ``real_store``); heatmap
 layers are made with the Predict widget's own HeatmapSet so they carry the documented metadata.
 """
 
@@ -19,7 +19,7 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 @pytest.fixture
 def scene(make_napari_viewer, real_store):
-    """A viewer with the C2 slide, two heatmap layers of the real store, and the store."""
+    """A viewer with the C3 slide, two heatmap layers of the real store, and the store."""
     from napari_stpredict.slide import open_slide
     from napari_stpredict.tumor import read_model_metadata
     from napari_stpredict.widgets._heatmaps import HeatmapSet
@@ -28,11 +28,12 @@ def scene(make_napari_viewer, real_store):
     slide_path = store.info["slide"]["path"]
     slide = open_slide(slide_path, mpp=store.grid.mpp)
     viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1500, 950)
     slide_layer = viewer.add_image(
         slide.levels,
         multiscale=True,
         rgb=True,
-        name="C2",
+        name="C3",
         scale=slide.layer_scale,
         metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
     )
@@ -46,16 +47,23 @@ def scene(make_napari_viewer, real_store):
         metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
         read_plane=lambda i: store.read(i),
     )
-    heat.set_genes(list(store.genes[:2]))
-    # look at the predicted block
+    heat.set_genes(["ERBB2", "KRT8"])
+    heat.layers["KRT8"].visible = False
+    return viewer, store, model_path, heat
+
+
+def _look_at_predictions(viewer, store, qtbot) -> None:
+    """Centre the camera on the predicted block, filling the canvas (after docks are added)."""
+    qtbot.wait(100)
     done = np.argwhere(np.asarray(store.done[...]))
     (i0, j0), (i1, j1) = done.min(0), done.max(0) + 1
     y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
     y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
-    s = slide.layer_scale[0]
+    s = store.grid.mpp
     viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
-    viewer.camera.zoom = 0.9 * min(viewer.canvas.size) / max((y1 - y0) * s, (x1 - x0) * s)
-    return viewer, store, model_path, heat
+    h, w = viewer.canvas.size
+    viewer.camera.zoom = 0.95 * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
+    qtbot.wait(300)
 
 
 def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp_path):
@@ -83,14 +91,15 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
     tw = TumorWidget(viewer)
     viewer.window.add_dock_widget(tw, name="Tumour localization", area="right")
     tw.set_source(str(store.path))
-    genes = list(store.genes[:3])
-    tw.set_gene_set(genes)
+    tw.set_gene_set(None)  # the default signature; genes the model lacks are reported
     tw.compute()
     qtbot.waitUntil(lambda: tw.layer is not None, timeout=60_000)
     layer = tw.layer
-    assert calls["score"] == 1
+    genes = list(tw.score.genes)
+    assert calls["score"] == 1 and "ERBB2" in genes
+    assert ("not in the model" in tw.genes_info.text()) == bool(tw.score.missing)
     # registered like the heatmaps and described for the other widgets
-    ref = heat.layers[genes[0]]
+    ref = heat.layers["ERBB2"]
     np.testing.assert_allclose(layer.scale[-2:], ref.scale[-2:])
     np.testing.assert_allclose(layer.translate[-2:], ref.translate[-2:])
     meta = layer.metadata["stpredict"]
@@ -105,26 +114,22 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
         assert layer.metadata["stpredict"]["threshold"] == pytest.approx(tw.threshold)
     assert counts[0] > counts[1] > counts[2]  # a higher threshold marks fewer cells
     assert calls == {"predict": 0, "score": 1}  # no model call, no store read: the kept score
-    tw.set_min_size(3)
-    tw.set_smoothing(1.0)
+    tw.set_min_size(2)
+    tw.set_smoothing(0.5)
     tw.auto_button.click()
     assert calls == {"predict": 0, "score": 1}
     assert 0 < int(layer.data.sum()) < int(tw.score.predicted.sum())
-
-    # bad input: one-line message in the widget, the layer stays as it was
-    before = layer.data.copy()
-    tw.set_gene_set("NOT_A_GENE")
-    tw.compute(background=False)
-    assert "not among the model" in tw.readout.text()
-    np.testing.assert_array_equal(layer.data, before)
-    tw.set_gene_set(genes)
+    ARTIFACTS.mkdir(exist_ok=True)
+    _look_at_predictions(viewer, store, qtbot)
+    viewer.window.screenshot(str(ARTIFACTS / "tumor_widget.png"), canvas_only=False)
+    assert (ARTIFACTS / "tumor_widget.png").stat().st_size > 10_000
 
     # the Export widget finds store, grid and tumour mask through the layers
     ew = ExportWidget(viewer)
-    viewer.window.add_dock_widget(ew, name="Export", area="right")
+    viewer.window.add_dock_widget(ew, name="Export", area="right", tabify=True)
     ew.set_source(str(store.path))
     ew.set_folder(tmp_path)
-    ew.name_edit.setText("c2")
+    ew.name_edit.setText("c3")
     ew.set_kinds(["ome-tiff", "geojson", "h5ad", "csv", "png"])
     ew.export()
     qtbot.waitUntil(lambda: not ew.busy, timeout=120_000)
@@ -132,20 +137,30 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
     assert "error" not in text, text
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == sorted(
-        ["c2_heatmaps.ome.tif", "c2_tumor.geojson", "c2.h5ad", "c2.csv", f"c2_{genes[0]}.png"]
+        ["c3_heatmaps.ome.tif", "c3_tumor.geojson", "c3.h5ad", "c3.csv", "c3_ERBB2.png"]
     )
     assert all(f"wrote {tmp_path / n}" in text for n in written)
-    doc = json.loads((tmp_path / "c2_tumor.geojson").read_text())
+    doc = json.loads((tmp_path / "c3_tumor.geojson").read_text())
     assert len(doc["features"]) >= 1
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    _look_at_predictions(viewer, store, qtbot)
+    viewer.window.screenshot(str(ARTIFACTS / "export_widget.png"), canvas_only=False)
+    assert (ARTIFACTS / "export_widget.png").stat().st_size > 10_000
+
     # a second export without "overwrite" refuses and says so
     ew.export()
     qtbot.waitUntil(lambda: not ew.busy, timeout=60_000)
     assert "already exists" in ew.report.toPlainText()
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    qtbot.wait(300)
-    viewer.window.screenshot(str(ARTIFACTS / "tumor_export_widgets.png"), canvas_only=False)
-    assert (ARTIFACTS / "tumor_export_widgets.png").stat().st_size > 10_000
+    # bad input: one-line message in the widget, the layer stays as it was
+    before = layer.data.copy()
+    tw.set_gene_set("NOT_A_GENE")
+    tw.compute(background=False)
+    assert "not among the model" in tw.readout.text()
+    np.testing.assert_array_equal(layer.data, before)
+    tw.set_gene_set("")
+    tw.compute(background=False)
+    assert "empty" in tw.readout.text()
 
 
 def test_npe2_writers_use_layer_metadata(scene, qtbot, tmp_path):
@@ -158,7 +173,6 @@ def test_npe2_writers_use_layer_metadata(scene, qtbot, tmp_path):
     viewer, store, _model_path, heat = scene
     tw = TumorWidget(viewer)
     tw.set_source(str(store.path))
-    tw.set_gene_set(list(store.genes[:3]))
     tw.compute(background=False)
     layer = tw.layer
     # through napari's own save machinery (npe2 picks our writer by extension)
@@ -179,7 +193,7 @@ def test_npe2_writers_use_layer_metadata(scene, qtbot, tmp_path):
     with tifffile.TiffFile(path) as tif:
         assert tif.series[0].shape[0] == 2 and tif.series[0].axes == "CYX"
     with pytest.raises(StPredictError, match="not a napari-stpredict tumour layer"):
-        slide_layer = viewer.layers["C2"]
+        slide_layer = viewer.layers["C3"]
         write_tumor_geojson(
             str(tmp_path / "x.geojson"),
             np.zeros((2, 2)),

@@ -215,7 +215,8 @@ def open_demo_viewer(
     Returns
     -------
     (viewer, predict_widget, tumor_widget)
-        ``tumor_widget`` is ``None`` when the tumour widget is not available.
+        ``tumor_widget`` is ``None`` when the tumour widget is not available. The tumour layer
+        is computed by the tumour widget as soon as the first view is predicted.
     """
     import napari
 
@@ -230,9 +231,13 @@ def open_demo_viewer(
     widget = PredictWidget(viewer, device=device)
     viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
     widget.set_slide_layer(slide_layer)
+    if inputs.mpp is not None:  # the HER2ST JPEGs record none: the spot grid gave it
+        widget.set_mpp(inputs.mpp)
     widget.set_predictor(predictor, inputs.model)
     widget.set_genes(genes)
     tumor_widget = _dock_tumor_widget(viewer)
+    if tumor_widget is not None:
+        _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
     viewer.reset_view()
     if run:
         napari.run()
@@ -249,6 +254,26 @@ def _dock_tumor_widget(viewer) -> Any:
     tumor = TumorWidget(viewer)
     viewer.window.add_dock_widget(tumor, name="Tumour localization", area="right")
     return tumor
+
+
+def _tumor_when_view_is_predicted(widget, tumor_widget, predictor) -> None:
+    """Compute the tumour layer once the first view is predicted (if the model has markers)."""
+    from qtpy.QtCore import QTimer
+
+    from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
+
+    if not set(DEFAULT_TUMOR_GENES) & set(predictor.genes):
+        return  # a score from no marker would only raise an error notification
+    timer = QTimer(tumor_widget)
+    timer.setInterval(300)
+
+    def poll() -> None:
+        if widget.view_complete():
+            timer.stop()
+            tumor_widget.compute()
+
+    timer.timeout.connect(poll)
+    timer.start()
 
 
 def _print_summary(console, s: dict[str, Any]) -> None:

@@ -455,9 +455,7 @@ class Slide:
             wy1 = math.ceil(by1) + my
             window = self.read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
             box = (lx0 - wx0, by0 - wy0, lx0 + lw - wx0, by1 - wy0)
-            img = Image.fromarray(window).resize(
-                (ow, i1 - i0), Image.Resampling.BILINEAR, box=box
-            )
+            img = Image.fromarray(window).resize((ow, i1 - i0), Image.Resampling.BILINEAR, box=box)
             out[i0:i1] = np.asarray(img)
         return out
 

@@ -13,6 +13,7 @@ Two read paths share tifffile's per-tile decoder:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -43,7 +44,7 @@ def _pool() -> ThreadPoolExecutor:
     # one pool per process: a pool inherited through fork (DataLoader workers) has no threads
     global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
+        if _POOL is None or os.getpid() != _POOL_PID:
             _POOL = ThreadPoolExecutor(
                 max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="stpredict-tiff"
             )
@@ -77,8 +78,8 @@ class _TiffPlane:
         self.decode_args = args
         self.fh = fh
         try:
-            self.fd: int | None = fh.filehandle.fileno() if hasattr(os, "pread") else None
-        except (AttributeError, OSError, ValueError):
+            self.fd: int | None = fh.fileno() if hasattr(os, "pread") and fh.is_file else None
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             self.fd = None
         #: tiles decoded so far (tests and benchmarks count reads with it)
         self.tiles_read = 0
@@ -114,11 +115,16 @@ class _TiffPlane:
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """In-bounds rectangle ``(y1-y0, x1-x0, spp)``."""
-        out = np.empty((y1 - y0, x1 - x0, self.spp), np.uint8)
         if y1 <= y0 or x1 <= x0:
-            return out
+            return np.empty((max(y1 - y0, 0), max(x1 - x0, 0), self.spp), np.uint8)
         ty0, ty1 = y0 // self.th, (y1 - 1) // self.th + 1
         tx0, tx1 = x0 // self.tw, (x1 - 1) // self.tw + 1
+        if ty1 - ty0 == 1 and tx1 - tx0 == 1:
+            # inside one tile: hand out the freshly decoded tile (no copy when it is all of it)
+            tile = self.tile(ty0, tx0)
+            gy, gx = ty0 * self.th, tx0 * self.tw
+            return np.ascontiguousarray(tile[y0 - gy : y1 - gy, x0 - gx : x1 - gx])
+        out = np.empty((y1 - y0, x1 - x0, self.spp), np.uint8)
         jobs = [(ty, tx) for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
 
         def place(job: tuple[int, int]) -> None:

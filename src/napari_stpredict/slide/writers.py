@@ -80,6 +80,19 @@ class _Progress:
         report(self.progress, self.done, self.total, message)
 
 
+def _zlib_codec(level: int = 6) -> Any:
+    """numcodecs' ``zlib`` codec, encoding with libdeflate (imagecodecs): same stream format
+    and codec id (any zarr reader decodes it), about twice as fast as zlib at equal size."""
+    import imagecodecs
+    import numcodecs
+
+    class FastZlib(numcodecs.Zlib):
+        def encode(self, buf: Any) -> bytes:
+            return imagecodecs.deflate_encode(np.ascontiguousarray(buf), level=self.level)
+
+    return FastZlib(level=level)
+
+
 def _temp_level(folder: Path, index: int, shape: tuple[int, int], tile: int) -> Any:
     import zarr
     from zarr.codecs import BloscCodec
@@ -263,7 +276,6 @@ def write_ome_zarr(
     pathlib.Path
         ``dst``.
     """
-    import numcodecs
     import zarr
 
     _check_options(tile, compression, mpp, ("deflate",))
@@ -281,7 +293,7 @@ def write_ome_zarr(
                     chunks=(3, tile, tile),
                     dtype="uint8",
                     fill_value=FILL,
-                    compressors=numcodecs.Zlib(level=6),
+                    compressors=_zlib_codec(6),
                     chunk_key_encoding={"name": "v2", "separator": "/"},
                 )
             )

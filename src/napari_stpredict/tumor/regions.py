@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,13 +118,18 @@ class TumorRegion:
 
 
 def _regions(mask: np.ndarray, geo: GridGeometry, *, clip: bool) -> list[TumorRegion]:
-    import shapely
-    from shapely import affinity
     from skimage.measure import label
 
     if mask.shape != geo.shape:
         raise TumorError(f"tumour mask: shape {mask.shape} differs from the grid {geo.shape}")
     lab = label(mask, connectivity=1)
+    return _regions_of_labels(lab, geo, clip=clip)
+
+
+def _regions_of_labels(lab: np.ndarray, geo: GridGeometry, *, clip: bool) -> list[TumorRegion]:
+    import shapely
+    from shapely import affinity
+
     bounds = shapely.box(0, 0, geo.shape0[1], geo.shape0[0]) if clip else None
     out: list[TumorRegion] = []
     # one pass over the rows collects the runs of every region (bounded by the grid, not the slide)
@@ -141,6 +146,10 @@ def _regions(mask: np.ndarray, geo: GridGeometry, *, clip: bool) -> list[TumorRe
     s = geo.stride_px
     # grid-unit polygon (cell (i, j) = [j, j+1) × [i, i+1)) → level-0 px
     matrix = [s, 0, 0, s, geo.origin_x - s / 2, geo.origin_y - s / 2]
+    # cells of every label in one sort (not one full-grid scan per region)
+    flat = lab.ravel()
+    order = np.argsort(flat, kind="stable")
+    starts = np.searchsorted(flat[order], np.arange(lab.max() + 2))
     for v in sorted(runs):
         boxes = [shapely.box(a, i, b, i + 1) for i, a, b in runs[v]]
         g = shapely.union_all(boxes).simplify(0)
@@ -149,7 +158,8 @@ def _regions(mask: np.ndarray, geo: GridGeometry, *, clip: bool) -> list[TumorRe
             g = g.intersection(bounds)
         if g.is_empty:
             continue
-        cells = np.argwhere(lab == v)
+        idx = order[starts[v] : starts[v + 1]]
+        cells = np.stack(np.unravel_index(idx, lab.shape), axis=1)
         out.append(TumorRegion(v, g, cells))
     return out
 
@@ -179,28 +189,30 @@ def tumor_regions(
     regs = _regions(np.asarray(mask, dtype=bool), geo, clip=clip)
     if not regs:
         return regs
-    ii = [r.cells[:, 0] for r in regs]
-    jj = [r.cells[:, 1] for r in regs]
     for r in regs:
         r.measurements["Cells"] = float(r.n_cells)
         if geo.mpp:
             r.measurements["Area µm^2"] = float(r.geometry.area * geo.mpp**2)
         else:
             r.measurements["Area px^2"] = float(r.geometry.area)
+    # per-region means with one bincount per plane (a region clipped away keeps its label)
+    lab = np.zeros(geo.shape, dtype=np.int64)
+    for k, r in enumerate(regs, start=1):
+        lab[r.cells[:, 0], r.cells[:, 1]] = k
+    planes: list[tuple[str, Callable[[], Any]]] = []
     if score is not None:
-        sc = np.asarray(score, dtype=np.float64)
-        for r, i, j in zip(regs, ii, jj, strict=True):
-            r.measurements["Tumor score mean"] = _nanmean(sc[i, j])
+        planes.append(("Tumor score mean", lambda: score))
     if values is not None:
         if genes is None or len(genes) != values.shape[0]:
             raise TumorError("tumour regions: give one gene name per predicted plane")
-        for g, name in enumerate(genes):
-            plane = np.asarray(values[g], dtype=np.float64)
-            for r, i, j in zip(regs, ii, jj, strict=True):
-                r.measurements[str(name)] = _nanmean(plane[i, j])
+        # read one gene plane at a time (values may be a zarr array)
+        planes += [(str(name), lambda g=g: values[g]) for g, name in enumerate(genes)]
+    flat = lab.ravel()
+    for name, read in planes:
+        v = np.asarray(read(), dtype=np.float64).ravel()
+        ok = np.isfinite(v) & (flat > 0)
+        sums = np.bincount(flat[ok], weights=v[ok], minlength=len(regs) + 1)
+        counts = np.bincount(flat[ok], minlength=len(regs) + 1)
+        for k, r in enumerate(regs, start=1):
+            r.measurements[name] = float(sums[k] / counts[k]) if counts[k] else float("nan")
     return regs
-
-
-def _nanmean(v: np.ndarray) -> float:
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else float("nan")

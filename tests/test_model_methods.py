@@ -1,0 +1,209 @@
+"""CMRCNet, BLEEP and regression: losses, shapes, masking, retrieval."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_stpredict.errors import StPredictError
+from napari_stpredict.model.heads import soft_clip_loss
+from napari_stpredict.model.methods import CMRCNet, build_model, list_methods
+from napari_stpredict.model.retrieval import retrieve_topk, topk_mean_expression
+
+SMALL = {"proj_dim": 32, "n_gene_tokens": 3, "fusion_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 64, 64, generator=g)
+    expr = torch.rand(6, 12, generator=g) * 3
+    return images, expr
+
+
+@pytest.fixture(scope="module")
+def he_batch(her2st_dir):
+    """Six real 64 px H&E crops (B4) and random expression, for one real-data pass."""
+    import pandas as pd
+    from PIL import Image
+
+    from napari_stpredict.st import patches_to_tensor
+
+    spots = pd.read_csv(her2st_dir / "spots" / "B4_selection.tsv", sep="\t").head(6)
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(her2st_dir / "images" / "B4.jpg") as im:
+        full_w = im.width
+        im.draft("RGB", (im.width // 2, im.height // 2))  # JPEG DCT scaling: fast, 1/2 size
+        s = im.size[0] / full_w
+        rgb = im.convert("RGB")
+        crops = [
+            np.asarray(
+                rgb.crop((int(x * s) - 32, int(y * s) - 32, int(x * s) + 32, int(y * s) + 32))
+            )
+            for x, y in spots[["pixel_x", "pixel_y"]].to_numpy()
+        ]
+    crops = np.stack(crops)
+    assert crops.mean() < 220  # on tissue, darker than the background
+    return patches_to_tensor(crops), torch.rand(6, 12)
+
+
+def test_registry():
+    assert list_methods() == ["bleep", "cmrc", "regression"]
+    with pytest.raises(StPredictError, match="unknown"):
+        build_model("nope", n_genes=3)
+
+
+@pytest.mark.parametrize("method", ["cmrc", "bleep", "regression"])
+def test_losses_and_shapes(method, batch):
+    images, expr = batch
+    torch.manual_seed(0)
+    model = build_model(
+        method, n_genes=12, pretrained="none", **(SMALL if method != "regression" else {})
+    )
+    model.train()
+    losses = model.loss(images, expr)
+    expected = {"cmrc": {"loss", "contrastive", "reconstruction"}, "bleep": {"loss", "contrastive"}}
+    assert set(losses) == expected.get(method, {"loss", "mse"})
+    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["encoder.model.conv_stem.weight"] is not None  # gradients reach the backbone
+    model.eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+    if method == "regression":
+        assert emb.shape == (6, 12)
+        with pytest.raises(StPredictError):
+            model.encode_expr(expr)
+    else:
+        assert emb.shape == (6, 32)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(6), atol=1e-5)
+        e = model.encode_expr(expr)
+        assert e.shape == (6, 32) and torch.allclose(e.norm(dim=1), torch.ones(6), atol=1e-5)
+    if method == "cmrc":
+        for name in (
+            "gene_tokenizer.fc1.weight",
+            "fusion.0.attn_ig.in_proj_weight",
+            "recon_head.weight",
+        ):
+            assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_cmrc_total_is_log1p_sum(batch):
+    images, expr = batch
+    torch.manual_seed(1)
+    model = build_model("cmrc", n_genes=12, pretrained="none", **SMALL).eval()
+    with torch.no_grad():
+        out = model.loss(images, expr)
+    total = math.log1p(float(out["contrastive"])) + math.log1p(float(out["reconstruction"]))
+    assert float(out["loss"]) == pytest.approx(total, rel=1e-5)
+
+
+def test_bleep_has_no_reconstruction_modules():
+    bleep = build_model("bleep", n_genes=12, pretrained="none", **{"proj_dim": 32})
+    cmrc = build_model("cmrc", n_genes=12, pretrained="none", **SMALL)
+    assert not any(n.startswith(("gene_tokenizer", "fusion")) for n, _ in bleep.named_parameters())
+    assert any(n.startswith("fusion") for n, _ in cmrc.named_parameters())
+
+
+def test_masking_only_in_training():
+    model = build_model("cmrc", n_genes=12, pretrained="none", **SMALL)
+    tokens = torch.randn(8, 16, 32)
+    model.train()
+    masked = model.mask_tokens(tokens)
+    zero_frac = float((masked == 0).float().mean())
+    assert 0.4 < zero_frac < 0.6  # element-wise, p = 0.5
+    kept = masked != 0
+    assert torch.equal(masked[kept], tokens[kept])
+    model.eval()
+    assert torch.equal(model.mask_tokens(tokens), tokens)
+
+
+def test_eval_loss_is_deterministic_and_train_loss_is_not(batch):
+    images, expr = batch
+    model = build_model("cmrc", n_genes=12, pretrained="none", **SMALL)
+    with torch.no_grad():
+        tokens, pooled = model.encoder.eval()(images)
+        model.eval()
+        a = model.loss_from_features(tokens, pooled, expr)["reconstruction"]
+        b = model.loss_from_features(tokens, pooled, expr)["reconstruction"]
+        assert torch.equal(a, b)
+        model.train()
+        c = model.loss_from_features(tokens, pooled, expr)["reconstruction"]
+        d = model.loss_from_features(tokens, pooled, expr)["reconstruction"]
+        assert not torch.equal(c, d)  # fresh random mask (and dropout) each call
+
+
+def test_loss_from_features_matches_images(batch):
+    images, expr = batch
+    model = build_model("bleep", n_genes=12, pretrained="none", proj_dim=32).eval()
+    with torch.no_grad():
+        tokens, pooled = model.encoder(images)
+        assert torch.allclose(
+            model.loss(images, expr)["loss"], model.loss_from_features(tokens, pooled, expr)["loss"]
+        )
+
+
+def test_soft_clip_loss_matches_definition_and_prefers_aligned_pairs():
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(5, 8, generator=g)
+    expr = torch.randn(5, 8, generator=g)
+    t = 0.7
+    logits = expr @ img.T / t
+    targets = F.softmax((img @ img.T + expr @ expr.T) / 2 / t, dim=-1)
+    manual = (
+        (
+            -(targets * F.log_softmax(logits, -1)).sum(1)
+            + -(targets.T * F.log_softmax(logits.T, -1)).sum(1)
+        )
+        / 2
+    ).mean()
+    assert torch.allclose(soft_clip_loss(img, expr, temperature=t), manual)
+    aligned = soft_clip_loss(img, img.clone())
+    shuffled = soft_clip_loss(img, img[torch.tensor([1, 2, 3, 4, 0])])
+    assert aligned < shuffled
+
+
+def test_real_he_patches_forward(he_batch):
+    images, expr = he_batch
+    assert images.shape == (6, 3, 64, 64)
+    model = build_model("cmrc", n_genes=12, pretrained="offline", **SMALL).train()
+    out = model.loss(images, expr)
+    assert torch.isfinite(out["loss"])
+    model.eval()
+    with torch.no_grad():
+        emb = model.encode_image(images)
+    # distinct tissue patches give distinct embeddings
+    assert torch.cdist(emb, emb).fill_diagonal_(1.0).min() > 1e-4
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 100000])
+def test_retrieval_topk_equals_brute_force(chunk):
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    bank_expr = torch.rand(300, 5, generator=g)
+    q = F.normalize(torch.randn(9, 16, generator=g), dim=1)
+    scores, idx = retrieve_topk(q, bank, k=50, chunk=chunk)
+    sims = (q @ bank.T).numpy()
+    brute = np.argsort(-sims, axis=1)[:, :50]
+    assert np.array_equal(idx.numpy(), brute)
+    assert np.allclose(scores.numpy(), np.take_along_axis(sims, brute, 1), atol=1e-6)
+    pred = topk_mean_expression(q, bank, bank_expr, k=50, query_chunk=4, bank_chunk=chunk)
+    assert np.allclose(pred.numpy(), bank_expr.numpy()[brute].mean(1), atol=1e-6)
+
+
+def test_retrieval_k_larger_than_bank_and_empty_bank():
+    bank = F.normalize(torch.randn(4, 8), dim=1)
+    _, idx = retrieve_topk(bank[:2], bank, k=50)
+    assert idx.shape == (2, 4)
+    with pytest.raises(StPredictError, match="empty"):
+        retrieve_topk(bank[:2], bank[:0], k=3)
+
+
+def test_mask_prob_validated():
+    with pytest.raises(StPredictError, match="mask_prob"):
+        CMRCNet(n_genes=4, pretrained="none", mask_prob=1.5)
