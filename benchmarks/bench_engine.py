@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         result: dict = {
             "command": "benchmarks/bench_engine.py " + " ".join(argv),
             "machine": {
+                "load_avg_at_start": [round(v, 1) for v in os.getloadavg()],
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),
                 "python": platform.python_version(),
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                 rss_model = label = Path(args.rss_model)
             result["memory"] = memory(args, {n: slides[n] for n in rss_sizes}, rss_model, mpp)
             result["rss_model"] = str(label)
+        result["machine"]["load_avg_at_end"] = [round(v, 1) for v in os.getloadavg()]
         print(json.dumps(result, indent=1))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

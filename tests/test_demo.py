@@ -196,3 +196,50 @@ def test_sample_data_in_napari(make_napari_viewer, shared_data, monkeypatch):
     mpp = section_mpp(shared_data / "her2st", DEMO_SLIDE)
     assert tuple(layer.scale) == pytest.approx((mpp, mpp))
     assert os.fspath(layer.metadata["stpredict_slide"]["path"]).endswith("C2.jpg")
+
+
+@pytest.mark.gui
+def test_demo_viewer_shows_live_heatmaps_and_the_tumour_layer(qtbot, tiny_model_file, her2st_dir):
+    from napari_stpredict.cli.demo_cmd import open_demo_viewer
+    from napari_stpredict.demo import DemoInputs
+    from napari_stpredict.model import Predictor
+    from napari_stpredict.widgets._live import camera_of
+
+    # C3 is held out of the tiny model's training (B4 + C2); torch loads before OpenGL
+    mpp = section_mpp(her2st_dir, "C3")
+    inputs = DemoInputs(tiny_model_file, False, her2st_dir / "images" / "C3.jpg", mpp, her2st_dir)
+    predictor = Predictor(tiny_model_file, device="cpu")
+    genes = ["ERBB2", "KRT8"]
+    viewer, widget, tumor = open_demo_viewer(
+        inputs, predictor, genes, show=True, run=False, window_size=(900, 700)
+    )
+    try:
+        slide_layer = viewer.layers[0]
+        assert tuple(slide_layer.scale) == pytest.approx((mpp, mpp))  # µm, from the spot grid
+        camera = camera_of(viewer)
+        h, w = slide_layer.data[0].shape[:2]
+        camera.center = (h * mpp / 2, w * mpp / 2)
+        camera.zoom = camera.zoom * 6  # a small field of view: a few dozen cells
+        qtbot.waitUntil(widget.view_complete, timeout=180_000)
+        heat = {layer.name: layer for layer in viewer.layers if "predicted" in layer.name}
+        assert sorted(heat) == ["ERBB2 (predicted)", "KRT8 (predicted)"]
+        grid = widget.session.grid
+        assert grid.mpp == pytest.approx(mpp)
+        assert tuple(heat["ERBB2 (predicted)"].scale) == pytest.approx(
+            (grid.stride_um, grid.stride_um)
+        )
+        assert widget.session.store.n_done > 0
+        assert tumor is not None
+
+        def tumor_layer():
+            return [
+                layer
+                for layer in viewer.layers
+                if (layer.metadata.get("stpredict") or {}).get("kind") == "tumor"
+            ]
+
+        qtbot.waitUntil(lambda: bool(tumor_layer()), timeout=60_000)
+        assert tumor_layer()[0].data.shape == grid.shape
+    finally:
+        widget.close_workers(wait_s=30)
+        viewer.close()

@@ -226,6 +226,19 @@ def test_closing_the_iterator_keeps_finished_batches(setup, c2_tissue):
     assert engine.store.is_done(first.cells).all() and engine.store.n_done == len(first.cells)
 
 
+def test_cache_cleared_during_a_run_is_a_clear_error(setup, c2_tissue):
+    from napari_stpredict.inference.store import clear_cache
+
+    engine, wrapped = setup
+    rect, center = _view_around_tissue(engine.grid, c2_tissue, half=4)
+    # the user clears the cache while the model works on the second batch
+    wrapped.on_call = lambda n: clear_cache(engine.store.path.parent) if n == 2 else None
+    with pytest.raises(StPredictError, match="removed"):
+        list(engine.run(engine.grid.cells_in_view(*rect, margin=0), center=center))
+    assert wrapped.calls <= 3
+    assert not [t for t in threading.enumerate() if t.name == "stpredict-store-writer"]
+
+
 def test_out_of_memory_halves_the_batch_and_goes_on(c2, predictor, c2_tissue, tmp_path):
     grid = TileGrid.for_slide(c2, predictor)
     store = PredictionStore.for_slide(c2, predictor, grid, cache_dir=tmp_path)

@@ -243,10 +243,16 @@ def test_clear_cache_removes_only_stores(tmp_path, grid):
     foreign.mkdir()
     (foreign / "zarr.json").write_text(json.dumps({"attributes": {}}))
     (tmp_path / "notes.txt").write_text("keep me")
+    # a store whose metadata vanished while a writer recreated a chunk folder is ours too
+    torn = tmp_path / "torn.zarr"
+    (torn / "values" / "c" / "0").mkdir(parents=True)
+    (torn / "values" / "c" / "0" / "1").write_bytes(b"chunk")
     freed = clear_cache(tmp_path)
     assert freed > 0
+    assert not torn.exists()
     assert list_cache(tmp_path) == []
     assert foreign.exists() and (tmp_path / "notes.txt").exists()
+    assert (foreign / "zarr.json").exists()
     assert clear_cache(tmp_path / "nothing-here") == 0
 
 

@@ -322,6 +322,7 @@ def test_slide_layer_removed_while_predicting(env, qtbot):
     qtbot.waitUntil(lambda: widget.scheduler.job is None, timeout=WAIT_MS)
     assert session.engine._closed
     assert widget.status_label.text() == "slide layer removed"
+    qtbot.waitUntil(lambda: all("stpredict" not in lyr.metadata for lyr in viewer.layers))
     # the viewer is still usable
     viewer.add_image(np.zeros((8, 8), np.float32), name="still alive")
     camera_of(viewer).zoom *= 2

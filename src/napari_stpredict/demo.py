@@ -42,6 +42,7 @@ __all__ = [
     "DemoInputs",
     "default_cache_dir",
     "demo_data",
+    "demo_gene_panel",
     "demo_manifest",
     "demo_model",
     "find_local_data",
@@ -362,7 +363,7 @@ class DemoConfig:
     epochs, max_steps, batch_size, lr
         Training budget.
     n_top_genes
-        Panel size (union of per-section highly variable genes).
+        Highly variable genes per section (their union is the panel, after the markers).
     patch_um, patch_px
         Patch size; 112 µm at 1 µm/px keeps the CPU cost low.
     train_backbone
@@ -371,7 +372,8 @@ class DemoConfig:
     max_cells
         Cells predicted by the headless demo (``None`` = all tissue cells).
     markers
-        Genes shown first when the model has them.
+        Genes shown first; they (and the tumour signature's genes) are always in the panel
+        when the training sections measured them.
     """
 
     train_sections: tuple[str, ...] = DEMO_TRAIN_SECTIONS
@@ -379,11 +381,11 @@ class DemoConfig:
     method: str = "cmrc"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "offline"
-    epochs: int = 30
+    epochs: int = 12
     max_steps: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
-    n_top_genes: int = 250
+    n_top_genes: int = 200
     patch_um: float = 112.0
     patch_px: int = 112
     train_backbone: str = "none"
@@ -407,7 +409,7 @@ class DemoConfig:
     def training_dict(self) -> dict[str, Any]:
         """The fields that change the trained model (part of the cache key)."""
         d = dataclasses.asdict(self)
-        for k in ("slide", "max_cells", "markers"):
+        for k in ("slide", "max_cells"):
             d.pop(k)
         return d
 
@@ -470,7 +472,9 @@ def demo_model(
     if path.is_file():
         return path, False
     manifest = demo_manifest(data, cache / "manifests" / f"{path.stem}.yaml", config.train_sections)
+    genes = demo_gene_panel(manifest, config)
     tc = TrainConfig(
+        genes=genes,
         method=config.method,
         backbone=config.backbone,
         pretrained=config.pretrained,
@@ -490,6 +494,25 @@ def demo_model(
     if not path.is_file():
         raise StPredictError(f"{path}: training finished without writing the model file")
     return path, True
+
+
+def demo_gene_panel(manifest: str | os.PathLike, config: DemoConfig) -> list[str]:
+    """The demo model's genes: markers worth showing first, then highly variable genes.
+
+    The markers (:attr:`DemoConfig.markers` and the default tumour signature) are kept when
+    every training section measured them, so the heatmaps and the tumour layer of the demo
+    always have something to show; the rest is the usual union of per-section highly
+    variable genes (``n_top_genes`` each).
+    """
+    from napari_stpredict.st import common_genes, read_sections, select_genes
+    from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
+
+    adatas = read_sections(manifest, check_image=False)
+    measured = set(common_genes(adatas))
+    hvg = select_genes(adatas, n_top=config.n_top_genes)
+    wanted = dict.fromkeys([*config.markers, *DEFAULT_TUMOR_GENES])
+    markers = [g for g in wanted if g in measured]
+    return markers + [g for g in hvg if g not in wanted]
 
 
 def pick_markers(genes: Sequence[str], preferred: Sequence[str], n: int = 3) -> list[str]:

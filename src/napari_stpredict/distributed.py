@@ -290,6 +290,21 @@ def start_local_cluster(plan: ClusterPlan, *, dashboard: bool = True):
         raise StPredictError(f"--scheduler local: could not start a LocalCluster ({err})") from err
 
 
+def _close_quietly(cluster) -> None:
+    """Close a LocalCluster without the nanny's "still alive after 4 s, killing" warning.
+
+    A worker that has loaded torch can take a few seconds to exit; the nanny then kills it,
+    which is fine at the end of a run and not worth a warning on the user's terminal.
+    """
+    nanny_log = logging.getLogger("distributed.nanny")
+    level = nanny_log.level
+    nanny_log.setLevel(logging.ERROR)
+    try:
+        cluster.close()
+    finally:
+        nanny_log.setLevel(level)
+
+
 @contextlib.contextmanager
 def connect(address: str, *, timeout_s: float = 30.0):
     """Connect a :class:`distributed.Client` to an existing scheduler.
@@ -632,7 +647,7 @@ def run_jobs(
                     client, fn, jobs, on_progress=on_progress, cancel=cancel, resources=None
                 )
         finally:
-            cluster.close()
+            _close_quietly(cluster)
         return
 
     assert scheduler.address is not None

@@ -40,6 +40,8 @@ class Predictions:
     done: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    _block: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _block_start: int = field(default=-1, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.genes = [str(g) for g in self.genes]
@@ -95,8 +97,20 @@ class Predictions:
         return [pos[g] for g in genes]
 
     def plane(self, index: int) -> np.ndarray:
-        """(gh, gw) float32 of one gene."""
-        return np.asarray(self.values[int(index)], dtype=np.float32)
+        """(gh, gw) float32 of one gene.
+
+        A zarr store is chunked over several genes at a time, so the whole gene chunk holding
+        ``index`` is read once and kept until a gene of another chunk is asked for (memory:
+        one gene chunk × the grid).
+        """
+        index = int(index)
+        chunks = getattr(self.values, "chunks", None)
+        step = int(chunks[0]) if chunks else 1
+        start = index - index % step
+        if self._block is None or self._block_start != start:
+            self._block = np.asarray(self.values[start : start + step], dtype=np.float32)
+            self._block_start = start
+        return self._block[index - start]
 
     @property
     def model_path(self) -> str | None:

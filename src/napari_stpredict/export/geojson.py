@@ -102,7 +102,7 @@ def tumor_geojson(
     if pred is not None:
         idx = pred.gene_indices(genes)
         gnames = [pred.genes[i] for i in idx]
-        values = _Subset(pred.values, idx)
+        values = _Subset(pred, idx)
     regions = tumor_regions(mask, geo, values=values, genes=gnames, score=score)
     features = []
     for k, r in enumerate(regions, start=1):
@@ -134,14 +134,14 @@ def tumor_geojson(
 
 
 class _Subset:
-    """A gene subset of a (G, gh, gw) array, read one plane at a time."""
+    """A gene subset of predictions, read one plane at a time (chunk-cached)."""
 
-    def __init__(self, values: Any, idx: list[int]) -> None:
-        self._values, self._idx = values, idx
-        self.shape = (len(idx), *tuple(values.shape)[1:])
+    def __init__(self, pred: Any, idx: list[int]) -> None:
+        self._pred, self._idx = pred, idx
+        self.shape = (len(idx), *tuple(pred.values.shape)[1:])
 
     def __getitem__(self, g: int) -> np.ndarray:
-        return np.asarray(self._values[self._idx[g]], dtype=np.float32)
+        return self._pred.plane(self._idx[g])
 
 
 def _grid_dict(geo: GridGeometry) -> dict[str, Any]:

@@ -485,14 +485,15 @@ class Engine:
                 for f in futures:
                     f.cancel()
             writer.finish()
-            if writer.error is not None:
-                if not failed:
-                    writer.raise_error()
+            if writer.error is not None and failed:
+                # another error is already on its way: do not mask it, but do not hide this one
                 warnings.warn(
                     f"{self.store.path}: some predictions were not stored ({writer.error})",
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            elif writer.error is not None:
+                writer.raise_error()
 
     def predict_all_tissue(
         self,

@@ -142,7 +142,7 @@ class CacheEntry:
     path: Path
     size: int  #: bytes on disk
     mtime: float  #: last use (folder modification time, seconds since the epoch)
-    info: dict[str, Any]  #: the store's ``stpredict_store`` attributes
+    info: dict[str, Any]  #: the store's ``stpredict_store`` attributes (``{}`` for a torn one)
 
 
 def _read_info(path: Path) -> dict[str, Any] | None:
@@ -152,6 +152,17 @@ def _read_info(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, AttributeError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def _is_torn_store(path: Path) -> bool:
+    """A store folder whose metadata is gone (removed while a writer was busy): ours, unusable."""
+    try:
+        names = set(os.listdir(path))
+        if not names or not names <= {".lock", "values", "done"}:
+            return False
+        return all(set(os.listdir(path / sub)) <= {"c", "zarr.json"} for sub in names - {".lock"})
+    except OSError:
+        return False
 
 
 def _folder_size(path: Path) -> int:
@@ -185,6 +196,8 @@ def list_cache(root: str | os.PathLike | None = None) -> list[CacheEntry]:
     out = []
     for p in root.glob("*.zarr"):
         info = _read_info(p) if p.is_dir() else None
+        if info is None and p.is_dir() and _is_torn_store(p):
+            info = {}
         if info is None:
             continue  # not ours: never touched
         with contextlib.suppress(OSError):

@@ -182,7 +182,8 @@ class ArraySource(LevelSource):
         return np.ascontiguousarray(self.array[y0:y1, x0:x1])
 
     def to_dask(self, name: str) -> da.Array:
-        return da.from_array(self.array, chunks=(*self.chunks, 3), name=name)
+        # not da.from_array(ndarray): dask copies NumPy inputs into its graph (2x memory)
+        return source_to_dask(self, name)
 
 
 class DownsampledSource(LevelSource):

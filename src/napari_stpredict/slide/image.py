@@ -69,6 +69,14 @@ def _decode(path: Path, head: bytes, mode: str) -> np.ndarray:
         return np.asarray(im.convert(target))
 
 
+def _half(img: np.ndarray, band: int = 1024) -> np.ndarray:
+    """2× block mean computed in bands of rows (small temporaries)."""
+    out = np.empty((img.shape[0] // 2, img.shape[1] // 2, 3), np.uint8)
+    for y in range(0, out.shape[0], band // 2):
+        out[y : y + band // 2] = block_mean(img[2 * y : 2 * y + band], 2)[: out.shape[0] - y]
+    return out
+
+
 def open_image(path: Path, head: bytes) -> dict[str, Any]:
     """Open a JPEG or PNG file; return the pieces :class:`~.base.Slide` is built from."""
     width, height, mode = _header(path, head)
@@ -106,7 +114,7 @@ def open_image(path: Path, head: bytes) -> dict[str, Any]:
     sources: list[LevelSource] = [ArraySource(rgb)]
     level, factor = rgb, 1
     while max(level.shape[:2]) > MIN_LEVEL_SIZE and min(level.shape[:2]) >= 4:
-        level = block_mean(level, 2)
+        level = _half(level)
         factor *= 2
         sources.append(ArraySource(level, downsample=(float(factor), float(factor))))
     meta = {

@@ -555,8 +555,16 @@ class PredictWidget(QWidget):
         layer = event.value
         if layer is self._slide_layer:
             was_busy = self.scheduler.busy
+            orphans = list(self.heatmaps.layers.values()) if self.heatmaps is not None else []
             self._slide_layer = None
             self._drop_session(remove_layers=False)
+            # heatmaps are registered to the slide: they go with it. Hidden at once (never drawn
+            # without their slide: Mesa's llvmpipe crashed drawing them as the bottom layer
+            # right after a multiscale slide was removed), removed once this event is over.
+            for orphan in orphans:
+                orphan.visible = False
+            if orphans:
+                QTimer.singleShot(0, lambda: self._remove_layers(orphans))
             if was_busy and not self._closed:
                 _notify("warning", f"slide layer {layer.name!r} was removed: prediction stopped")
             self._set_status("slide layer removed")
@@ -566,6 +574,12 @@ class PredictWidget(QWidget):
             self._selected = [g for g in self._selected if g != gene]
             self._uncheck(gene)
         self._refresh_slide_choices()
+
+    def _remove_layers(self, layers: list[Any]) -> None:
+        with contextlib.suppress(RuntimeError, ValueError, KeyError):
+            for layer in layers:
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
 
     def _uncheck(self, gene: str) -> None:
         self.gene_list.blockSignals(True)

@@ -1,0 +1,280 @@
+"""Training on real HER2ST sections: each method learns, resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from napari_stpredict.cli import main
+from napari_stpredict.errors import Cancelled
+from napari_stpredict.model.checkpoint import load_model_file
+from napari_stpredict.progress import CancelToken
+from napari_stpredict.training import TrainConfig, state_path_for, train
+
+SECTIONS = ["B4", "C2"]
+
+
+@pytest.fixture(scope="module")
+def manifest(benchmarks_data_dir, her2st_dir) -> Path:
+    path = benchmarks_data_dir / "her2st.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory) -> Path:
+    """Frozen-backbone features shared by the tests of this module (extracted once)."""
+    return tmp_path_factory.mktemp("features")
+
+
+def _frozen(method: str, feature_cache: Path, **kw) -> TrainConfig:
+    base = dict(
+        method=method,
+        pretrained="offline",
+        n_top_genes=60,
+        patch_px=64,
+        batch_size=32,
+        train_backbone="none",
+        feature_cache_dir=str(feature_cache),
+        val_fraction=0.1,
+        device="cpu",
+        seed=0,
+        lr=2e-3,
+        warmup_steps=0,
+        num_workers=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["cmrc", "bleep", "regression"])
+def test_each_method_lowers_the_loss(method, manifest, feature_cache, tmp_path):
+    out = tmp_path / f"{method}.safetensors"
+    res = train(
+        manifest,
+        _frozen(method, feature_cache, epochs=4, steps_per_epoch=6),
+        out=out,
+        sections=SECTIONS,
+    )
+    h = res.history
+    assert [e["epoch"] for e in h] == [1, 2, 3, 4]
+    assert h[-1]["train_loss"] < h[0]["train_loss"], [e["train_loss"] for e in h]
+    assert all(np.isfinite(e["val_loss"]) and np.isfinite(e["val_pcc"]) for e in h)
+    best = min(range(4), key=lambda i: h[i]["val_loss"])
+    assert res.best_epoch == best + 1
+    mf = load_model_file(out)
+    m = mf.metadata
+    assert m["method"] == method and m["training_sections"] == SECTIONS
+    assert m["metrics"]["best_epoch"] == res.best_epoch
+    # the bank holds the training spots only (the random validation spots are left out)
+    n_train, n_val = m["metrics"]["n_train_spots"], m["metrics"]["n_val_spots"]
+    assert n_val > 0 and n_train + n_val == 470
+    if method == "regression":
+        assert mf.bank_expression is None
+    else:
+        assert mf.bank_expression.shape == (n_train, len(m["genes"]))
+    assert not state_path_for(out).exists()  # the resumable state is removed on success
+    if method == "cmrc":
+        assert {"train_contrastive", "train_reconstruction"} <= set(h[0])
+
+
+def test_validation_sections_and_panel(manifest, feature_cache, tmp_path):
+    out = tmp_path / "valsec.safetensors"
+    cfg = _frozen("bleep", feature_cache, epochs=1, steps_per_epoch=2, val_sections=["C2"])
+    res = train(manifest, cfg, out=out, sections=["B4"])
+    m = res.metadata
+    assert m["training_sections"] == ["B4"] and m["validation_sections"] == ["C2"]
+    assert m["n_bank"] == m["metrics"]["n_train_spots"] == 283  # every B4 spot, no C2 spot
+    assert m["metrics"]["n_val_spots"] == 187
+    assert set(load_model_file(out).bank_section_index.tolist()) == {0}
+
+
+def test_deterministic_and_resume_is_exact(manifest, feature_cache, tmp_path):
+    cfg = _frozen("cmrc", feature_cache, epochs=3, steps_per_epoch=3)
+    full = train(manifest, cfg, out=tmp_path / "full.safetensors", sections=SECTIONS)
+
+    token = CancelToken()
+
+    def stop_after_first(entry):
+        if entry["epoch"] == 1:
+            token.cancel()
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(Cancelled):
+        train(manifest, cfg, out=out, sections=SECTIONS, cancel=token, on_epoch=stop_after_first)
+    assert state_path_for(out).exists() and not out.exists()
+    res = train(manifest, cfg, out=out, sections=SECTIONS, resume=True)
+    assert res.resumed_from == 1
+    assert [e["train_loss"] for e in res.history] == [e["train_loss"] for e in full.history]
+    a, b = load_model_file(full.model_path), load_model_file(out)
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert torch.equal(a.bank_embeddings, b.bank_embeddings)
+
+    # a resume with other options is refused
+    with pytest.raises(Cancelled):
+        train(manifest, cfg, out=tmp_path / "x.safetensors", sections=SECTIONS, cancel=token)
+    other = _frozen("cmrc", feature_cache, epochs=3, steps_per_epoch=3, lr=1e-2)
+    with pytest.raises(Exception, match="different lr"):
+        train(manifest, other, out=tmp_path / "x.safetensors", sections=SECTIONS, resume=True)
+
+
+def _state_epoch(path: Path) -> int | None:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(json.loads(f.metadata()["state"])["epoch"])
+    except Exception:
+        return None
+
+
+def test_kill_and_resume_cli(manifest, feature_cache, tmp_path):
+    out = tmp_path / "killed.safetensors"
+    args = [
+        str(manifest), "--out", str(out), "--sections", "B4,C2", "--method", "bleep",
+        "--patch-px", "64", "--n-top-genes", "60", "--train-backbone", "none",
+        "--feature-cache", str(feature_cache), "--epochs", "8", "--steps-per-epoch", "2",
+        "--device", "cpu", "--seed", "3", "--quiet",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "napari_stpredict", "train", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    state = state_path_for(out)
+    deadline = time.monotonic() + 600
+    try:
+        while _state_epoch(state) is None:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hard kill: no cleanup code runs
+        proc.wait()
+    killed_at = _state_epoch(state)
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= killed_at < 8 and not out.exists()
+
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_stpredict", "train", *args, "--resume", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["resumed_from"] >= killed_at
+    assert [e["epoch"] for e in summary["history"]] == list(range(1, 9))
+    assert load_model_file(out).metadata["metrics"]["epochs_run"] == 8
+    assert not state.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, before any training, nothing written
+
+
+@pytest.fixture(scope="module")
+def small_tables(her2st_dir, tmp_path_factory):
+    """30 real B4 spots × 200 real genes as small tables next to a manifest folder."""
+    root = tmp_path_factory.mktemp("bad")
+    counts = pd.read_csv(her2st_dir / "counts" / "B4.tsv.gz", sep="\t", index_col=0, nrows=30)
+    counts = counts.loc[:, counts.sum(0) > 0].iloc[:, :200]
+    spots = pd.read_csv(her2st_dir / "spots" / "B4_selection.tsv", sep="\t")
+    spots = spots[[f"{x}x{y}" in set(counts.index) for x, y in zip(spots.x, spots.y, strict=True)]]
+    spots.to_csv(root / "spots.tsv", sep="\t", index=False)
+    counts.to_csv(root / "counts.tsv", sep="\t")
+    return root, counts, her2st_dir / "images" / "B4.jpg"
+
+
+def _manifest(root: Path, sections: list[dict], name="m.yaml") -> Path:
+    import yaml
+
+    doc = {"sections": sections, "defaults": {"selected_column": "selected"}}
+    p = root / name
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _section(root, image, name="S1", counts="counts.tsv", **kw) -> dict:
+    d = {
+        "name": name,
+        "image": str(image),
+        "counts": str(root / counts),
+        "spots": str(root / "spots.tsv"),
+    }
+    d.update({"spot_pitch_um": 200, **kw})
+    return d
+
+
+def _fails(capsys, argv, pattern: str, out: Path) -> str:
+    import re
+
+    code = main(
+        ["train", *argv, "--out", str(out), "--quiet", "--device", "cpu", "--patch-px", "32"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("stpredict: error:") and "\n" not in err, err
+    assert re.search(pattern, err), err
+    assert not out.exists() and not state_path_for(out).exists()
+    return err
+
+
+def test_bad_input_one_line_errors(small_tables, tmp_path, capsys):
+    root, counts, image = small_tables
+    out = tmp_path / "never.safetensors"
+
+    m = _manifest(root, [_section(root, root / "missing.jpg")], "missing.yaml")
+    _fails(capsys, [str(m)], r"missing\.jpg", out)
+
+    m = _manifest(root, [_section(root, image, scale=50)], "outside.yaml")
+    _fails(capsys, [str(m)], "outside the image", out)
+
+    renamed = counts.rename(columns=lambda g: f"X{g}")
+    renamed.to_csv(root / "renamed.tsv", sep="\t")
+    m = _manifest(
+        root, [_section(root, image), _section(root, image, "S2", "renamed.tsv")], "noshared.yaml"
+    )
+    _fails(capsys, [str(m)], "share no gene", out)
+
+    good = _manifest(root, [_section(root, image)], "good.yaml")
+    genes = root / "genes.txt"
+    genes.write_text("\n".join([*counts.columns[:3], "NOT_A_GENE_1"]))
+    _fails(capsys, [str(good), "--genes", str(genes)], "NOT_A_GENE_1", out)
+
+    nan = counts.astype(float)
+    nan.iloc[3, 2] = np.nan
+    nan.to_csv(root / "nan.tsv", sep="\t")
+    m = _manifest(root, [_section(root, image, counts="nan.tsv")], "nan.yaml")
+    _fails(capsys, [str(m)], "NaN", out)
+
+    neg = counts.copy()
+    neg.iloc[1, 1] = -4
+    neg.to_csv(root / "neg.tsv", sep="\t")
+    m = _manifest(root, [_section(root, image, counts="neg.tsv")], "neg.yaml")
+    _fails(capsys, [str(m)], "negative", out)
+
+    no_mpp = _section(root, image)
+    no_mpp.pop("spot_pitch_um")
+    m = _manifest(root, [no_mpp], "nompp.yaml")
+    code = main(["train", str(m), "--out", str(out), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no pixel size" in err and "--patch-px" in err and "\n" not in err
+
+    _fails(capsys, [str(good), "--method", "nope"], "method='nope'", out)
+    _fails(capsys, [str(good), "--train-backbone", "half"], "train_backbone", out)
+    _fails(capsys, [str(good), "--batch-size", "1"], "batch_size", out)
+    _fails(capsys, [str(good), "--val-sections", "ZZ"], "no section 'ZZ'", out)
+    out.write_bytes(b"x")
+    code = main(["train", str(good), "--out", str(out), "--quiet"])
+    assert code == 2 and "already exists" in capsys.readouterr().err
