@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from napari_stpredict.cli import main
-from napari_stpredict.errors import Cancelled
+from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.model.checkpoint import load_model_file
 from napari_stpredict.progress import CancelToken
 from napari_stpredict.training import TrainConfig, state_path_for, train
@@ -101,8 +101,11 @@ def test_validation_sections_and_panel(manifest, feature_cache, tmp_path):
     assert set(load_model_file(out).bank_section_index.tolist()) == {0}
 
 
+SMALL_HEADS = {"proj_dim": 64, "n_gene_tokens": 4, "fusion_heads": 4}
+
+
 def test_deterministic_and_resume_is_exact(manifest, feature_cache, tmp_path):
-    cfg = _frozen("cmrc", feature_cache, epochs=3, steps_per_epoch=3)
+    cfg = _frozen("cmrc", feature_cache, epochs=3, steps_per_epoch=2, model_kwargs=SMALL_HEADS)
     full = train(manifest, cfg, out=tmp_path / "full.safetensors", sections=SECTIONS)
 
     token = CancelToken()
@@ -123,12 +126,23 @@ def test_deterministic_and_resume_is_exact(manifest, feature_cache, tmp_path):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert torch.equal(a.bank_embeddings, b.bank_embeddings)
 
-    # a resume with other options is refused
+    # a resume with other options is refused, before any work
+    token = CancelToken()
     with pytest.raises(Cancelled):
-        train(manifest, cfg, out=tmp_path / "x.safetensors", sections=SECTIONS, cancel=token)
-    other = _frozen("cmrc", feature_cache, epochs=3, steps_per_epoch=3, lr=1e-2)
-    with pytest.raises(Exception, match="different lr"):
-        train(manifest, other, out=tmp_path / "x.safetensors", sections=SECTIONS, resume=True)
+        train(
+            manifest,
+            cfg,
+            out=out,
+            sections=SECTIONS,
+            cancel=token,
+            on_epoch=stop_after_first,
+            overwrite=True,
+        )
+    other = _frozen(
+        "cmrc", feature_cache, epochs=3, steps_per_epoch=2, model_kwargs=SMALL_HEADS, lr=1e-2
+    )
+    with pytest.raises(StPredictError, match="different lr"):
+        train(manifest, other, out=out, sections=SECTIONS, resume=True, overwrite=True)
 
 
 def _state_epoch(path: Path) -> int | None:

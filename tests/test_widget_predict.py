@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("napari")
 
-from napari_stpredict.widgets._live import MARGIN, camera_of  # noqa: E402
+from napari_stpredict.widgets._live import MARGIN, camera_of
 
 pytestmark = pytest.mark.gui
 
@@ -89,7 +89,11 @@ def _border_view(grid, tissue, half=2):
     for i, j in zip(ii, jj, strict=True):
         block = tissue[max(i - half, 0) : i + half + 1, max(j - half, 0) : j + half + 1]
         score = abs(block.mean() - 0.6)
-        if score < best_score and half <= i < grid.shape[0] - half and half <= j < grid.shape[1] - half:
+        if (
+            score < best_score
+            and half <= i < grid.shape[0] - half
+            and half <= j < grid.shape[1] - half
+        ):
             best, best_score = (i, j), score
     return grid.cell_center_px(*best)
 
@@ -239,7 +243,7 @@ def test_event_loop_stays_responsive_while_predicting(env, qtbot):
 
 
 def test_whole_slide_cancel_stops_within_one_batch(env, qtbot):
-    viewer, widget, layer = env
+    _viewer, widget, _layer = env
     widget.set_genes([_gene(widget.predictor)])
     session = widget.session
     engine = session.engine
@@ -284,15 +288,21 @@ def test_switching_slides_drops_late_results(env, mob_dir, qtbot):
 
     widget.scheduler.batch_landed.connect(switch)
     widget.predict_whole_slide()
-    qtbot.waitUntil(lambda: widget.session is not None and widget.session is not session_a, timeout=WAIT_MS)
+    qtbot.waitUntil(
+        lambda: widget.session is not None and widget.session is not session_a, timeout=WAIT_MS
+    )
     qtbot.waitUntil(lambda: widget.scheduler.job is None, timeout=WAIT_MS)
     assert switched
-    assert widget.scheduler.dropped_batches >= 1, "the late batch of slide A arrived and was dropped"
+    assert widget.scheduler.dropped_batches >= 1, (
+        "the late batch of slide A arrived and was dropped"
+    )
     assert session_a.engine.stats.batches <= switched["at"] + 1
     assert session_a.retired and session_a.engine._closed
     # A's heatmaps are gone; B's show only B's predictions
-    assert all(lyr.metadata.get("stpredict", {}).get("slide_layer") != layer_a.name
-               for lyr in viewer.layers)
+    assert all(
+        lyr.metadata.get("stpredict", {}).get("slide_layer") != layer_a.name
+        for lyr in viewer.layers
+    )
     session_b = widget.session
     assert session_b.slide_layer is layer_b
     assert session_b.grid.mpp_assumed
@@ -351,7 +361,7 @@ def test_presets_come_from_the_model(env):
     from napari_stpredict.evaluation.markers import PAM50
     from napari_stpredict.widgets.predict import PRESET_HEG, PRESET_PAM50, preset_genes
 
-    viewer, widget, layer = env
+    _viewer, widget, _layer = env
     p = widget.predictor
     heg = preset_genes(PRESET_HEG, p.genes, p.gene_stats)
     mean = np.asarray(p.gene_stats["mean"])
@@ -367,7 +377,7 @@ def test_presets_come_from_the_model(env):
 
 
 def test_closing_the_viewer_mid_prediction_leaves_no_thread(env, qtbot):
-    viewer, widget, layer = env
+    viewer, widget, _layer = env
     session = widget.session
     session.engine.batch_size = 4
     widget.predict_whole_slide()

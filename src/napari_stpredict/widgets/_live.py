@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.qt.threading import GeneratorWorker
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_stpredict.errors import Cancelled, StPredictError
@@ -234,12 +235,41 @@ def _predict_job(
     except Cancelled:
         return "cancelled"
     except StPredictError as err:
-        return err
+        return Failed(err)
     finally:
         if session.retired:
             session.close()
         ended.set()
     return "cancelled" if token.cancelled else "done"
+
+
+class Failed:
+    """An expected failure returned by a worker as a value (superqt would treat a returned
+    exception as a crash and show a traceback)."""
+
+    def __init__(self, error: StPredictError) -> None:
+        self.error = error
+
+    def __str__(self) -> str:
+        return str(self.error)
+
+
+class EngineWorker(GeneratorWorker):
+    """A generator worker whose ``quit()`` cancels the Engine instead of abandoning it.
+
+    napari (``wait_for_workers_to_quit`` at application exit) and other code call ``quit()``
+    on every worker; a plain GeneratorWorker would then stop resuming the generator and leave
+    the Engine's writer thread running and its last batch unflushed until garbage collection.
+    Cancelling the token lets the Engine end after its current batch, in its own thread, with
+    every finished batch stored.
+    """
+
+    def __init__(self, func: Any, *args: Any, token: CancelToken) -> None:
+        super().__init__(func, *args)
+        self._token = token
+
+    def quit(self) -> None:
+        self._token.cancel()
 
 
 @dataclass(eq=False)
@@ -499,22 +529,13 @@ class LiveScheduler(QObject):
         self._cancel_job()
 
     def _start(self, kind: str, cells: np.ndarray, center: tuple[float, float] | None) -> None:
-        from napari.qt.threading import create_worker
-
         session = self._session
         assert session is not None
         self._seq += 1
         self._jobs_started += 1
         job = Job(self._seq, kind, session, cells, center, started=time.perf_counter())
-        worker = create_worker(
-            _predict_job,
-            session,
-            cells,
-            center,
-            job.token,
-            job.ended,
-            _start_thread=False,
-            _ignore_errors=True,
+        worker = EngineWorker(
+            _predict_job, session, cells, center, job.token, job.ended, token=job.token
         )
         job.worker = worker
         worker.yielded.connect(lambda batch, job=job: self._on_batch(job, batch))
@@ -544,11 +565,11 @@ class LiveScheduler(QObject):
         outcome = job.outcome
         if outcome is None:
             outcome = "cancelled" if job.token.cancelled else "done"
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, (BaseException, Failed)):
             text = (
                 str(outcome)
-                if isinstance(outcome, StPredictError)
-                else (f"prediction failed: {type(outcome).__name__}: {outcome}")
+                if isinstance(outcome, (StPredictError, Failed))
+                else f"prediction failed: {type(outcome).__name__}: {outcome}"
             )
             if job.session is self._session and not self._closed:
                 self.error.emit(text)
@@ -578,7 +599,8 @@ class LiveScheduler(QObject):
         Returns whether no worker is left running.
         """
         self._closed = True
-        self._timer.stop()
+        with contextlib.suppress(RuntimeError):  # at interpreter exit Qt may be gone already
+            self._timer.stop()
         self._pending = None
         job = self._job
         self._cancel_job()

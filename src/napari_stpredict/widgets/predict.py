@@ -40,6 +40,7 @@ from napari_stpredict.errors import StPredictError
 from napari_stpredict.widgets import guard_llvm_clash
 from napari_stpredict.widgets._heatmaps import HeatmapSet
 from napari_stpredict.widgets._live import (
+    Failed,
     LiveScheduler,
     PredictSession,
     open_session,
@@ -325,9 +326,11 @@ class PredictWidget(QWidget):
             try:
                 return Predictor(path, device=self.device_request)
             except StPredictError as err:
-                return err
+                return Failed(err)
             except Exception as err:  # torch/timm failures on a foreign file
-                return StPredictError(f"{path}: cannot load model ({type(err).__name__}: {err})")
+                return Failed(
+                    StPredictError(f"{path}: cannot load model ({type(err).__name__}: {err})")
+                )
 
         if not background:
             self._on_model_result(seq, path, work())
@@ -352,10 +355,10 @@ class PredictWidget(QWidget):
     def _on_model_result(self, seq: int, path: Path, result: Any) -> None:
         if self._closed or seq != self._model_seq:
             return
-        if isinstance(result, StPredictError):
-            self.model_info.setText(f"✗ {result}")
+        if isinstance(result, Failed):
+            self.model_info.setText(f"✗ {result.error}")
             self.model_info.setStyleSheet("color: #e0533d;")
-            self._on_error(str(result))
+            self._on_error(str(result.error))
             return
         self.predictor = result
         self.model_path = path
@@ -633,7 +636,7 @@ class PredictWidget(QWidget):
                     cache_dir=cache_dir,
                 )
             except StPredictError as err:
-                return err
+                return Failed(err)
 
         worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda result: self._on_session(seq, result))
@@ -643,8 +646,8 @@ class PredictWidget(QWidget):
     def _on_session(self, seq: int, result: Any) -> None:
         if self._closed or seq != self._build_seq:
             return
-        if isinstance(result, StPredictError):
-            self._on_error(str(result))
+        if isinstance(result, Failed):
+            self._on_error(str(result.error))
             return
         session: PredictSession = result
         if session.slide_layer not in self.viewer.layers:

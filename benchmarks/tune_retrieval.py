@@ -1,0 +1,136 @@
+"""Nested, validation-only tuning of the retrieval methods (CMRCNet, BLEEP).
+
+For every outer fold of a leave-one-section-out cross-validation, the held-out test section is
+never touched: one of the fold's *training* sections (the next one in manifest order, cyclic)
+is the validation section. Each candidate configuration is trained on the remaining training
+sections and scored on the validation section with the evaluation's own metrics; the retrieval
+``k`` is swept on the same trained models (it does not change training). The configuration with
+the best validation PCC(HEG) is then retrained on all training sections of the outer fold and
+scored on its test section, next to the default configuration (same budget, same seed).
+
+Usage (from the repository root; see docs/benchmarks.md, section "evaluation")::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/tune_retrieval.py benchmarks/data/her2st.yaml \
+        --genes ../shared/data/genelists/hist2st_her_hvg_cut_1000.npy \
+        --feature-cache /tmp/stpredict-eval-features --work /tmp/stpredict-tune \
+        --out docs/results/tune_her2st.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_stpredict.evaluation import BREAST_CANCER_MARKERS, make_folds, score_section
+from napari_stpredict.evaluation.data import (
+    load_section,
+    measured_expression,
+    model_info,
+    predict_section,
+    section_patches,
+)
+from napari_stpredict.evaluation.folds import check_no_leakage
+from napari_stpredict.st import load_manifest
+from napari_stpredict.training import TrainConfig, train
+
+# candidate training configurations (model_kwargs), the first is the default
+GRID: dict[str, list[dict]] = {
+    "cmrc": [{}, {"temperature": 4.0}, {"temperature": 16.0}, {"mask_prob": 0.25}],
+    "bleep": [{}, {"temperature": 4.0}, {"temperature": 16.0}],
+}
+TOP_K = [10, 25, 50, 100]
+METRIC = "pcc_heg"
+
+
+def _score(model_path: str, section, *, top_k: int | None, cache: dict) -> dict[str, float]:
+    from napari_stpredict.model import Predictor
+
+    info = model_info(model_path)
+    check_no_leakage([section.name], training_sections=info.training_sections, bank_sections=info.bank_sections)
+    pred = Predictor(model_path, device="cpu")
+    if top_k is not None and pred.top_k is not None:
+        pred.top_k = int(top_k)
+    key = (section.name, pred.patch_um, pred.patch_px)
+    if key not in cache:
+        cache[key] = section_patches(pred, section)
+    y = predict_section(pred, section, patches=cache[key])
+    t = measured_expression(section, pred.genes, info.normalization)
+    m = score_section(t, y, pred.genes, section=section.name, markers=BREAST_CANCER_MARKERS).metrics
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in m.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("manifest")
+    ap.add_argument("--genes", default=None)
+    ap.add_argument("--n-top-genes", type=int, default=1000)
+    ap.add_argument("--feature-cache", required=True)
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--methods", default="cmrc,bleep")
+    args = ap.parse_args()
+
+    manifest = load_manifest(args.manifest)
+    base = TrainConfig(
+        pretrained="offline", train_backbone="none", patch_px=112, epochs=20, steps_per_epoch=15,
+        batch_size=64, seed=0, device="cpu", genes=args.genes, n_top_genes=args.n_top_genes,
+        feature_cache_dir=args.feature_cache,
+    )  # fmt: skip
+    names = [s.name for s in manifest.sections]
+    sections = {n: load_section(manifest.section(n)) for n in names}
+    patch_cache: dict = {}
+    out: dict = {"manifest": str(args.manifest), "metric": METRIC, "grid": GRID, "top_k": TOP_K,
+                 "budget": dataclasses.asdict(base), "folds": []}  # fmt: skip
+    t0 = time.perf_counter()
+    for fold in make_folds(manifest.sections):
+        (test,) = fold.test
+        val = names[(names.index(test) + 1) % len(names)]
+        inner_train = [n for n in fold.train if n != val]
+        rec: dict = {"test": test, "validation": val, "inner_train": inner_train, "methods": {}}
+        for method in args.methods.split(","):
+            cands = []
+            for i, kw in enumerate(GRID[method]):
+                path = args.work / f"{test}" / f"val-{method}-{i}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cfg = dataclasses.replace(base, method=method, model_kwargs=dict(kw))
+                if not path.exists():
+                    train(manifest, cfg, out=path, sections=inner_train)
+                for k in TOP_K:
+                    m = _score(str(path), sections[val], top_k=k, cache=patch_cache)
+                    cands.append({"model_kwargs": kw, "top_k": k, **m})
+                    print(f"test {test} val {val} {method} {kw} k={k}: {METRIC}={m[METRIC]:.4f}", flush=True)
+            best = max(cands, key=lambda c: c[METRIC])
+            default = next(c for c in cands if not c["model_kwargs"] and c["top_k"] == 50)
+            # outer: retrain the chosen and the default configuration on all training sections
+            outer = {}
+            for tag, c in (("default", default), ("tuned", best)):
+                if tag == "tuned" and c is default:
+                    outer[tag] = outer["default"]
+                    continue
+                path = args.work / f"{test}" / f"outer-{method}-{tag}.safetensors"
+                cfg = dataclasses.replace(base, method=method, model_kwargs=dict(c["model_kwargs"]), top_k=c["top_k"])
+                if not path.exists():
+                    train(manifest, cfg, out=path, sections=list(fold.train))
+                outer[tag] = _score(str(path), sections[test], top_k=None, cache=patch_cache)
+                print(f"test {test} {method} {tag}: {METRIC}={outer[tag][METRIC]:.4f}", flush=True)
+            rec["methods"][method] = {"candidates": cands, "chosen": {"model_kwargs": best["model_kwargs"], "top_k": best["top_k"]}, "test": outer}
+        out["folds"].append(rec)
+        args.out.write_text(json.dumps(out, indent=1, allow_nan=False, default=float) + "\n")
+    summary = {}
+    for method in args.methods.split(","):
+        for tag in ("default", "tuned"):
+            vals = {k: float(np.mean([f["methods"][method]["test"][tag][k] for f in out["folds"]])) for k in ("pcc_heg", "pcc_hvg", "pcc_all", "gene_gene_corr")}
+            summary[f"{method}/{tag}"] = vals
+    out["summary_test_mean"] = summary
+    out["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(out, indent=1, allow_nan=False, default=float) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
