@@ -225,9 +225,11 @@ def test_demo_viewer_shows_live_heatmaps_and_the_tumour_layer(qtbot, tiny_model_
         assert sorted(heat) == ["ERBB2 (predicted)", "KRT8 (predicted)"]
         grid = widget.session.grid
         assert grid.mpp == pytest.approx(mpp, rel=1e-3)  # the widget keeps 4 decimals
-        assert tuple(heat["ERBB2 (predicted)"].scale) == pytest.approx(
-            (grid.stride_um, grid.stride_um)
-        )
+        scale, translate = grid.heatmap_transform()  # registered to the slide layer (µm)
+        # rel 1e-3: the widget's µm/px box keeps 4 decimals of the spot-grid value
+        assert tuple(heat["ERBB2 (predicted)"].scale) == pytest.approx(scale, rel=1e-3)
+        assert tuple(heat["ERBB2 (predicted)"].translate) == pytest.approx(translate, rel=1e-3)
+        assert scale[0] == pytest.approx(grid.stride_um, rel=1e-3)
         assert widget.session.store.n_done > 0
         assert tumor is not None
 

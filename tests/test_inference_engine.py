@@ -337,6 +337,24 @@ def test_predict_all_tissue_on_a_real_svs(wsi_dir, predictor, tmp_path):
             assert again.cached == summary.tissue
 
 
+def test_slide_closed_while_predicting_is_a_clear_error(wsi_dir, predictor, tmp_path):
+    """E.g. the slide layer was removed: the run ends with a SlideError, no thread left behind."""
+    from napari_stpredict.errors import SlideError
+    from napari_stpredict.slide import open_slide
+
+    slide = open_slide(wsi_dir / "cmu_small_region.svs")
+    grid = TileGrid.for_slide(slide, predictor)
+    store = PredictionStore.for_slide(slide, predictor, grid, cache_dir=tmp_path)
+    wrapped = Counting(predictor)
+    wrapped.on_call = lambda n: slide.close() if n == 1 else None
+    with Engine(slide, wrapped, grid, store, tissue=None, batch_size=4, prefetch=0) as engine:
+        with pytest.raises(SlideError, match="closed"):
+            list(engine.run(np.argwhere(np.ones(grid.shape, bool))[:40]))
+        assert wrapped.calls == 1
+    assert store.n_done == 4  # the batch predicted before the slide went away is kept
+    assert not [t for t in threading.enumerate() if t.name == "stpredict-store-writer"]
+
+
 def test_slide_without_mpp_uses_the_model_scale(mob_dir, predictor, tmp_path):
     from napari_stpredict.slide import open_slide
 

@@ -360,8 +360,8 @@ class DemoConfig:
         Sections learnt from, and the held-out section shown.
     method, backbone, pretrained
         See ``stpredict train``.
-    epochs, max_steps, batch_size, lr
-        Training budget.
+    epochs, max_steps, batch_size, lr, warmup_steps
+        Training budget (a short warm-up: the run is only about a hundred steps).
     n_top_genes
         Highly variable genes per section (their union is the panel, after the markers).
     patch_um, patch_px
@@ -381,10 +381,11 @@ class DemoConfig:
     method: str = "cmrc"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "offline"
-    epochs: int = 12
+    epochs: int = 6
     max_steps: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
+    warmup_steps: int = 10
     n_top_genes: int = 200
     patch_um: float = 112.0
     patch_px: int = 112
@@ -482,6 +483,7 @@ def demo_model(
         max_steps=config.max_steps,
         batch_size=config.batch_size,
         lr=config.lr,
+        warmup_steps=config.warmup_steps,
         n_top_genes=config.n_top_genes,
         patch_um=config.patch_um,
         patch_px=config.patch_px,

@@ -264,7 +264,7 @@ def start_local_cluster(plan: ClusterPlan, *, dashboard: bool = True):
             "nthreads": 1,
             "env": env,
             "memory_limit": "auto",
-            "silence_logs": logging.WARNING,
+            "silence_logs": logging.ERROR,
             "dashboard": False,
         }
         if gpu is not None:
@@ -478,13 +478,20 @@ class _ClusterCancelToken(CancelToken):
             raise Cancelled(f"{what} cancelled")
 
 
+#: what a job cancelled on a worker returns (raising would log a "Compute Failed" error there)
+CANCELLED = "__stpredict_cancelled__"
+
+
 def _remote_call(fn: JobFunction, job: Job, topic: str, cancel_event: str) -> Any:
     """Runs on a worker: call ``fn`` with a progress relay and a cluster-aware cancel token."""
-    return fn(
-        job.payload,
-        progress=_ThrottledEvents(topic, job.name),
-        cancel=_ClusterCancelToken(cancel_event),
-    )
+    try:
+        return fn(
+            job.payload,
+            progress=_ThrottledEvents(topic, job.name),
+            cancel=_ClusterCancelToken(cancel_event),
+        )
+    except Cancelled:
+        return CANCELLED
 
 
 def _run_inline(
@@ -554,25 +561,51 @@ def _run_on_client(
         by_key[fut.key] = job
         futures.append(fut)
     finished = False
+    stop_requested = threading.Event()
+
+    def stop_cluster_jobs() -> None:
+        # running jobs stop after their batch in progress; queued ones are dropped
+        if stop_requested.is_set():
+            return
+        stop_requested.set()
+        with contextlib.suppress(Exception):
+            Event(cancel_name, client=client).set()
+        with contextlib.suppress(Exception):
+            client.cancel([f for f in futures if f.status == "pending"])
+
+    watcher = None
+    if cancel is not None:
+        # as_completed blocks until a job ends: a thread relays the token meanwhile
+        def watch() -> None:
+            while not finished and not stop_requested.is_set():
+                if cancel.cancelled:
+                    stop_cluster_jobs()
+                    return
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, name="stpredict-cancel-watch", daemon=True)
+        watcher.start()
     try:
         for fut in as_completed(futures, loop=client.loop):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("cohort cancelled")
             job = by_key[fut.key]
+            if fut.cancelled():
+                continue  # dropped by a cancel: reported when the loop ends
             try:
                 result = fut.result()
-            except Cancelled:
-                raise
             except Exception as err:  # the job raised, or its worker died (KilledWorker)
                 yield JobOutcome(job, error=err)
-            else:
-                yield JobOutcome(job, result=result)
+                continue
+            if isinstance(result, str) and result == CANCELLED:
+                raise Cancelled("cohort cancelled")
+            yield JobOutcome(job, result=result)
+        if stop_requested.is_set():
+            raise Cancelled("cohort cancelled")
         finished = True
     finally:
         if not finished:
-            # stop running jobs between batches, drop queued ones
-            with contextlib.suppress(Exception):
-                Event(cancel_name, client=client).set()
+            stop_cluster_jobs()
             with contextlib.suppress(Exception):
                 client.cancel(futures)
         if on_progress is not None:
@@ -641,7 +674,8 @@ def run_jobs(
                     has_bokeh = importlib.util.find_spec("bokeh") is not None
                     link = client.dashboard_link if has_bokeh else None
                     on_cluster(
-                        f"scheduler: LocalCluster, {plan.describe()}" + (f"; dashboard {link}" if link else "")
+                        f"scheduler: LocalCluster, {plan.describe()}"
+                        + (f"; dashboard {link}" if link else "")
                     )
                 yield from _run_on_client(
                     client, fn, jobs, on_progress=on_progress, cancel=cancel, resources=None

@@ -27,6 +27,7 @@ import math
 import os
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -253,6 +254,51 @@ def _load_manifest(manifest):
     return load_manifest(manifest)
 
 
+_SECTION_CACHE: OrderedDict[str, Any] = OrderedDict()
+_SECTION_CACHE_SIZE = 12
+
+
+def _section_key(spec) -> str:
+    d = spec.to_dict()
+    stamps = {}
+    for k, v in d.items():
+        if isinstance(v, str) and k in (
+            "image",
+            "counts",
+            "spots",
+            "visium",
+            "h5ad",
+            "labels",
+            "manifest",
+        ):
+            with contextlib.suppress(OSError):
+                st = os.stat(v)
+                stamps[k] = (st.st_mtime_ns, st.st_size)
+    return json.dumps([d, stamps], sort_keys=True, default=str)
+
+
+def _read_sections_cached(m, names: list[str], *, progress, cancel) -> list:
+    """read_sections with a small in-process cache (cross-validation trains many times)."""
+    from napari_stpredict.st import read_sections
+
+    specs = [m.section(n) for n in names]
+    keys = [_section_key(s) for s in specs]
+    missing = [n for n, k in zip(names, keys, strict=True) if k not in _SECTION_CACHE]
+    if missing:
+        fresh = read_sections(
+            m, sections=missing, require_images=True, progress=progress, cancel=cancel
+        )
+        for n, a in zip(missing, fresh, strict=True):
+            _SECTION_CACHE[keys[names.index(n)]] = a
+    out = []
+    for k in keys:
+        _SECTION_CACHE.move_to_end(k)
+        out.append(_SECTION_CACHE[k])
+    while len(_SECTION_CACHE) > _SECTION_CACHE_SIZE:
+        _SECTION_CACHE.popitem(last=False)
+    return out
+
+
 def _resolve_patch(adatas, config: TrainConfig) -> tuple[float | None, int]:
     no_mpp = [a.uns["stpredict"]["section"] for a in adatas if not a.uns["stpredict"].get("mpp")]
     if no_mpp:
@@ -272,7 +318,7 @@ def _resolve_patch(adatas, config: TrainConfig) -> tuple[float | None, int]:
 
 
 def _prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) -> _Data:
-    from napari_stpredict.st import Normalization, read_sections, select_genes
+    from napari_stpredict.st import Normalization, select_genes
 
     m = _load_manifest(manifest)
     names = list(m.names)
@@ -287,9 +333,7 @@ def _prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) 
     if not train_names:
         raise DatasetError(f"{m.path}: no training sections left (all are validation sections)")
     all_names = train_names + val_names
-    adatas = read_sections(
-        m, sections=all_names, require_images=True, progress=progress, cancel=cancel
-    )
+    adatas = _read_sections_cached(m, all_names, progress=progress, cancel=cancel)
     train_adatas = adatas[: len(train_names)]
 
     gene_source = config.genes if config.genes is not None else m.genes
@@ -568,17 +612,18 @@ def _save_state(
     from napari_stpredict.io_utils import atomic_path
 
     tensors: dict[str, torch.Tensor] = {}
+    # CPU tensors are written as they are (no copies): save_file only reads them
     for k, v in model.state_dict().items():
-        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
     if best_state is not None:
         for k, v in best_state.items():
-            tensors[f"best.{k}"] = v.detach().cpu().contiguous().clone()
+            tensors[f"best.{k}"] = v.detach().cpu().contiguous()
     osd = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, st in osd["state"].items():
         for key, val in st.items():
             if isinstance(val, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = val.detach().cpu().contiguous().clone()
+                tensors[f"optim.{pid}.{key}"] = val.detach().cpu().contiguous()
             else:
                 opt_scalars.setdefault(str(pid), {})[key] = val
     tensors["rng.torch"] = torch.get_rng_state()
@@ -911,7 +956,12 @@ def train(
             score = entry.get("val_loss", entry["train_loss"])
             if score < best_val or best_state is None:
                 best_val, best_epoch = score, epoch + 1
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                # a frozen backbone never changes: the snapshot keeps the trained part only
+                best_state = {
+                    k: v.detach().cpu().clone()
+                    for k, v in model.state_dict().items()
+                    if not (frozen and k.startswith("encoder."))
+                }
             history.append(entry)
             _save_state(
                 state_path,
@@ -934,7 +984,7 @@ def train(
                 on_epoch(entry)
 
         if best_state is not None:
-            model.load_state_dict(best_state)
+            model.load_state_dict(best_state, strict=not frozen)
         model.eval()
         check_cancel(cancel, "training")
         report(progress, 0, 1, "building reference bank")

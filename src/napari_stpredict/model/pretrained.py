@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -54,12 +55,22 @@ def offline_lite0_path() -> Path:
 
 
 def offline_lite0_state_dict(*, with_classifier: bool = True) -> dict[str, torch.Tensor]:
-    """The offline Lite0 weights renamed to timm ``tf_efficientnet_lite0`` keys.
+    """The offline Lite0 weights renamed to timm ``tf_efficientnet_lite0`` keys (a fresh dict).
 
     The two state dicts list the same 296 tensors in the same order with the same shapes; only
     the names differ (``_blocks.0._depthwise_conv`` vs ``blocks.0.0.conv_dw``), so the mapping
     is by position, checked tensor by tensor.
     """
+    out = dict(_offline_lite0_cached())
+    if not with_classifier:
+        out = {k: v for k, v in out.items() if not k.startswith("classifier.")}
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _offline_lite0_cached() -> dict[str, torch.Tensor]:
+    # read and checked once per process: training many models (cross-validation) reuses it;
+    # load_state_dict copies the values, so sharing the tensors is safe
     import timm
 
     src = torch.load(offline_lite0_path(), map_location="cpu", weights_only=True)
@@ -76,8 +87,6 @@ def offline_lite0_state_dict(*, with_classifier: bool = True) -> dict[str, torch
                 f"timm {tk} {tuple(tv.shape)}"
             )
         out[tk] = sv.to(tv.dtype)
-    if not with_classifier:
-        out = {k: v for k, v in out.items() if not k.startswith("classifier.")}
     return out
 
 
