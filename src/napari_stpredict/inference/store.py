@@ -469,7 +469,9 @@ class PredictionStore:
             "slide": {"path": str(getattr(slide, "path", "")), "fingerprint": fp},
             "model": {
                 "key": mkey,
-                "path": str(getattr(predictor, "model_path", "") or ""),
+                "path": str(
+                    getattr(predictor, "model_path", None) or getattr(predictor, "path", "") or ""
+                ),
                 "method": meta.get("method"),
             },
         }
