@@ -40,28 +40,54 @@ from napari_stpredict.training import TrainConfig, train
 
 # candidate training configurations (model_kwargs), the first is the default
 GRID: dict[str, list[dict]] = {
-    "cmrc": [{}, {"temperature": 4.0}, {"temperature": 16.0}, {"mask_prob": 0.25}],
-    "bleep": [{}, {"temperature": 4.0}, {"temperature": 16.0}],
+    "cmrc": [{}, {"temperature": 8.0}, {"mask_prob": 0.25}],
+    "bleep": [{}, {"temperature": 8.0}],
 }
 TOP_K = [10, 25, 50, 100]
 METRIC = "pcc_heg"
 
 
-def _score(model_path: str, section, *, top_k: int | None, cache: dict) -> dict[str, float]:
-    from napari_stpredict.model import Predictor
+def _score(model_path: str, section, *, top_ks: list[int | None], cache: dict) -> list[dict]:
+    """Metrics of one model on one section for several retrieval k (embeddings computed once)."""
+    import torch
+
+    from napari_stpredict.model import Predictor, load_model_file
+    from napari_stpredict.model.retrieval import topk_mean_expression
 
     info = model_info(model_path)
-    check_no_leakage([section.name], training_sections=info.training_sections, bank_sections=info.bank_sections)
+    check_no_leakage(
+        [section.name], training_sections=info.training_sections, bank_sections=info.bank_sections
+    )
     pred = Predictor(model_path, device="cpu")
-    if top_k is not None and pred.top_k is not None:
-        pred.top_k = int(top_k)
     key = (section.name, pred.patch_um, pred.patch_px)
     if key not in cache:
         cache[key] = section_patches(pred, section)
-    y = predict_section(pred, section, patches=cache[key])
-    t = measured_expression(section, pred.genes, info.normalization)
-    m = score_section(t, y, pred.genes, section=section.name, markers=BREAST_CANCER_MARKERS).metrics
-    return {k: (float(v) if np.isfinite(v) else None) for k, v in m.items()}
+    truth = measured_expression(section, pred.genes, info.normalization)
+    out = []
+    if pred.top_k is None:  # regression: k means nothing
+        y = predict_section(pred, section, patches=cache[key])
+        ys = [y] * len(top_ks)
+    else:
+        with torch.inference_mode():
+            emb = torch.cat(
+                [
+                    pred.embed_tensor(pred.preprocess(cache[key][i : i + 64]))
+                    for i in range(0, len(cache[key]), 64)
+                ]
+            )
+        mf = load_model_file(model_path, verify=False)
+        ys = [
+            topk_mean_expression(
+                emb, mf.bank_embeddings, mf.bank_expression, k=int(k or pred.top_k)
+            ).numpy()
+            for k in top_ks
+        ]
+    for y in ys:
+        m = score_section(
+            truth, y, pred.genes, section=section.name, markers=BREAST_CANCER_MARKERS
+        ).metrics
+        out.append({k: (float(v) if np.isfinite(v) else None) for k, v in m.items()})
+    return out
 
 
 def main() -> None:
@@ -73,6 +99,9 @@ def main() -> None:
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--methods", default="cmrc,bleep")
+    ap.add_argument(
+        "--reuse", type=Path, default=None, help="work dir of the CV run (default models)"
+    )
     args = ap.parse_args()
 
     manifest = load_manifest(args.manifest)
@@ -100,10 +129,16 @@ def main() -> None:
                 cfg = dataclasses.replace(base, method=method, model_kwargs=dict(kw))
                 if not path.exists():
                     train(manifest, cfg, out=path, sections=inner_train)
-                for k in TOP_K:
-                    m = _score(str(path), sections[val], top_k=k, cache=patch_cache)
+                for k, m in zip(
+                    TOP_K,
+                    _score(str(path), sections[val], top_ks=TOP_K, cache=patch_cache),
+                    strict=True,
+                ):
                     cands.append({"model_kwargs": kw, "top_k": k, **m})
-                    print(f"test {test} val {val} {method} {kw} k={k}: {METRIC}={m[METRIC]:.4f}", flush=True)
+                    print(
+                        f"test {test} val {val} {method} {kw} k={k}: {METRIC}={m[METRIC]:.4f}",
+                        flush=True,
+                    )
             best = max(cands, key=lambda c: c[METRIC])
             default = next(c for c in cands if not c["model_kwargs"] and c["top_k"] == 50)
             # outer: retrain the chosen and the default configuration on all training sections
@@ -113,18 +148,34 @@ def main() -> None:
                     outer[tag] = outer["default"]
                     continue
                 path = args.work / f"{test}" / f"outer-{method}-{tag}.safetensors"
-                cfg = dataclasses.replace(base, method=method, model_kwargs=dict(c["model_kwargs"]), top_k=c["top_k"])
-                if not path.exists():
+                reuse = (
+                    args.reuse / f"fold{names.index(test) + 1:02d}-{test}" / f"{method}.safetensors"
+                    if args.reuse
+                    else None
+                )
+                if tag == "default" and reuse is not None and reuse.exists():
+                    path = reuse  # the cross-validation run's model: same data, budget and seed
+                elif not path.exists():
+                    cfg = dataclasses.replace(
+                        base, method=method, model_kwargs=dict(c["model_kwargs"]), top_k=c["top_k"]
+                    )
                     train(manifest, cfg, out=path, sections=list(fold.train))
-                outer[tag] = _score(str(path), sections[test], top_k=None, cache=patch_cache)
+                (outer[tag],) = _score(str(path), sections[test], top_ks=[None], cache=patch_cache)
                 print(f"test {test} {method} {tag}: {METRIC}={outer[tag][METRIC]:.4f}", flush=True)
-            rec["methods"][method] = {"candidates": cands, "chosen": {"model_kwargs": best["model_kwargs"], "top_k": best["top_k"]}, "test": outer}
+            rec["methods"][method] = {
+                "candidates": cands,
+                "chosen": {"model_kwargs": best["model_kwargs"], "top_k": best["top_k"]},
+                "test": outer,
+            }
         out["folds"].append(rec)
         args.out.write_text(json.dumps(out, indent=1, allow_nan=False, default=float) + "\n")
     summary = {}
     for method in args.methods.split(","):
         for tag in ("default", "tuned"):
-            vals = {k: float(np.mean([f["methods"][method]["test"][tag][k] for f in out["folds"]])) for k in ("pcc_heg", "pcc_hvg", "pcc_all", "gene_gene_corr")}
+            vals = {
+                k: float(np.mean([f["methods"][method]["test"][tag][k] for f in out["folds"]]))
+                for k in ("pcc_heg", "pcc_hvg", "pcc_all", "gene_gene_corr")
+            }
             summary[f"{method}/{tag}"] = vals
     out["summary_test_mean"] = summary
     out["wall_time_s"] = round(time.perf_counter() - t0, 1)

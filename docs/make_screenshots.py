@@ -19,6 +19,7 @@ visible tissue cell is predicted and drawn, and writes into ``docs/images/``:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
 
-    from napari_stpredict.demo import DemoConfig, pick_markers, prepare_demo
+    from napari_stpredict.demo import DATA_ENV, DemoConfig, pick_markers, prepare_demo
+
+    if args.data_dir is not None:
+        os.environ[DATA_ENV] = str(args.data_dir.resolve())  # the sample data uses it too
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
     inputs = prepare_demo(
@@ -129,6 +133,8 @@ def main() -> None:
     heat = list(widget.heatmaps.layers.values())
     for layer in tumor_layers():
         layer.visible = False
+    viewer.layers.selection.active = heat[0]  # its colormap and contrast in the controls
+    wait_until(lambda: True, timeout=5, what="drawing")
     save(viewer, args.out / "demo.png", canvas_only=False)
     if tumor_layers():
         for layer in heat:

@@ -32,13 +32,21 @@ from napari_stpredict.distributed import (
 from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.progress import CancelToken
 
-#: MOB1.jpg records no pixel size; legacy ST spots (200 µm pitch) are about 4.5 µm/px there
-MOB_MPP = 4.5
-
 
 @pytest.fixture(scope="module")
 def slides(wsi_dir: Path, mob_dir: Path) -> list[Path]:
     return [wsi_dir / "cmu_small_region.svs", mob_dir / "MOB1.jpg"]
+
+
+@pytest.fixture(scope="module")
+def mob_mpp(mob_dir: Path) -> float:
+    """MOB1.jpg records no pixel size: legacy ST spots are 200 µm apart (as the reader infers)."""
+    import pandas as pd
+
+    from napari_stpredict.st import estimate_spot_pitch
+
+    table = pd.read_csv(mob_dir / "alignment_table_MOB1.tsv", sep="\t")
+    return 200.0 / estimate_spot_pitch(table[["pixel_x", "pixel_y"]].to_numpy(float))
 
 
 def _stride(model: Path) -> float:
@@ -56,9 +64,9 @@ def _summary(out: Path) -> dict:
     return json.loads((out / SUMMARY_FILE).read_text())
 
 
-def test_inline_and_local_cluster_give_identical_stores(tmp_path, slides, tiny_model_file):
+def test_inline_and_local_cluster_give_identical_stores(tmp_path, slides, mob_mpp, tiny_model_file):
     stride = _stride(tiny_model_file)
-    common = dict(stride_um=stride, mpp=MOB_MPP, batch_size=16)
+    common = dict(stride_um=stride, mpp=mob_mpp, batch_size=16)
     a = predict_cohort(slides, tiny_model_file, tmp_path / "inline", scheduler="inline", **common)
     b = predict_cohort(
         slides, tiny_model_file, tmp_path / "local", scheduler="local", workers=2, **common
@@ -91,7 +99,7 @@ def test_inline_and_local_cluster_give_identical_stores(tmp_path, slides, tiny_m
 
 
 def test_resume_after_cancel_predicts_only_the_remaining_cells(
-    tmp_path, slides, tiny_model_file, monkeypatch
+    tmp_path, slides, mob_mpp, tiny_model_file, monkeypatch
 ):
     from napari_stpredict.model.predictor import Predictor
 
@@ -104,7 +112,7 @@ def test_resume_after_cancel_predicts_only_the_remaining_cells(
         if done > 0 and total:  # after the first batch of the first slide
             token.cancel()
 
-    common = dict(stride_um=_stride(tiny_model_file), mpp=MOB_MPP, batch_size=8)
+    common = dict(stride_um=_stride(tiny_model_file), mpp=mob_mpp, batch_size=8)
     with pytest.raises(Cancelled):
         predict_cohort(
             slides,

@@ -180,7 +180,7 @@ def test_sample_data_absent_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
     monkeypatch.setenv("STPREDICT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(MIRROR_ENV, "http://127.0.0.1:9")  # nothing listens: the download fails
-    with pytest.raises(StPredictError, match="stpredict demo"):
+    with pytest.raises(StPredictError, match="STPREDICT_DATA_DIR"):
         her2st_sample()
 
 

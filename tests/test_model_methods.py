@@ -207,3 +207,40 @@ def test_retrieval_k_larger_than_bank_and_empty_bank():
 def test_mask_prob_validated():
     with pytest.raises(StPredictError, match="mask_prob"):
         CMRCNet(n_genes=4, pretrained="none", mask_prob=1.5)
+
+
+def test_cmrc_fine_tuning_fits_a_real_batch(he_batch):
+    """A few optimizer steps on real H&E crops (whole backbone trainable) lower the loss."""
+    images, expr = he_batch
+    torch.manual_seed(0)
+    model = build_model("cmrc", n_genes=12, pretrained="offline", **SMALL)
+    model.encoder.set_trainable("all")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = model.loss(images, expr)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+
+
+def test_train_backbone_modes():
+    model = build_model("bleep", n_genes=4, pretrained="none", proj_dim=16)
+    enc = model.encoder
+    n = len(list(enc.parameters()))
+    enc.set_trainable("none")
+    assert not any(p.requires_grad for p in enc.parameters())
+    model.train()
+    assert not enc.model.training  # frozen: batch-norm statistics never move
+    enc.set_trainable("last")
+    trainable = [name for name, p in enc.model.named_parameters() if p.requires_grad]
+    assert 0 < len(trainable) < n and all(
+        t.startswith(("blocks.6", "conv_head", "bn2")) for t in trainable
+    )
+    enc.set_trainable("all")
+    assert all(p.requires_grad for p in enc.parameters())
+    with pytest.raises(StPredictError):
+        enc.set_trainable("some")

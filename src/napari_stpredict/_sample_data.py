@@ -47,10 +47,7 @@ def her2st_sample() -> list[tuple[Any, dict[str, Any], str]]:
     try:
         path, mpp = sample_slide()
     except StPredictError as err:
-        raise StPredictError(
-            f"HER2ST sample not available: {err}. Run `stpredict demo` once with internet "
-            "access, or set STPREDICT_DATA_DIR to a folder with the HER2ST files"
-        ) from None
+        raise StPredictError(f"HER2ST sample not available: {err}") from None
     from napari_stpredict._reader import slide_layer_data
     from napari_stpredict.slide import open_slide
 

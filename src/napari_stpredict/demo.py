@@ -279,8 +279,8 @@ def _fetch(files: Sequence[RemoteFile], dest: Path, *, progress: ProgressCallbac
         except Exception as err:  # network down, 404, hash mismatch (pooch removes the file)
             raise DatasetError(
                 f"{f.url(mirror)}: download failed ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-                "pass --data-dir with a local copy of the HER2ST files"
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); without "
+                "internet, point --data-dir or STPREDICT_DATA_DIR at a local copy of the HER2ST files"
             ) from err
     report(progress, len(files), len(files), "data ready")
 
@@ -631,6 +631,7 @@ def run_demo(
     cache_dir: str | os.PathLike | None = None,
     config: DemoConfig | None = None,
     device: str = "auto",
+    genes: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     on_stage: Any = None,
@@ -651,6 +652,8 @@ def run_demo(
         :class:`DemoConfig` (``DemoConfig.quick()`` for a smoke test).
     device
         Torch device for prediction.
+    genes
+        Genes summarised (default: :attr:`DemoConfig.markers` the model has).
     progress, cancel
         Progress of the current stage; cancel between batches.
     on_stage
@@ -702,7 +705,16 @@ def run_demo(
             for _ in engine.run(cells, cancel=cancel, progress=progress):
                 pass
         mpp = sl.mpp
-    markers = pick_markers(predictor.genes, config.markers)
+    if genes:
+        known = {g.upper(): g for g in predictor.genes}
+        unknown = [g for g in genes if g.upper() not in known]
+        if unknown:
+            raise StPredictError(
+                f"{inputs.model}: genes not predicted by the model: {', '.join(unknown)}"
+            )
+        markers = [known[g.upper()] for g in genes]
+    else:
+        markers = pick_markers(predictor.genes, config.markers)
     values = store.read_cells(cells, markers) if len(cells) else np.empty((0, len(markers)))
     means = {
         g: (float(np.nanmean(values[:, k])) if np.isfinite(values[:, k]).any() else None)

@@ -771,9 +771,6 @@ def train(
         raise StPredictError(f"{state_path}: the gene panel changed since the interrupted run")
 
     torch.manual_seed(config.seed)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_model(
         config.method,
         n_genes=len(data.genes),
@@ -858,7 +855,10 @@ def train(
         best_epoch, best_val = int(state_info["best_epoch"]), float(state_info["best_val"])
 
     features = None
+    prev_det = torch.are_deterministic_algorithms_enabled()
     try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if frozen:
             features = _FeatureStore(
                 model, source, data, config, device, need_tokens=config.method == "cmrc"
@@ -1063,8 +1063,9 @@ def train(
         )
     finally:
         source.close()
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(prev_det)
+        with contextlib.suppress(Exception):
+            data.dataset.close()  # decoded JPEG/PNG sections can be large
+        torch.use_deterministic_algorithms(prev_det)
 
 
 @torch.no_grad()

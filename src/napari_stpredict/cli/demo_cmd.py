@@ -145,6 +145,7 @@ def demo(
                 cache_dir=cache_dir,
                 config=config,
                 device=device,
+                genes=gene_list,
                 progress=bar,
                 on_stage=bar.stage,
             )

@@ -122,7 +122,7 @@ def predict(
         "",
         "--export",
         "-e",
-        help="Comma-separated exports per slide: h5ad,geojson,ome-tiff,csv.",
+        help="Comma-separated exports per slide: h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png.",
     ),
     scheduler: str = typer.Option(
         "local",
@@ -155,7 +155,7 @@ def predict(
     mpp: float | None = typer.Option(
         None,
         "--mpp",
-        help="µm per pixel for slides whose file does not say (overrides).",
+        help="µm per pixel for slides whose file records none (JPEG/PNG); others keep theirs.",
         show_default=False,
     ),
     min_tissue: float = typer.Option(

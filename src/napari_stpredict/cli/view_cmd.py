@@ -164,7 +164,7 @@ def _run_viewer(
         raise StPredictError(f"{slide_path}: napari could not open the slide")
     slide_layer = layers[0]
     widget = PredictWidget(viewer, device=device)
-    viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
+    dock = viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
     widget.set_slide_layer(slide_layer)
     if mpp is not None:
         widget.set_mpp(mpp)
@@ -194,7 +194,7 @@ def _run_viewer(
         widget.close_workers(wait_s=30)
         return 0
 
-    _canvas_only_window(viewer)
+    _canvas_only_window(viewer, dock)
     state: dict[str, Any] = {"code": None, "error": None}
     t0 = time.perf_counter()
 
@@ -246,10 +246,13 @@ def _save_screenshot(viewer: Any, path: Path) -> None:
         iio.imwrite(tmp, image, extension=".png")
 
 
-def _canvas_only_window(viewer: Any) -> None:
-    """Give the canvas the whole window width for screenshots (hide the layer list/controls)."""
+def _canvas_only_window(viewer: Any, *docks: Any) -> None:
+    """Give the canvas the whole window for screenshots (hide the docks: only the canvas is
+    saved, and its size then depends on ``--size`` alone, not on the docks' contents)."""
     qt_viewer = getattr(viewer.window, "_qt_viewer", None)
     for name in ("dockLayerList", "dockLayerControls"):
         dock = getattr(qt_viewer, name, None)
         if dock is not None:
             dock.hide()
+    for dock in docks:
+        dock.hide()

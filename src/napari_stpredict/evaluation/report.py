@@ -152,26 +152,34 @@ def _plot_spatial(
     fig = _figure((2.5 * len(cols), 2.5 * len(idx)))
     axes = fig.subplots(len(idx), len(cols), squeeze=False)
     xy = first.xy
+    # spot size: about the grid pitch in points, so maps look like tissue at any section size
+    span = float(np.ptp(xy, axis=0).max()) if len(xy) > 1 else 1.0
+    size = max(2.0, min(30.0, 3000.0 / max(len(xy), 1)))
     for r, gi in enumerate(idx):
-        vals = first.true[:, gi]
-        vmin, vmax = np.percentile(vals, [1, 99]) if vals.size else (0, 1)
-        if vmax <= vmin:
-            vmax = vmin + 1e-6
         for c, col in enumerate(cols):
             ax = axes[r, c]
             if col == "measured":
-                v, title = vals, f"{first.genes[gi]} measured"
+                v, title = first.true[:, gi], f"{first.genes[gi]} measured"
             else:
                 v = preds[col].pred[:, gi]
                 title = f"{col} (r={preds[col].pcc[gi]:.2f})"
-            ax.scatter(xy[:, 0], xy[:, 1], c=v, s=6, cmap="magma", vmin=vmin, vmax=vmax)
+            # each map on its own 1–99 % range: PCC is scale-free, and retrieval averages shrink
+            # predictions towards the mean, which a shared scale would show as a flat map
+            vmin, vmax = np.percentile(v, [1, 99]) if v.size else (0.0, 1.0)
+            if vmax <= vmin:
+                vmax = vmin + 1e-6
+            ax.scatter(
+                xy[:, 0], xy[:, 1], c=v, s=size, cmap="magma", vmin=vmin, vmax=vmax, linewidths=0
+            )
+            ax.set_xlim(xy[:, 0].min() - 0.03 * span, xy[:, 0].max() + 0.03 * span)
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(title, fontsize=8)
     fig.suptitle(
-        f"Section {first.section}: measured vs predicted (same colour scale per row)", fontsize=10
+        f"Section {first.section}: measured vs predicted (each map scaled to its 1–99 %)",
+        fontsize=10,
     )
     fig.tight_layout()
     _save(fig, path)
@@ -187,28 +195,40 @@ def _figure(size: tuple[float, float]):
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=72, format="png")
 
 
 def _write_pcc_csv(result: EvaluationResult, path: Path) -> None:
+    """One row per gene: its mean PCC per method over the held-out sections, and how often it
+    was a HEG / HVG there (small enough to keep next to the report)."""
+    per_method = _sections_by_method(result)
+    genes: list[str] = list(
+        dict.fromkeys(g for secs in per_method.values() for s in secs for g in s.genes)
+    )
+    names = [n for n, secs in per_method.items() if secs]
+    sums = {n: dict.fromkeys(genes, 0.0) for n in names}
+    counts = {n: dict.fromkeys(genes, 0) for n in names}
+    heg = dict.fromkeys(genes, 0)
+    hvg = dict.fromkeys(genes, 0)
+    mg: set[str] = set()
+    for n in names:
+        for s in per_method[n]:
+            for i, g in enumerate(s.genes):
+                sums[n][g] += float(s.pcc[i])
+                counts[n][g] += 1
+    # HEG/HVG/MG sets depend on the measured expression only: count them on one method
+    for s in per_method[names[0]] if names else []:
+        for i in s.heg:
+            heg[s.genes[i]] += 1
+        for i in s.hvg:
+            hvg[s.genes[i]] += 1
+        mg.update(s.genes[i] for i in s.mg)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "section", "gene", "pcc", "heg", "hvg", "mg"])
-        for name, secs in _sections_by_method(result).items():
-            for s in secs:
-                heg, hvg, mg = set(s.heg.tolist()), set(s.hvg.tolist()), set(s.mg.tolist())
-                for i, g in enumerate(s.genes):
-                    w.writerow(
-                        [
-                            name,
-                            s.section,
-                            g,
-                            f"{s.pcc[i]:.4f}",
-                            int(i in heg),
-                            int(i in hvg),
-                            int(i in mg),
-                        ]
-                    )
+        w.writerow(["gene", *[f"pcc_{n}" for n in names], "n_sections", "heg", "hvg", "marker"])
+        for g in genes:
+            vals = [f"{sums[n][g] / counts[n][g]:.4f}" if counts[n][g] else "" for n in names]
+            w.writerow([g, *vals, max(counts[n][g] for n in names), heg[g], hvg[g], int(g in mg)])
 
 
 def _markdown(result: EvaluationResult, figures: dict[str, str], notes: list[str]) -> str:

@@ -119,6 +119,15 @@ class PredictSession:
             self.engine.close()
 
 
+def _minus(cells: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Rows of ``cells`` not in ``other`` (both ``(n, 2)`` grid indices), order kept."""
+    if len(cells) == 0 or len(other) == 0:
+        return cells
+    width = int(max(cells[:, 1].max(), other[:, 1].max())) + 1
+    keep = ~np.isin(cells[:, 0] * width + cells[:, 1], other[:, 0] * width + other[:, 1])
+    return cells[keep]
+
+
 def slide_source(layer: Any) -> tuple[str, float | None]:
     """The slide file and µm/px behind a napari Image layer.
 
@@ -215,23 +224,26 @@ def batch_cells_values(batch: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _predict_job(
     session: PredictSession,
-    cells: np.ndarray,
+    parts: Sequence[np.ndarray],
     center: tuple[float, float] | None,
     token: CancelToken,
     ended: threading.Event,
 ) -> Iterator[Any]:
     """The worker body: yield each batch the Engine predicts; return how it ended.
 
-    Cancelling goes through ``token`` only (never ``worker.quit()``): the Engine then stops
-    before its next batch and closes its store writer in this thread.
+    ``parts`` are cell sets in priority order (the visible cells, then the prefetch margin);
+    each is run nearest ``center`` first. Cancelling goes through ``token`` only (never
+    ``worker.quit()``): the Engine then stops before its next batch and closes its store
+    writer in this thread.
     """
     try:
-        run = session.engine.run(cells, center=center, cancel=token)
-        with contextlib.closing(run) as batches:
-            for batch in batches:
-                yield batch
-                if token.cancelled:
-                    return "cancelled"
+        for cells in parts:
+            run = session.engine.run(cells, center=center, cancel=token)
+            with contextlib.closing(run) as batches:
+                for batch in batches:
+                    yield batch
+                    if token.cancelled:
+                        return "cancelled"
     except Cancelled:
         return "cancelled"
     except StPredictError as err:
@@ -279,7 +291,7 @@ class Job:
     id: int
     kind: str  # "view" or "slide"
     session: PredictSession
-    cells: np.ndarray
+    parts: list[np.ndarray]  # cell sets in priority order
     center: tuple[float, float] | None
     token: CancelToken = field(default_factory=CancelToken)
     ended: threading.Event = field(default_factory=threading.Event)
@@ -289,9 +301,14 @@ class Job:
     outcome: Any = None
 
     @property
+    def cells(self) -> np.ndarray:
+        """All cells asked for, ``(n, 2)``."""
+        return np.concatenate(self.parts) if self.parts else np.empty((0, 2), np.int64)
+
+    @property
     def total(self) -> int:
         """Number of cells asked for."""
-        return len(self.cells)
+        return sum(len(p) for p in self.parts)
 
 
 # ---------------------------------------------------------------------------------- scheduler
@@ -339,7 +356,7 @@ class LiveScheduler(QObject):
         self._session: PredictSession | None = None
         self._live = True
         self._job: Job | None = None
-        self._pending: tuple[str, np.ndarray, tuple[float, float] | None] | None = None
+        self._pending: tuple[str, list[np.ndarray], tuple[float, float] | None] | None = None
         self._seq = 0
         self._jobs_started = 0
         self._closed = False
@@ -482,17 +499,23 @@ class LiveScheduler(QObject):
             return 0
         if self._job is not None and self._job.kind == "slide" and not self._job.token.cancelled:
             return 0  # the whole-slide job covers the view (and started from its centre)
-        cells = session.missing(self.visible_cells())
-        if len(cells) == 0:
+        rect = self.visible_rect_px()
+        if rect is None:
+            return 0
+        # the visible cells first, then the prefetch margin around them
+        core = session.missing(session.view_cells(rect, margin=0))
+        ring = session.missing(_minus(session.view_cells(rect, margin=self.margin), core))
+        n = len(core) + len(ring)
+        if n == 0:
             if self._job is not None and self._job.kind == "view":
                 self._cancel_job()  # its cells left the view
             self._pending = None
             return 0
-        if len(cells) > self.max_live_cells:
-            self.message.emit(f"{len(cells)} cells in view: zoom in, or use 'Predict whole slide'")
+        if n > self.max_live_cells:
+            self.message.emit(f"{n} cells in view: zoom in, or use 'Predict whole slide'")
             return 0
-        self._submit("view", cells, self._view_center_px())
-        return len(cells)
+        self._submit("view", [p for p in (core, ring) if len(p)], self._view_center_px())
+        return n
 
     def predict_whole_slide(self) -> int:
         """Predict every tissue cell not predicted yet, from the view centre outward."""
@@ -503,15 +526,17 @@ class LiveScheduler(QObject):
         if len(cells) == 0:
             self.message.emit("every tissue cell is already predicted")
             return 0
-        self._submit("slide", cells, self._view_center_px())
+        self._submit("slide", [cells], self._view_center_px())
         return len(cells)
 
-    def _submit(self, kind: str, cells: np.ndarray, center: tuple[float, float] | None) -> None:
+    def _submit(
+        self, kind: str, parts: list[np.ndarray], center: tuple[float, float] | None
+    ) -> None:
         if self._job is not None:
             self._cancel_job()
-            self._pending = (kind, cells, center)
+            self._pending = (kind, parts, center)
         else:
-            self._start(kind, cells, center)
+            self._start(kind, parts, center)
 
     def _cancel_job(self) -> None:
         job = self._job
@@ -528,14 +553,16 @@ class LiveScheduler(QObject):
         self._pending = None
         self._cancel_job()
 
-    def _start(self, kind: str, cells: np.ndarray, center: tuple[float, float] | None) -> None:
+    def _start(
+        self, kind: str, parts: list[np.ndarray], center: tuple[float, float] | None
+    ) -> None:
         session = self._session
         assert session is not None
         self._seq += 1
         self._jobs_started += 1
-        job = Job(self._seq, kind, session, cells, center, started=time.perf_counter())
+        job = Job(self._seq, kind, session, parts, center, started=time.perf_counter())
         worker = EngineWorker(
-            _predict_job, session, cells, center, job.token, job.ended, token=job.token
+            _predict_job, session, parts, center, job.token, job.ended, token=job.token
         )
         job.worker = worker
         worker.yielded.connect(lambda batch, job=job: self._on_batch(job, batch))
@@ -581,12 +608,12 @@ class LiveScheduler(QObject):
         if self._closed:
             return
         if self._pending is not None and self._job is None:
-            kind, cells, center = self._pending
+            kind, parts, center = self._pending
             self._pending = None
-            if self._session is not None and self._session is job.session:
-                cells = self._session.missing(cells)
-            if self._session is not None and len(cells):
-                self._start(kind, cells, center)
+            if self._session is not None:
+                parts = [p for p in (self._session.missing(p) for p in parts) if len(p)]
+            if self._session is not None and parts:
+                self._start(kind, parts, center)
             elif self._session is not None:
                 self.schedule()
         elif self._job is None and job.session is not self._session:

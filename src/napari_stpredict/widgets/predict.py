@@ -169,6 +169,7 @@ class PredictWidget(QWidget):
         self._flush_timer = QTimer(self)
         self._flush_timer.setSingleShot(True)
         self._flush_timer.setInterval(REFRESH_MS)
+        self._last_flush = 0.0
         self._flush_timer.timeout.connect(self._flush)
 
         self._build_ui()
@@ -614,11 +615,12 @@ class PredictWidget(QWidget):
         if layer is None or predictor is None or model_path is None:
             return
         try:
-            path, _file_mpp = slide_source(layer)
+            path, layer_mpp = slide_source(layer)
         except StPredictError as err:
             self._on_error(str(err))
             return
-        mpp = self.mpp_spin.value() or None
+        # the µm/px box wins, then the one the layer was opened with (the file's, or given)
+        mpp = self.mpp_spin.value() or layer_mpp
         stride = self.stride_spin.value() or None
         seq = self._build_seq
         cache_dir = self.cache_dir
@@ -732,10 +734,16 @@ class PredictWidget(QWidget):
         if session is not self.session or self.heatmaps is None:
             return
         self.heatmaps.update(cells, values)
-        if not self._flush_timer.isActive():
-            self._flush_timer.start()
+        if self._flush_timer.isActive():
+            return  # a redraw is already due
+        wait_ms = REFRESH_MS - 1000 * (time.perf_counter() - self._last_flush)
+        if wait_ms <= 0:
+            self._flush()  # at most ~10 Hz, but without delaying a redraw that is allowed now
+        else:
+            self._flush_timer.start(int(wait_ms) + 1)
 
     def _flush(self) -> None:
+        self._last_flush = time.perf_counter()
         if self.heatmaps is not None:
             self.heatmaps.flush()
 
