@@ -57,7 +57,7 @@ def _pan_targets(grid, tissue: np.ndarray, n: int, half_cells: tuple[int, int]) 
         y0, y1, x0, x1 = i - hy, i + hy + 1, j - hx, j + hx + 1
         if y0 < 0 or x0 < 0 or y1 > tissue.shape[0] or x1 > tissue.shape[1]:
             continue
-        if taken[y0:y1, x0:x1].any() or tissue[y0:y1, x0:x1].mean() < 0.6:
+        if taken[y0:y1, x0:x1].any() or tissue[y0:y1, x0:x1].mean() < 0.4:
             continue
         taken[y0:y1, x0:x1] = True
         out.append((int(i), int(j)))
@@ -66,12 +66,11 @@ def _pan_targets(grid, tissue: np.ndarray, n: int, half_cells: tuple[int, int]) 
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
     from napari_stpredict.model import Predictor
 
-    workdir = Path(tempfile.mkdtemp(prefix="stpredict-bench-view-"))
     model = Path(args.model) if args.model else None
     if model is None:
         px, genes = (224, 785) if args.model_kind == "paper" else (64, 250)
@@ -260,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not C2.exists():
         raise SystemExit(f"{C2}: HER2ST data not found (set STPREDICT_SHARED_DATA)")
-    result = run(args)
+    with tempfile.TemporaryDirectory(prefix="stpredict-bench-view-") as workdir:
+        result = run(args, Path(workdir))
     print(json.dumps({k: v for k, v in result.items() if k != "pans"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

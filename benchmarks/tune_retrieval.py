@@ -19,13 +19,17 @@ Usage (from the repository root; see docs/benchmarks.md, section "evaluation")::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+import napari_stpredict.model.methods as methods_mod
 from napari_stpredict.evaluation import BREAST_CANCER_MARKERS, make_folds, score_section
 from napari_stpredict.evaluation.data import (
     load_section,
@@ -35,13 +39,79 @@ from napari_stpredict.evaluation.data import (
     section_patches,
 )
 from napari_stpredict.evaluation.folds import check_no_leakage
+from napari_stpredict.model.methods import BLEEP, CMRCNet
 from napari_stpredict.st import load_manifest
 from napari_stpredict.training import TrainConfig, train
 
-# candidate training configurations (model_kwargs), the first is the default
-GRID: dict[str, list[dict]] = {
-    "cmrc": [{}, {"temperature": 8.0}, {"mask_prob": 0.25}],
-    "bleep": [{}, {"temperature": 8.0}],
+# Two knobs the shipped methods do not expose are tested with variant classes swapped in for
+# this study only (the registry entry of the method is replaced while the candidate is trained
+# and scored, so training treats it exactly as the shipped method, frozen tokens included):
+# L2: the contrastive loss on L2-normalised embeddings (retrieval compares cosines, the shipped
+# loss raw dot products of LayerNorm outputs); RecWeight: a weight on CMRCNet's reconstruction.
+
+
+class _L2Contrastive:
+    def _contrastive(self, pooled, expr):
+        from napari_stpredict.model.heads import soft_clip_loss
+
+        img = self.image_projection(pooled)
+        spot = self.expr_projection(expr)
+        loss = soft_clip_loss(
+            F.normalize(img.float(), dim=-1),
+            F.normalize(spot.float(), dim=-1),
+            temperature=self.temperature,
+        )
+        return loss, img
+
+
+class BleepL2(_L2Contrastive, BLEEP):
+    method = "bleep"
+
+
+class CmrcL2(_L2Contrastive, CMRCNet):
+    method = "cmrc"
+
+
+class CmrcRecWeight(CMRCNet):
+    method = "cmrc"
+
+    def __init__(self, *, rec_weight: float = 1.0, **kw):
+        super().__init__(rec_weight=rec_weight, **kw)
+        self.rec_weight = float(rec_weight)
+
+    def loss_from_features(self, tokens, pooled, expr):
+        con, img_emb = self._contrastive(pooled, expr)
+        rec = F.mse_loss(self.reconstruct(tokens, expr).float(), img_emb.float())
+        total = torch.log1p(con) + self.rec_weight * torch.log1p(rec)
+        return {"loss": total, "contrastive": con.detach(), "reconstruction": rec.detach()}
+
+
+@contextlib.contextmanager
+def _variant(method: str, cls):
+    """Let ``method`` build ``cls`` while the block runs (``None``: the shipped class)."""
+    saved = methods_mod._REGISTRY[method]
+    if cls is not None:
+        methods_mod._REGISTRY[method] = cls
+    try:
+        yield
+    finally:
+        methods_mod._REGISTRY[method] = saved
+
+
+# candidate training configurations per method: (label, variant class, model_kwargs);
+# the first is the shipped default
+GRID: dict[str, list[tuple[str, type | None, dict]]] = {
+    "cmrc": [
+        ("default (T=1)", None, {}),
+        ("T=8", None, {"temperature": 8.0}),
+        ("L2, T=0.1", CmrcL2, {"temperature": 0.1}),
+        ("reconstruction ×3", CmrcRecWeight, {"rec_weight": 3.0}),
+    ],
+    "bleep": [
+        ("default (T=1)", None, {}),
+        ("T=8", None, {"temperature": 8.0}),
+        ("L2, T=0.1", BleepL2, {"temperature": 0.1}),
+    ],
 }
 TOP_K = [10, 25, 50, 100]
 METRIC = "pcc_heg"
@@ -110,10 +180,15 @@ def main() -> None:
         batch_size=64, seed=0, device="cpu", genes=args.genes, n_top_genes=args.n_top_genes,
         feature_cache_dir=args.feature_cache,
     )  # fmt: skip
+    if args.smoke:
+        base = dataclasses.replace(
+            base, backbone="test_efficientnet", pretrained="none", patch_px=32, max_steps=2
+        )
     names = [s.name for s in manifest.sections]
     sections = {n: load_section(manifest.section(n)) for n in names}
     patch_cache: dict = {}
-    out: dict = {"manifest": str(args.manifest), "metric": METRIC, "grid": GRID, "top_k": TOP_K,
+    grid = {m: [{"label": lab, "model_kwargs": kw} for lab, _, kw in g] for m, g in GRID.items()}
+    out: dict = {"manifest": str(args.manifest), "metric": METRIC, "grid": grid, "top_k": TOP_K,
                  "budget": dataclasses.asdict(base), "folds": []}  # fmt: skip
     t0 = time.perf_counter()
     for fold in make_folds(manifest.sections):
@@ -123,48 +198,55 @@ def main() -> None:
         rec: dict = {"test": test, "validation": val, "inner_train": inner_train, "methods": {}}
         for method in args.methods.split(","):
             cands = []
-            for i, kw in enumerate(GRID[method]):
+            for i, (label, cls, kw) in enumerate(GRID[method]):
                 path = args.work / f"{test}" / f"val-{method}-{i}.safetensors"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 cfg = dataclasses.replace(base, method=method, model_kwargs=dict(kw))
-                if not path.exists():
-                    train(manifest, cfg, out=path, sections=inner_train)
-                for k, m in zip(
-                    TOP_K,
-                    _score(str(path), sections[val], top_ks=TOP_K, cache=patch_cache),
-                    strict=True,
-                ):
-                    cands.append({"model_kwargs": kw, "top_k": k, **m})
+                with _variant(method, cls):
+                    if not path.exists():
+                        train(manifest, cfg, out=path, sections=inner_train)
+                    scores = _score(str(path), sections[val], top_ks=TOP_K, cache=patch_cache)
+                for k, m in zip(TOP_K, scores, strict=True):
+                    cands.append({"candidate": i, "label": label, "top_k": k, **m})
                     print(
-                        f"test {test} val {val} {method} {kw} k={k}: {METRIC}={m[METRIC]:.4f}",
+                        f"test {test} val {val} {method} {label} k={k}: {METRIC}={m[METRIC]:.4f}",
                         flush=True,
                     )
             best = max(cands, key=lambda c: c[METRIC])
-            default = next(c for c in cands if not c["model_kwargs"] and c["top_k"] == 50)
-            # outer: retrain the chosen and the default configuration on all training sections
+            default = next(c for c in cands if c["candidate"] == 0 and c["top_k"] == 50)
+            # outer: the chosen and the default configuration, trained on all training sections
             outer = {}
             for tag, c in (("default", default), ("tuned", best)):
                 if tag == "tuned" and c is default:
                     outer[tag] = outer["default"]
                     continue
+                label, cls, kw = GRID[method][c["candidate"]]
                 path = args.work / f"{test}" / f"outer-{method}-{tag}.safetensors"
-                reuse = (
-                    args.reuse / f"fold{names.index(test) + 1:02d}-{test}" / f"{method}.safetensors"
-                    if args.reuse
-                    else None
-                )
-                if tag == "default" and reuse is not None and reuse.exists():
-                    path = reuse  # the cross-validation run's model: same data, budget and seed
-                elif not path.exists():
-                    cfg = dataclasses.replace(
-                        base, method=method, model_kwargs=dict(c["model_kwargs"]), top_k=c["top_k"]
+                reuse = None
+                if args.reuse is not None:
+                    reuse = (
+                        args.reuse
+                        / f"fold{names.index(test) + 1:02d}-{test}"
+                        / f"{method}.safetensors"
                     )
-                    train(manifest, cfg, out=path, sections=list(fold.train))
-                (outer[tag],) = _score(str(path), sections[test], top_ks=[None], cache=patch_cache)
-                print(f"test {test} {method} {tag}: {METRIC}={outer[tag][METRIC]:.4f}", flush=True)
+                with _variant(method, cls):
+                    if tag == "default" and reuse is not None and reuse.exists():
+                        path = reuse  # the cross-validation run's model: same data, budget and seed
+                    elif not path.exists():
+                        cfg = dataclasses.replace(
+                            base, method=method, model_kwargs=dict(kw), top_k=c["top_k"]
+                        )
+                        train(manifest, cfg, out=path, sections=list(fold.train))
+                    (outer[tag],) = _score(
+                        str(path), sections[test], top_ks=[None], cache=patch_cache
+                    )
+                print(
+                    f"test {test} {method} {tag} ({label}, k={c['top_k']}): {METRIC}={outer[tag][METRIC]:.4f}",
+                    flush=True,
+                )
             rec["methods"][method] = {
                 "candidates": cands,
-                "chosen": {"model_kwargs": best["model_kwargs"], "top_k": best["top_k"]},
+                "chosen": {"label": best["label"], "top_k": best["top_k"]},
                 "test": outer,
             }
         out["folds"].append(rec)

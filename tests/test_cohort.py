@@ -307,3 +307,39 @@ def test_local_cluster_workers_see_only_their_gpu():
     assert sorted(env.values()) == ["0", "1"]
     assert all(w["resources"] == {"GPU": 1} for w in info.values())
     assert all(w["nthreads"] == 1 for w in info.values())
+
+
+def test_existing_cluster_by_address(tmp_path, wsi_dir, tiny_model_file):
+    # a scheduler someone else started (here: in this process, one GPU-declaring worker)
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=None,
+        resources={"GPU": 1},
+    )
+    lines: list[str] = []
+    try:
+        result = predict_cohort(
+            [wsi_dir / "cmu_small_region.svs"],
+            tiny_model_file,
+            tmp_path / "out",
+            scheduler=cluster.scheduler_address,
+            stride_um=_stride(tiny_model_file),
+            on_cluster=lines.append,
+        )
+    finally:
+        cluster.close()
+    assert result.ok and result.rows[0]["status"] == "done"
+    assert result.scheduler == cluster.scheduler_address
+    assert "1 worker(s) with GPU resources" in lines[0]
+    assert result.rows[0]["worker"].endswith(f":{os.getpid()}")  # ran on that cluster's worker
+    from napari_stpredict.distributed import connect
+
+    with (
+        pytest.raises(StPredictError, match="cannot connect"),
+        connect("tcp://127.0.0.1:9", timeout_s=1),
+    ):
+        pass

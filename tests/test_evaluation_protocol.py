@@ -246,6 +246,7 @@ def test_evaluate_end_to_end(evaluated):
         for k in ("pcc_heg", "pcc_hvg", "pcc_all", "mse", "mae", "gene_gene_corr"):
             assert isinstance(m["mean"][k], float)
         assert -1 <= m["mean"]["pcc_all"] <= 1 and m["mean"]["mse"] > 0
+        assert all(f["training"]["steps"] == 2 for f in m["folds"])  # the same budget for all
     assert calls[-1][:2] == (6, 6)  # 2 folds × 3 methods
     # identical data and budget: same panel within a fold, same training sections
     for i, test in enumerate(("C2", "C3")):

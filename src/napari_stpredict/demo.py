@@ -4,7 +4,7 @@
 
 1. :func:`demo_data` fetches a few sections of the HER2ST breast cancer study (Andersson et al.,
    Nat. Commun. 2021) from the authors' GitHub repository ``almaan/her2st``: count tables, spot
-   tables and full-resolution H&E images (about 17 MB). Every file is pinned by commit and
+   tables and full-resolution H&E images (about 19 MB). Every file is pinned by commit and
    SHA-256 with :mod:`pooch`, so what is trained on is exactly what was checked. ``data_dir``
    points at a local copy with the same layout instead (no network).
 2. :func:`demo_model` trains a small CMRCNet on the training sections on the CPU, starting from

@@ -233,7 +233,8 @@ def start_local_cluster(plan: ClusterPlan, *, dashboard: bool = True):
     """Start a LocalCluster laid out as ``plan`` and return it (close it when done).
 
     Each worker is a separate process (a nanny restarts it if it dies) with one task slot, so a
-    worker runs one job at a time and gives that job all of its threads and its GPU. Workers get
+    worker runs one job at a time and gives that job all of its threads and its GPU, and an
+    equal share of the machine's memory. Workers get
     ``CUDA_VISIBLE_DEVICES`` and thread-count variables through their environment, before torch is
     imported there.
 
@@ -249,6 +250,7 @@ def start_local_cluster(plan: ClusterPlan, *, dashboard: bool = True):
     distributed.SpecCluster
     """
     from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
 
     has_bokeh = importlib.util.find_spec("bokeh") is not None
     workers: dict[str, dict[str, Any]] = {}
@@ -263,7 +265,8 @@ def start_local_cluster(plan: ClusterPlan, *, dashboard: bool = True):
         options: dict[str, Any] = {
             "nthreads": 1,
             "env": env,
-            "memory_limit": "auto",
+            # "auto" would give a 1-thread worker only 1/cores of the RAM
+            "memory_limit": max(1, MEMORY_LIMIT // max(1, plan.n_workers)),
             "silence_logs": logging.ERROR,
             "dashboard": False,
         }

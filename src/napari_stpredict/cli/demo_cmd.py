@@ -122,7 +122,7 @@ def demo(
 ) -> None:
     """Show the whole product on a real slide: download, train (cached), predict, explore.
 
-    The first run downloads four HER2ST breast cancer sections (about 17 MB, pinned by SHA-256)
+    The first run downloads four HER2ST breast cancer sections (about 19 MB, pinned by SHA-256)
     and trains a small model on three of them on the CPU (minutes); napari then opens the
     fourth with live heatmaps of a few markers and the tumour layer.
     """

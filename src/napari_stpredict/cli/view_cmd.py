@@ -77,6 +77,9 @@ def view(
         "--screenshot",
         help="Save the canvas to this PNG once the visible cells are predicted, then exit.",
     ),
+    window: bool = typer.Option(
+        False, "--window", help="With --screenshot: save the whole window, panels included."
+    ),
     size: str = typer.Option("1200,900", "--size", help="Window size 'W,H' in screen pixels."),
     timeout: float = typer.Option(
         600.0, "--timeout", help="With --screenshot: give up after this many seconds."
@@ -127,6 +130,7 @@ def view(
         slide_mpp=slide_mpp,
         device=device,
         screenshot=screenshot,
+        whole_window=window,
         window_size=(int(win[0]), int(win[1])) if win else (1200, 900),
         timeout=timeout,
     )
@@ -147,6 +151,7 @@ def _run_viewer(
     slide_mpp: float | None,
     device: str,
     screenshot: Path | None,
+    whole_window: bool,
     window_size: tuple[int, int],
     timeout: float,
 ) -> int:
@@ -158,16 +163,21 @@ def _run_viewer(
 
     viewer = napari.Viewer(title=f"stpredict · {slide_path.name}", show=True)
     viewer.window.resize(*window_size)
-    layers = viewer.open(str(slide_path), plugin="napari-stpredict")
-    if not layers:
-        viewer.close()
-        raise StPredictError(f"{slide_path}: napari could not open the slide")
-    slide_layer = layers[0]
+    if mpp is None:
+        layers = viewer.open(str(slide_path), plugin="napari-stpredict")
+        if not layers:
+            viewer.close()
+            raise StPredictError(f"{slide_path}: napari could not open the slide")
+        slide_layer = layers[0]
+    else:  # the reader's layer, in µm with the given pixel size
+        from napari_stpredict._reader import slide_layer_data
+        from napari_stpredict.slide import open_slide
+
+        data, kwargs, _ = slide_layer_data(open_slide(slide_path, mpp=mpp))
+        slide_layer = viewer.add_image(data, **kwargs)
     widget = PredictWidget(viewer, device=device)
     dock = viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
     widget.set_slide_layer(slide_layer)
-    if mpp is not None:
-        widget.set_mpp(mpp)
     if stride_um is not None:
         widget.set_stride(stride_um)
     if predictor is not None:
@@ -175,11 +185,11 @@ def _run_viewer(
     if genes:
         widget.set_genes(genes)
 
-    # the layer is in µm when the slide has a pixel size, else in pixels (at the model's
-    # scale, or --mpp): convert the µm options to layer units
+    # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
+    # at the model's scale: convert the µm options to layer units
     units_per_um = 1.0
     if not slide_mpp:
-        assumed = mpp or (predictor.patch_um / predictor.patch_px if predictor is not None else 1.0)
+        assumed = predictor.patch_um / predictor.patch_px if predictor is not None else 1.0
         units_per_um = 1.0 / assumed
     viewer.reset_view()
     camera = camera_of(viewer)
@@ -194,7 +204,8 @@ def _run_viewer(
         widget.close_workers(wait_s=30)
         return 0
 
-    _canvas_only_window(viewer, dock)
+    if not whole_window:
+        _canvas_only_window(viewer, dock)
     state: dict[str, Any] = {"code": None, "error": None}
     t0 = time.perf_counter()
 
@@ -214,7 +225,7 @@ def _run_viewer(
             print(f"stpredict: error: {state['error']}", file=sys.stderr)
             finish(1)
         elif predictor is None or widget.view_complete():
-            _save_screenshot(viewer, screenshot)
+            _save_screenshot(viewer, screenshot, canvas_only=not whole_window)
             n = widget.session.store.n_done if widget.session is not None else 0
             print(
                 f"saved {screenshot} ({n} cells predicted, {time.perf_counter() - t0:.1f} s)",
@@ -236,12 +247,12 @@ def _run_viewer(
     return int(state["code"] if state["code"] is not None else 1)
 
 
-def _save_screenshot(viewer: Any, path: Path) -> None:
+def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> None:
     import imageio.v3 as iio
 
     from napari_stpredict.io_utils import atomic_path
 
-    image = viewer.screenshot(canvas_only=True, flash=False)
+    image = viewer.screenshot(canvas_only=canvas_only, flash=False)
     with atomic_path(path, overwrite=True) as tmp:
         iio.imwrite(tmp, image, extension=".png")
 

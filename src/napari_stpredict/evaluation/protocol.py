@@ -314,7 +314,7 @@ def evaluate(
                     )
                     fr.train = list(fold.train)
                     fr.train_wall_s = t_train
-                    fr.history = list(getattr(tr, "history", None) or [])
+                    fr.training = _training_summary(info.metadata)
                     if own_tmp:
                         fr.model_path = None
                     panels.append(info.genes)
@@ -425,6 +425,22 @@ def score_model(
         markers_used=used,
         markers_missing=missing,
     )
+
+
+def _training_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the fold's training did: best epoch, steps, validation scores (validation spots of
+    the training sections only)."""
+    m = meta.get("metrics") or {}
+    keep = (
+        "best_epoch",
+        "epochs_run",
+        "steps",
+        "n_train_spots",
+        "n_val_spots",
+        "val_pcc",
+        "val_loss",
+    )
+    return {k: m[k] for k in keep if k in m}
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -154,7 +154,7 @@ def _plot_spatial(
     xy = first.xy
     # spot size: about the grid pitch in points, so maps look like tissue at any section size
     span = float(np.ptp(xy, axis=0).max()) if len(xy) > 1 else 1.0
-    size = max(2.0, min(30.0, 3000.0 / max(len(xy), 1)))
+    size = _spot_size(xy, span, axis_pt=2.5 * 72 * 0.8)
     for r, gi in enumerate(idx):
         for c, col in enumerate(cols):
             ax = axes[r, c]
@@ -186,6 +186,18 @@ def _plot_spatial(
     return [first.genes[i] for i in idx]
 
 
+def _spot_size(xy: np.ndarray, span: float, *, axis_pt: float) -> float:
+    """Marker area (pt²) for spots drawn about 80 % of their centre-to-centre pitch wide."""
+    if len(xy) < 2 or span <= 0:
+        return 20.0
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    pitch = float(np.median(d[:, 1]))
+    diameter = 0.8 * axis_pt * pitch / (1.06 * span)
+    return float(np.clip(diameter, 1.0, 20.0) ** 2)
+
+
 def _figure(size: tuple[float, float]):
     # a bare Figure (no pyplot): no GUI backend is touched, safe inside napari or a thread
     from matplotlib.figure import Figure
@@ -194,8 +206,17 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(fig, path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=72, format="png")
+    buf.seek(0)
+    # a 256-colour palette: plots stay sharp and the files small enough to keep in a repository
+    img = Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=72, format="png")
+        img.save(tmp, format="PNG", optimize=True)
 
 
 def _write_pcc_csv(result: EvaluationResult, path: Path) -> None:

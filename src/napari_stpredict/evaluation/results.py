@@ -72,7 +72,7 @@ class FoldResult:
     model_path: str | None = None
     train_wall_s: float | None = None
     score_wall_s: float | None = None
-    history: list[dict] | None = None
+    training: dict[str, Any] | None = None  # best epoch, steps, validation scores of the run
 
     @property
     def ok(self) -> bool:
@@ -97,6 +97,10 @@ class FoldResult:
             d["train_wall_s"] = round(self.train_wall_s, 2)
         if self.score_wall_s is not None:
             d["score_wall_s"] = round(self.score_wall_s, 2)
+        if self.training:
+            d["training"] = {
+                k: _num(v) if isinstance(v, float) else v for k, v in self.training.items()
+            }
         return d
 
 

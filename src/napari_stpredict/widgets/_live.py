@@ -1,6 +1,6 @@
 """Live scheduling: predict the visible tissue cells as the user pans and zooms.
 
-The :class:`LiveScheduler` listens to the camera (``camera_of(viewer).events``), the canvas size and
+The :class:`LiveScheduler` listens to the camera (``viewer.camera.events``), the canvas size and
 the slide layer's ``loaded`` event (a new data level / corner pixels), debounces them
 (:data:`DEBOUNCE_MS`), and asks the session's Engine for the visible tissue cells plus a margin
 that are not predicted yet, nearest to the view centre first. One job runs at a time in a
@@ -37,7 +37,7 @@ DEBOUNCE_MS = 150
 #: Extra cells requested around the view on every side (prefetch for small pans).
 MARGIN = 1
 #: Above this many missing visible cells, live mode waits (zoom in, or predict whole slide).
-MAX_LIVE_CELLS = 20_000
+MAX_LIVE_CELLS = 5_000
 #: Minimum tissue fraction of a cell's footprint for the cell to be predicted.
 MIN_TISSUE = 0.2
 
@@ -114,9 +114,11 @@ class PredictSession:
         return plane
 
     def close(self) -> None:
-        """Stop the engine's reader threads (once no job of this session runs). Idempotent."""
+        """Stop the engine's reader threads and close the slide (once no job of this session
+        runs). Idempotent."""
         with self._close_lock:
             self.engine.close()
+            self.slide.close()
 
 
 def _minus(cells: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -187,17 +189,21 @@ def open_session(
     from napari_stpredict.slide import open_slide, tissue_mask
 
     slide = open_slide(slide_path, mpp=mpp)
-    warnings: list[str] = []
-    grid = TileGrid.for_slide(slide, predictor, stride_um=stride_um)
-    if getattr(grid, "mpp_assumed", False):
-        warnings.append(
-            f"{Path(slide_path).name}: no µm/px in the file; assuming the model's scale "
-            f"({grid.effective_mpp:.3g} µm/px). Set the slide's µm/px if known."
-        )
-    mask = tissue_mask(slide)
-    tissue = np.asarray(grid.tissue_cells(mask, MIN_TISSUE), dtype=bool)
-    store = PredictionStore.for_slide(slide, predictor, grid, cache_dir=cache_dir)
-    engine = Engine(slide, predictor, grid, store, tissue=tissue, min_tissue=MIN_TISSUE)
+    try:
+        warnings: list[str] = []
+        grid = TileGrid.for_slide(slide, predictor, stride_um=stride_um)
+        if grid.mpp_assumed:
+            warnings.append(
+                f"{Path(slide_path).name}: no µm/px in the file; assuming the model's scale "
+                f"({grid.effective_mpp:.3g} µm/px). Set the slide's µm/px if known."
+            )
+        mask = tissue_mask(slide)
+        tissue = np.asarray(grid.tissue_cells(mask, MIN_TISSUE), dtype=bool)
+        store = PredictionStore.for_slide(slide, predictor, grid, cache_dir=cache_dir)
+        engine = Engine(slide, predictor, grid, store, tissue=tissue, min_tissue=MIN_TISSUE)
+    except BaseException:
+        slide.close()
+        raise
     key = f"{slide.fingerprint()}:{Path(model_path).resolve()}:{grid.key()}"
     return PredictSession(
         slide=slide,

@@ -213,8 +213,10 @@ class PredictWidget(QWidget):
         self.mpp_spin.setDecimals(4)
         self.mpp_spin.setRange(0.0, 100.0)
         self.mpp_spin.setSingleStep(0.01)
-        self.mpp_spin.setSpecialValueText("from file")
-        self.mpp_spin.setToolTip("µm per level-0 pixel; 'from file' uses the slide's own value")
+        self.mpp_spin.setSpecialValueText("from slide")
+        self.mpp_spin.setToolTip(
+            "µm per level-0 pixel; 'from slide' uses the slide layer's own value"
+        )
         self.mpp_spin.editingFinished.connect(self._rebuild_session)
         form.addRow("µm/px", self.mpp_spin)
         self.stride_spin = QDoubleSpinBox()
@@ -284,7 +286,7 @@ class PredictWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("%v / %m cells")
+        self.progress_bar.setFormat("idle")
         vbox.addWidget(self.progress_bar)
         self.status_label = QLabel("load a model and pick a slide")
         self.status_label.setWordWrap(True)
@@ -751,6 +753,7 @@ class PredictWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("%v / %m cells")
         what = "whole slide" if kind == "slide" else "view"
         self._set_status(f"predicting {total} cells ({what})…")
 
