@@ -170,6 +170,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--methods", default="cmrc,bleep")
     ap.add_argument(
+        "--smoke", action="store_true", help="tiny backbone, 2 steps: checks the script"
+    )
+    ap.add_argument(
         "--reuse", type=Path, default=None, help="work dir of the CV run (default models)"
     )
     args = ap.parse_args()

@@ -7,6 +7,7 @@ Run under ``xvfb-run -a`` (GUI tests need a display).
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -386,3 +387,14 @@ def test_closing_the_viewer_mid_prediction_leaves_no_thread(env, qtbot):
     viewer.close()
     qtbot.waitUntil(job.ended.is_set, timeout=WAIT_MS)
     qtbot.waitUntil(lambda: session.engine._closed, timeout=WAIT_MS)
+
+    # the engine's reader pool and store writer threads are gone too (the slide backend's
+    # process-wide decode pool, "stpredict-tiff", is shared by all slides and stays)
+    def ours():
+        names = [t.name for t in threading.enumerate()]
+        return [n for n in names if n.startswith(("stpredict-read", "stpredict-store-writer"))]
+
+    try:
+        qtbot.waitUntil(lambda: not ours(), timeout=WAIT_MS)
+    except Exception:
+        raise AssertionError(f"threads left: {ours()}") from None

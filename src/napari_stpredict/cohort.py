@@ -421,8 +421,7 @@ def _predict_open_slide(
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
 ) -> dict[str, Any]:
-    from napari_stpredict.inference.engine import Engine
-    from napari_stpredict.inference.grid import TileGrid
+    from napari_stpredict.inference import Engine, TileGrid
     from napari_stpredict.slide import tissue_mask
 
     folder = job.folder
@@ -484,7 +483,7 @@ def _open_store(job: SlideJob, slide, grid, predictor):
     """``OUT/<name>/predictions.zarr``, emptied first if it holds another slide/model/grid."""
     import shutil
 
-    from napari_stpredict.inference.store import PredictionStore, model_key, store_key
+    from napari_stpredict.inference import PredictionStore, model_key, store_key
 
     identity = store_key(
         slide_fingerprint=slide.fingerprint(), model=model_key(predictor), grid=grid

@@ -681,9 +681,7 @@ def run_demo(
         on_stage=on_stage,
     )
 
-    from napari_stpredict.inference.engine import Engine
-    from napari_stpredict.inference.grid import TileGrid
-    from napari_stpredict.inference.store import PredictionStore
+    from napari_stpredict.inference import Engine, PredictionStore, TileGrid
     from napari_stpredict.model import Predictor
     from napari_stpredict.slide import open_slide, tissue_mask
 

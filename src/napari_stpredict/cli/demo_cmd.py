@@ -183,7 +183,11 @@ def demo(
         f"· opening napari: {inputs.slide.name}, model {inputs.model.name}, genes {', '.join(shown)}",
         highlight=False,
     )
-    open_demo_viewer(inputs, predictor, shown, device=device)
+    from napari_stpredict.demo import default_cache_dir
+
+    # the same prediction cache as the headless demo: what one predicted, the other reuses
+    predictions = (cache_dir.expanduser() if cache_dir else default_cache_dir()) / "predictions"
+    open_demo_viewer(inputs, predictor, shown, device=device, cache_dir=predictions)
 
 
 def open_demo_viewer(
@@ -192,6 +196,7 @@ def open_demo_viewer(
     genes: list[str],
     *,
     device: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
     show: bool = True,
     run: bool = True,
     window_size: tuple[int, int] = (1400, 900),
@@ -208,6 +213,8 @@ def open_demo_viewer(
         Genes shown as heatmaps.
     device
         Device of the widget (the predictor's is used).
+    cache_dir
+        Prediction cache of the widget (default: the widget's own default).
     show, run
         Show the window; enter the Qt event loop (``False`` for scripts and tests).
     window_size
@@ -229,7 +236,7 @@ def open_demo_viewer(
     viewer.window.resize(*window_size)
     data, kwargs, _ = slide_layer_data(open_slide(inputs.slide, mpp=inputs.mpp))
     slide_layer = viewer.add_image(data, **kwargs)
-    widget = PredictWidget(viewer, device=device)
+    widget = PredictWidget(viewer, device=device, cache_dir=cache_dir)
     viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
     widget.set_slide_layer(slide_layer)
     if inputs.mpp is not None:  # the HER2ST JPEGs record none: the spot grid gave it

@@ -648,14 +648,18 @@ class PredictWidget(QWidget):
         self._run(worker)
 
     def _on_session(self, seq: int, result: Any) -> None:
-        if self._closed or seq != self._build_seq:
+        stale = self._closed or seq != self._build_seq
+        if isinstance(result, PredictSession) and (
+            stale or result.slide_layer not in self.viewer.layers
+        ):
+            result.close()  # built for inputs that changed meanwhile: release slide + threads
+            return
+        if stale:
             return
         if isinstance(result, Failed):
             self._on_error(str(result.error))
             return
         session: PredictSession = result
-        if session.slide_layer not in self.viewer.layers:
-            return
         for text in session.warnings:
             self.slide_warning.setText(f"⚠ {text}")
             self.slide_warning.show()
