@@ -448,6 +448,10 @@ class TumorWidget(QWidget):
         kwargs = {}
         if ref is not None:
             kwargs = {"scale": tuple(ref.scale)[-2:], "translate": tuple(ref.translate)[-2:]}
+            units = getattr(ref, "units", None)
+            if units is not None:
+                # same units as the heatmaps and the slide, else napari drops units for all
+                kwargs["units"] = tuple(str(u) for u in units)[-2:]
         cmap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: TUMOR_RGBA})
         self.layer = self.viewer.add_labels(
             data,
