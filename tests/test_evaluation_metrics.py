@@ -171,3 +171,27 @@ def test_score_section_keys_and_tumor_auroc():
     s2 = score_section(true, pred, genes, section="S", markers=["ABSENT"])
     assert "tumor_auroc" not in s2.metrics and math.isnan(s2.metrics["pcc_mg"])
     assert np.isnan(marker_zscore(true, ["A", "B", "C", "D", "E"])).all()
+
+
+def test_tumor_auroc_on_real_labels(benchmarks_data_dir, her2st_dir):
+    """Pathologist labels of a real HER2ST section: measured expression localises the tumour,
+    a spot-shuffled 'prediction' does not (the labelled sections have no image to predict from)."""
+    from napari_stpredict.evaluation.data import load_section, measured_expression
+    from napari_stpredict.evaluation.protocol import _tumor_score_fn
+    from napari_stpredict.st import load_manifest
+
+    m = load_manifest(benchmarks_data_dir / "her2st_labelled.yaml")
+    sec = load_section(m.section("B1"))
+    assert sec.labels is not None and not sec.image
+    genes = list(sec.adata.var_names)
+    true = measured_expression(sec, genes, {"method": "log1p_cpm", "target_sum": 1e4})
+    fn = _tumor_score_fn()
+    same = score_section(
+        true, true, genes, section="B1", markers=["ERBB2"], labels=sec.labels, tumor_score=fn
+    )
+    assert same.metrics["tumor_auroc"] == same.metrics["tumor_auroc_measured"] > 0.7
+    shuffled = true[np.random.default_rng(0).permutation(len(true))]
+    s = score_section(
+        true, shuffled, genes, section="B1", markers=["ERBB2"], labels=sec.labels, tumor_score=fn
+    )
+    assert s.metrics["tumor_auroc"] < s.metrics["tumor_auroc_measured"] - 0.1

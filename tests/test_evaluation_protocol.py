@@ -316,3 +316,21 @@ def test_leaky_training_is_caught_per_fold(two_sections, tmp_path, monkeypatch):
     (fold,) = res.methods["regression"].folds
     assert not fold.ok and "LeakageError" in fold.error and not fold.metrics
     assert res.methods["regression"].to_dict()["n_failed"] == 1
+
+
+def test_validation_sections_stay_inside_the_fold(tmp_path):
+    """--val-sections never names the held-out section and is not trained on."""
+    from napari_stpredict.evaluation.protocol import _fold_config
+    from napari_stpredict.training import TrainConfig
+
+    fold = make_folds(SPECS)[-1]  # test A2
+    cfg, train_sections = _fold_config(
+        TrainConfig(val_sections=["C3", "A2"], train_backbone="none"), "bleep", fold, tmp_path
+    )
+    assert cfg.method == "bleep" and cfg.val_sections == ["C3"]
+    assert train_sections == ["B4", "C2", "C4"]
+    assert cfg.feature_cache_dir == str(tmp_path / "features")  # shared by methods and folds
+    cfg, train_sections = _fold_config(TrainConfig(val_sections=["A2"]), "cmrc", fold, tmp_path)
+    assert cfg.val_sections is None and "A2" not in train_sections
+    with pytest.raises(StPredictError, match="validation"):
+        _fold_config(TrainConfig(val_sections=["B4"]), "cmrc", make_folds(SPECS[:2])[1], tmp_path)

@@ -86,7 +86,9 @@ def test_auto_falls_back_to_random_with_warning(monkeypatch):
 
 
 def test_offline_refuses_other_backbones():
-    with pytest.raises(StPredictError, match="offline weights exist only for tf_efficientnet_lite0"):
+    with pytest.raises(
+        StPredictError, match="offline weights exist only for tf_efficientnet_lite0"
+    ):
         create_encoder("resnet18", pretrained="offline")
 
 
@@ -112,7 +114,9 @@ def test_path_errors(tmp_path):
     with pytest.raises(StPredictError, match="cannot read weights"):
         create_encoder("resnet18", pretrained=str(bad))
     # weights of another architecture
-    torch.save(create_encoder("resnet18", pretrained="none").model.state_dict(), tmp_path / "r18.pth")
+    torch.save(
+        create_encoder("resnet18", pretrained="none").model.state_dict(), tmp_path / "r18.pth"
+    )
     with pytest.raises(StPredictError, match="backbone tensors missing"):
         create_encoder("tf_efficientnet_lite0", pretrained=str(tmp_path / "r18.pth"))
 

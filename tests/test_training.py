@@ -289,6 +289,10 @@ def test_bad_input_one_line_errors(small_tables, tmp_path, capsys):
     _fails(capsys, [str(good), "--train-backbone", "half"], "train_backbone", out)
     _fails(capsys, [str(good), "--batch-size", "1"], "batch_size", out)
     _fails(capsys, [str(good), "--val-sections", "ZZ"], "no section 'ZZ'", out)
+    _fails(
+        capsys, [str(good), "--model-kwargs", '{"foo": 1}'], "unknown hyper-parameter 'foo'", out
+    )
+    _fails(capsys, [str(good), "--model-kwargs", "{foo"], "not valid JSON", out)
     out.write_bytes(b"x")
     code = main(["train", str(good), "--out", str(out), "--quiet"])
     assert code == 2 and "already exists" in capsys.readouterr().err

@@ -669,6 +669,21 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 # the loop
 
 
+def _method_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """``model_kwargs`` this method accepts; keys only other methods know are left out, so one
+    config can train every method (cross-validation); keys no method knows are an error."""
+    from napari_stpredict.model.methods import list_methods, method_hparams
+
+    known = set().union(*(method_hparams(m) for m in list_methods()))
+    unknown = sorted(set(config.model_kwargs) - known)
+    if unknown:
+        raise StPredictError(
+            f"model_kwargs: unknown hyper-parameter {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    mine = method_hparams(config.method)
+    return {k: v for k, v in config.model_kwargs.items() if k in mine}
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -742,6 +757,7 @@ def train(
 
     config = config or TrainConfig()
     config.validate()
+    _method_kwargs(config)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise StPredictError(f"{out}: the model file must end in .safetensors")
@@ -776,7 +792,7 @@ def train(
         n_genes=len(data.genes),
         backbone=config.backbone,
         pretrained=config.pretrained,
-        **config.model_kwargs,
+        **_method_kwargs(config),
     )
     model.encoder.set_trainable(config.train_backbone)
     channels_last = device.type == "cuda"
@@ -1007,6 +1023,8 @@ def train(
             "normalization": dict(config.normalization),
             "patch_um": data.patch_um,
             "patch_px": data.patch_px,
+            # sections without a pixel size: patches are this many image pixels, unresampled
+            "patch_px_level0": float(data.patch_px) if data.patch_um is None else None,
             "top_k": config.top_k,
             "training_sections": data.train_sections,
             "validation_sections": data.val_sections,

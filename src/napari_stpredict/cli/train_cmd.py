@@ -120,6 +120,9 @@ def train_command(
         None, "--feature-cache", help="Folder keeping frozen backbone features across runs."
     ),
     top_k: int = typer.Option(50, "--top-k", help="Retrieval neighbours at inference."),
+    model_kwargs: str | None = typer.Option(
+        None, "--model-kwargs", help="Method hyper-parameters as JSON, e.g. '{\"mask_prob\": 0.3}'."
+    ),
     num_workers: int | None = typer.Option(None, "--num-workers", help="Patch reading threads."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result summary as JSON."),
@@ -128,6 +131,14 @@ def train_command(
     """Train a model on sections with paired spatial transcriptomics and write a model file."""
     from napari_stpredict.training import TrainConfig, train
 
+    kwargs_dict: dict = {}
+    if model_kwargs:
+        try:
+            kwargs_dict = json.loads(model_kwargs)
+        except json.JSONDecodeError as err:
+            raise StPredictError(f"--model-kwargs: not valid JSON ({err.msg})") from None
+        if not isinstance(kwargs_dict, dict):
+            raise StPredictError("--model-kwargs: expected a JSON object")
     config = TrainConfig(
         method=method,
         backbone=backbone,
@@ -149,6 +160,7 @@ def train_command(
         top_k=top_k,
         num_workers=num_workers,
         feature_cache_dir=str(feature_cache) if feature_cache is not None else None,
+        model_kwargs=kwargs_dict,
     )
     config.validate()
     if genes is not None and not genes.exists():

@@ -174,18 +174,23 @@ def _score_model_on(
     return result
 
 
-def _fold_config(config: Any, method: str, fold: Fold, root: Path) -> Any:
+def _fold_config(config: Any, method: str, fold: Fold, root: Path) -> tuple[Any, list[str]]:
+    """The fold's training config and the sections it trains on (validation sections apart)."""
     changes: dict[str, Any] = {"method": method}
     if getattr(config, "train_backbone", None) == "none" and not getattr(
         config, "feature_cache_dir", None
     ):
         # frozen backbone: every method and fold reuses the same features, extracted once
         changes["feature_cache_dir"] = str(root / "features")
-    val = getattr(config, "val_sections", None)
-    if val:
-        # validation sections must come from the fold's training sections, never its test
-        changes["val_sections"] = [v for v in val if v in fold.train] or None
-    return dataclasses.replace(config, **changes)
+    val = list(getattr(config, "val_sections", None) or [])
+    # validation sections must come from the fold's training sections, never from its test
+    val = [v for v in val if v in fold.train]
+    if hasattr(config, "val_sections"):
+        changes["val_sections"] = val or None
+    train_sections = [n for n in fold.train if n not in val]
+    if not train_sections:
+        raise StPredictError(f"fold {fold.name}: every training section is a validation section")
+    return dataclasses.replace(config, **changes), train_sections
 
 
 def _error_text(err: BaseException) -> str:
@@ -291,11 +296,12 @@ def evaluate(
                 out = fold_dir / f"{method}.safetensors"
                 try:
                     t0 = time.perf_counter()
+                    fold_config, train_sections = _fold_config(config, method, fold, root)
                     tr = train(
                         manifest,
-                        _fold_config(config, method, fold, root),
+                        fold_config,
                         out=out,
-                        sections=list(fold.train),
+                        sections=train_sections,
                         progress=step_progress,
                         cancel=cancel,
                     )

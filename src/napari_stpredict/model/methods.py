@@ -14,6 +14,7 @@ frozen backbone can reuse cached features. Methods register themselves in a smal
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -33,6 +34,7 @@ __all__ = [
     "STModel",
     "build_model",
     "list_methods",
+    "method_hparams",
     "register_method",
 ]
 
@@ -301,6 +303,22 @@ class Regression(STModel):
         return self.head(pooled).float()
 
 
+def method_hparams(method: str) -> set[str]:
+    """Hyper-parameter names ``method`` accepts (``model_kwargs`` / ``--model-kwargs``)."""
+    cls = _REGISTRY.get(method)
+    if cls is None:
+        raise StPredictError(
+            f"method {method!r}: unknown (choose from {', '.join(list_methods())})"
+        )
+    return {
+        name
+        for klass in cls.__mro__
+        if isinstance(klass, type) and issubclass(klass, STModel)
+        for name, par in inspect.signature(klass.__init__).parameters.items()
+        if par.kind == inspect.Parameter.KEYWORD_ONLY
+    } - {"n_genes", "backbone", "pretrained", "encoder"}
+
+
 def build_model(
     method: str,
     *,
@@ -333,6 +351,12 @@ def build_model(
     if cls is None:
         raise StPredictError(
             f"method {method!r}: unknown (choose from {', '.join(list_methods())})"
+        )
+    allowed = method_hparams(method)
+    unknown = sorted(set(hparams) - allowed)
+    if unknown:
+        raise StPredictError(
+            f"method {method!r}: unknown hyper-parameter {unknown[0]!r} (known: {', '.join(sorted(allowed)) or 'none'})"
         )
     try:
         return cls(n_genes=n_genes, backbone=backbone, pretrained=pretrained, **hparams)
