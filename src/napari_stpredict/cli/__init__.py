@@ -64,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as ex:
         return ex.exit_code
     except Exception as ex:  # click usage errors and aborts
-        import click
-
-        if isinstance(ex, click.exceptions.ClickException):
-            ex.show()
-            return ex.exit_code
-        if isinstance(ex, click.exceptions.Abort):
+        # typer >= 0.17 vendors its own click: match both copies of the exception classes
+        names = {cls.__name__ for cls in type(ex).__mro__}
+        if "ClickException" in names:
+            ex.show()  # type: ignore[attr-defined]
+            return int(getattr(ex, "exit_code", 2))
+        if "Abort" in names:
             print("stpredict: cancelled", file=sys.stderr)
             return 130
+        if "Exit" in names:
+            return int(getattr(ex, "exit_code", 0))
         raise
     return rv if isinstance(rv, int) else 0
 
