@@ -54,7 +54,9 @@ def check_cancel(cancel: CancelToken | None, what: str = "work") -> None:
         cancel.raise_if_cancelled(what)
 
 
-def report(progress: ProgressCallback | None, done: int, total: int | None, message: str = "") -> None:
+def report(
+    progress: ProgressCallback | None, done: int, total: int | None, message: str = ""
+) -> None:
     """Call ``progress`` if given."""
     if progress is not None:
         progress(done, total, message)
