@@ -172,12 +172,15 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny backbone, 2 steps: checks the script"
     )
-    ap.add_argument(
-        "--reuse", type=Path, default=None, help="work dir of the CV run (default models)"
-    )
     args = ap.parse_args()
 
     manifest = load_manifest(args.manifest)
+    # Read the offline backbone weights once before any training: the loader caches them per
+    # process and consumes torch's global RNG only on its first call, which would otherwise give
+    # the first model of this process a different head initialisation than all the others.
+    from napari_stpredict.model.pretrained import offline_lite0_state_dict
+
+    offline_lite0_state_dict()
     base = TrainConfig(
         pretrained="offline", train_backbone="none", patch_px=112, epochs=20, steps_per_epoch=15,
         batch_size=64, seed=0, device="cpu", genes=args.genes, n_top_genes=args.n_top_genes,
@@ -225,17 +228,8 @@ def main() -> None:
                     continue
                 label, cls, kw = GRID[method][c["candidate"]]
                 path = args.work / f"{test}" / f"outer-{method}-{tag}.safetensors"
-                reuse = None
-                if args.reuse is not None:
-                    reuse = (
-                        args.reuse
-                        / f"fold{names.index(test) + 1:02d}-{test}"
-                        / f"{method}.safetensors"
-                    )
                 with _variant(method, cls):
-                    if tag == "default" and reuse is not None and reuse.exists():
-                        path = reuse  # the cross-validation run's model: same data, budget and seed
-                    elif not path.exists():
+                    if not path.exists():
                         cfg = dataclasses.replace(
                             base, method=method, model_kwargs=dict(kw), top_k=c["top_k"]
                         )

@@ -55,15 +55,20 @@ def test_registry():
     assert list_methods() == ["bleep", "cmrc", "regression"]
     with pytest.raises(StPredictError, match="unknown"):
         build_model("nope", n_genes=3)
+    with pytest.raises(StPredictError, match="unknown hyper-parameter 'mask_prob'"):
+        build_model("bleep", n_genes=3, mask_prob=0.3)
+    model = build_model("cmrc", n_genes=3, pretrained="none", mask_prob=0.25, fusion_depth=1)
+    assert model.config["mask_prob"] == 0.25 and len(model.fusion) == 1
+    rebuilt = build_model(**{**model.config, "pretrained": "none"})
+    assert rebuilt.config == model.config
 
 
 @pytest.mark.parametrize("method", ["cmrc", "bleep", "regression"])
 def test_losses_and_shapes(method, batch):
     images, expr = batch
     torch.manual_seed(0)
-    model = build_model(
-        method, n_genes=12, pretrained="none", **(SMALL if method != "regression" else {})
-    )
+    kwargs = {"cmrc": SMALL, "bleep": {"proj_dim": 32}}.get(method, {})
+    model = build_model(method, n_genes=12, pretrained="none", **kwargs)
     model.train()
     losses = model.loss(images, expr)
     expected = {"cmrc": {"loss", "contrastive", "reconstruction"}, "bleep": {"loss", "contrastive"}}
