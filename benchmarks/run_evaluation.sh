@@ -7,24 +7,26 @@
 # seed 0, top-k 50 for the retrieval methods. Threads: OMP_NUM_THREADS=1 is much faster than 2
 # threads on a shared 2-core machine (thread hand-offs stall under load); drop it on your own box.
 #
-# Usage: benchmarks/run_evaluation.sh [her2st-loso|her2st-lopo|mob|all]   (from the repo root)
+# Usage: benchmarks/run_evaluation.sh [her2st-loso|her2st-lopo|mob|seeds|tune|all]  (repo root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 STPREDICT=${STPREDICT:-stpredict}
+PYTHON=${PYTHON:-python}
 CACHE=${CACHE:-/tmp/stpredict-eval-features}     # frozen-backbone features, shared by all runs
 WORK=${WORK:-/tmp/stpredict-eval-work}           # fold models (kept for inspection / --model)
 PANEL=../shared/data/genelists/hist2st_her_hvg_cut_1000.npy
 BUDGET=(--pretrained offline --train-backbone none --patch-px 112 --epochs 20
-        --steps-per-epoch 15 --batch-size 64 --seed 0 --device cpu --feature-cache "$CACHE")
+        --steps-per-epoch 15 --batch-size 64 --device cpu --feature-cache "$CACHE")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 NICE=(nice -n 10)
 
-run() {  # name, manifest, extra options...
+run() {  # name, manifest, extra options... (seed 0, with a report)
   local name=$1 manifest=$2
   shift 2
   "${NICE[@]}" "$STPREDICT" evaluate "$manifest" --methods cmrc,bleep,regression "$@" "${BUDGET[@]}" \
-    --work-dir "$WORK/$name" --out "docs/results/$name.json" --report "docs/results/$name" --overwrite
+    --seed 0 --work-dir "$WORK/$name" --out "docs/results/$name.json" --report "docs/results/$name" \
+    --overwrite
 }
 
 what=${1:-all}
@@ -38,4 +40,18 @@ if [[ $what == mob || $what == all ]]; then
   # one mouse: leave-one-section-out only; the panel is the union of each training section's
   # top 1000 HVGs (the counts hold 1000 Ensembl ids); no marker list (ids, not symbols)
   run mob_loso benchmarks/data/mob.yaml --cv leave-one-section-out --n-top-genes 1000
+fi
+if [[ $what == seeds || $what == all ]]; then
+  # the same leave-one-section-out run with two more seeds (numbers only): how much of a
+  # difference between methods is just the random initialisation and data order?
+  for seed in 1 2; do
+    "${NICE[@]}" "$STPREDICT" evaluate benchmarks/data/her2st.yaml --methods cmrc,bleep,regression \
+      --cv leave-one-section-out --genes "$PANEL" "${BUDGET[@]}" --seed "$seed" \
+      --work-dir "$WORK/her2st_loso_seed$seed" --out "docs/results/her2st_loso_seed$seed.json" --overwrite
+  done
+fi
+if [[ $what == tune || $what == all ]]; then
+  # nested, validation-only tuning of CMRCNet and BLEEP (see benchmarks/tune_retrieval.py)
+  "${NICE[@]}" "${PYTHON:-python}" benchmarks/tune_retrieval.py benchmarks/data/her2st.yaml --genes "$PANEL" \
+    --feature-cache "$CACHE" --work "$WORK/tune" --out docs/results/tune_her2st.json
 fi
