@@ -7,9 +7,13 @@ against the pooled spots of all sections — the role a model's training statist
 reports AUROC, average precision and F1 at the Otsu threshold against the labels
 (``invasive cancer`` + ``cancer in situ`` = tumour, ``undetermined`` left out).
 
-To keep the choice of the default honest it also runs leave-one-section-out *selection*: for
-each section, the candidate with the best mean AUROC on the other six is picked and scored on
-the held-out one.
+The default signature (``napari_stpredict.st.genesets.DEFAULT_TUMOR_GENES``) is chosen without
+looking at the sections it is scored on: the candidate with the best mean AUROC on the
+*selection* sections B1, C1, D1 (patients B and C also give the imaged training sections of
+``her2st.yaml``) is the default, and its AUROC is reported on the *held-out* sections E1, F1,
+G2, H1, which took no part in the choice. The script checks that the rule still picks the
+default fixed in code. It also runs leave-one-section-out selection (best candidate on six
+sections, scored on the seventh) to show how much choosing by data is worth.
 
     /work/venv/bin/python benchmarks/tumor_validation.py [--manifest M] [--json OUT]
                                                          [--write-docs docs/benchmarks.md]
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -28,7 +33,30 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MANIFEST = HERE / "data" / "her2st_labelled.yaml"
-DEFAULT_NAME = next(iter(__import__("napari_stpredict.tumor", fromlist=["x"]).CANDIDATE_GENE_SETS))
+SELECTION = ("B1", "C1", "D1")  # choose the default here …
+HELD_OUT = ("E1", "F1", "G2", "H1")  # … and report it here
+
+
+def _default_name() -> str:
+    """The candidate whose genes are the default signature fixed in code."""
+    from napari_stpredict.tumor import CANDIDATE_GENE_SETS, DEFAULT_TUMOR_GENES
+
+    for name, spec in CANDIDATE_GENE_SETS.items():
+        if tuple(spec["genes"]) == tuple(DEFAULT_TUMOR_GENES):
+            return name
+    raise SystemExit("tumor_validation: the default signature is not among the candidates")
+
+
+DEFAULT_NAME = _default_name()
+
+
+def select_default(rows: list[dict], sections=SELECTION) -> tuple[str, dict[str, float]]:
+    """The candidate with the best mean AUROC on ``sections`` (ties: fewer genes, then name)."""
+    sets = list(dict.fromkeys(r["gene_set"] for r in rows))
+    means = {g: float(np.nanmean([_auroc(rows, g, s) for s in sections])) for g in sets}
+    n_genes = {r["gene_set"]: len(r["genes"].split(",")) for r in rows}
+    best = max(sets, key=lambda g: (round(means[g], 6), -n_genes[g], g))
+    return best, means
 
 
 def run(manifest: Path) -> dict:
@@ -45,8 +73,14 @@ def run(manifest: Path) -> dict:
     labels = {}
     for s, a in zip(sections, adatas, strict=True):
         labels[s] = {str(k): int(v) for k, v in a.obs["label"].value_counts(dropna=False).items()}
+    selected, selection_means = select_default(rows)
     return {
         "manifest": str(manifest),
+        "selection_sections": list(SELECTION),
+        "held_out_sections": list(HELD_OUT),
+        "selected": selected,
+        "selection_means": selection_means,
+        "default": DEFAULT_NAME,
         "sections": sections,
         "labels": labels,
         "rows": rows,
@@ -85,12 +119,20 @@ def loso_selection(rows: list[dict], sections: list[str]) -> list[dict]:
 def markdown(result: dict, command: str) -> str:
     """The docs/benchmarks.md section body."""
     rows, secs = result["rows"], result["sections"]
+    sel, held = result["selection_sections"], result["held_out_sections"]
     sets = list(dict.fromkeys(r["gene_set"] for r in rows))
     by = {(r["gene_set"], r["section"]): r for r in rows}
 
-    def f(v: float) -> str:
+    def f(v: float | None) -> str:
         return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
+    def mean_over(g: str, ss) -> float:
+        return float(np.nanmean([_auroc(rows, g, s) for s in ss]))
+
+    def sd_over(g: str, ss) -> float:
+        return float(np.nanstd([_auroc(rows, g, s) for s in ss]))
+
+    default = result["default"]
     lines = [
         "## Tumour localization on measured expression (labelled HER2ST sections)",
         "",
@@ -103,7 +145,18 @@ def markdown(result: dict, command: str) -> str:
         "threshold of the scores (the widget's *auto*). Candidates are fixed in "
         "`napari_stpredict.tumor.CANDIDATE_GENE_SETS`, each with a biological rationale; all are "
         f"reported. Run time {result['seconds']['total']:.0f} s on the 2-core CPU "
-        f"(reading the sections {result['seconds']['read']:.0f} s).",
+        f"(reading the sections {result['seconds']['read']:.0f} s; load average "
+        f"{result.get('load', '?')}).",
+        "",
+        f"**How the default is chosen.** The default signature is the candidate with the best mean "
+        f"AUROC on the *selection* sections {', '.join(sel)} only; it is reported on the "
+        f"*held-out* sections {', '.join(held)}, which took no part in the choice. The rule picks "
+        f"`{result['selected']}`"
+        + (
+            " — the default fixed in `napari_stpredict.st.genesets.DEFAULT_TUMOR_GENES`."
+            if result["selected"] == default
+            else f", but the code's default is `{default}`: update the code or this table."
+        ),
         "",
         "Spots per section (tumour / labelled, undetermined left out): "
         + ", ".join(
@@ -113,66 +166,53 @@ def markdown(result: dict, command: str) -> str:
         )
         + ".",
         "",
-        "**AUROC per section**",
+        "**AUROC per section** (selection sections marked *)",
         "",
-        "| gene set | " + " | ".join(secs) + " | mean ± sd | pooled |",
-        "|---|" + "---:|" * (len(secs) + 2),
+        "| gene set | "
+        + " | ".join(f"{s}*" if s in sel else s for s in secs)
+        + f" | selection mean ({', '.join(sel)}) | **held-out mean ± sd ({', '.join(held)})** "
+        "| all 7 pooled |",
+        "|---|" + "---:|" * (len(secs) + 3),
     ]
     for g in sets:
-        m = by.get((g, "mean"), {})
         cells = [f(by[(g, s)]["auroc"]) if (g, s) in by else "–" for s in secs]
+        name = f"**{g}** (default)" if g == default else g
         lines.append(
-            f"| {g} | " + " | ".join(cells) + f" | {f(m.get('auroc'))} ± {f(m.get('auroc_sd'))} | "
+            f"| {name} | " + " | ".join(cells) + f" | {f(mean_over(g, sel))} | "
+            f"{f(mean_over(g, held))} ± {f(sd_over(g, held))} | "
             f"{f(by.get((g, 'pooled'), {}).get('auroc'))} |"
         )
     lines += [
         "",
-        "**Average precision and F1 (Otsu)**",
+        "**Average precision and F1 (Otsu), mean over the held-out sections**",
         "",
-        "| gene set | AP mean | AP pooled | F1 mean | F1 pooled | wins vs default (AUROC, sections) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| gene set | AP | F1 |",
+        "|---|---:|---:|",
     ]
     for g in sets:
-        m, p = by.get((g, "mean"), {}), by.get((g, "pooled"), {})
-        wins = sum(
-            1
-            for s in secs
-            if (g, s) in by
-            and (DEFAULT_NAME, s) in by
-            and by[(g, s)]["auroc"] > by[(DEFAULT_NAME, s)]["auroc"]
-        )
-        w = "—" if g == DEFAULT_NAME else f"{wins}/{len(secs)}"
-        lines.append(
-            f"| {g} | {f(m.get('average_precision'))} | {f(p.get('average_precision'))} | "
-            f"{f(m.get('f1'))} | {f(p.get('f1'))} | {w} |"
-        )
+        ap = np.nanmean([by[(g, s)]["average_precision"] for s in held if (g, s) in by])
+        f1 = np.nanmean([by[(g, s)]["f1"] for s in held if (g, s) in by])
+        lines.append(f"| {g} | {f(ap)} | {f(f1)} |")
     loso = result["loso"]
-    sel = np.mean([r["auroc_selected"] for r in loso])
+    sel_auc = np.mean([r["auroc_selected"] for r in loso])
     dflt = np.mean([r["auroc_default"] for r in loso])
+    d_ho = mean_over(default, held)
+    best_ho = max(sets, key=lambda g: mean_over(g, held))
     lines += [
         "",
         "**Leave-one-section-out selection** (best mean AUROC on six sections, scored on the "
-        f"seventh): mean held-out AUROC {sel:.3f} for the data-selected set versus {dflt:.3f} for "
-        "the fixed default; selected: "
+        f"seventh): mean held-out AUROC {sel_auc:.3f} for the data-selected set versus {dflt:.3f} "
+        "for the default; selected: "
         + ", ".join(f"{r['held_out']} → {r['selected'].split(' (')[0]}" for r in loso)
         + ".",
-    ]
-    means = {g: by[(g, "mean")]["auroc"] for g in sets if (g, "mean") in by}
-    best = max(means, key=means.get)
-    d = by[(DEFAULT_NAME, "mean")]
-    wins = sum(1 for s in secs if by[(best, s)]["auroc"] > by[(DEFAULT_NAME, s)]["auroc"])
-    lines += [
         "",
-        f"**Choice.** The default stays `{DEFAULT_NAME}`: mean AUROC {d['auroc']:.3f} ± "
-        f"{d['auroc_sd']:.3f}, pooled {by[(DEFAULT_NAME, 'pooled')]['auroc']:.3f}. The best "
-        f"candidate by mean AUROC, {best} ({means[best]:.3f}), beats it in {wins} of {len(secs)} "
-        "sections, a difference within the spread between sections, and picking the set by data "
-        "does not beat the fixed default on held-out sections (above). Between sets that "
-        "perform alike we keep the one that is not specific to HER2-amplified disease (ERBB2 and "
-        "its amplicon carry no signal in HER2-negative tumours) and that averages several "
-        "epithelial genes (a predicted gene is noisier than a measured one). All seven sections "
-        "are HER2-positive, so these numbers cannot show the HER2-negative case; that part of "
-        "the choice rests on biology, not on this table.",
+        f"**Reading.** On the held-out sections the default reaches a mean AUROC of {d_ho:.3f}. "
+        f"The best candidate *on the held-out sections* is `{best_ho}` "
+        f"({mean_over(best_ho, held):.3f}); knowing that would mean choosing on the sections we "
+        "report, which is exactly what the split forbids. All seven sections are HER2-positive: "
+        "ERBB2 and its amplicon carry no signal in HER2-negative tumours, where the epithelial "
+        "genes of the default (KRT8/18/19, EPCAM, CDH1) carry the score; these numbers cannot "
+        "show that case.",
     ]
     return "\n".join(lines)
 
@@ -203,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tumor_validation: manifest {args.manifest} not found", file=sys.stderr)
         return 2
     result = run(args.manifest)
-    command = "/work/venv/bin/python benchmarks/tumor_validation.py --write-docs docs/benchmarks.md"
+    result["load"] = f"{os.getloadavg()[0]:.1f}"
+    if result["selected"] != DEFAULT_NAME:
+        print(
+            f"tumor_validation: the selection rule picks {result['selected']!r}, the code's "
+            f"default is {DEFAULT_NAME!r}",
+            file=sys.stderr,
+        )
+    command = (
+        "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/tumor_validation.py "
+        "--write-docs docs/benchmarks.md"
+    )
     body = markdown(result, command)
     print(body)
     if args.json:

@@ -16,6 +16,8 @@ from napari_stpredict.model.checkpoint import (
     FORMAT_NAME,
     GENE_STAT_KEYS,
     compute_gene_stats,
+    gene_stats_arrays,
+    gene_stats_per_gene,
     load_model_file,
     save_model_file,
 )
@@ -86,10 +88,16 @@ def test_real_model_save_load_predict_identical(tiny_model_file, tmp_path, her2s
     n = mf.bank_expression.shape[0]
     assert mf.bank_embeddings.shape == (n, 256) and mf.bank_expression.shape == (n, len(mf.genes))
     assert set(mf.bank_section_index.tolist()) == {0, 1} and n == meta["n_bank"] > 400
-    # gene stats describe the bank (= training spots)
+    # gene stats describe the bank (= training spots), one record per gene
     stats = compute_gene_stats(mf.bank_expression.numpy())
     for k in GENE_STAT_KEYS:
         assert np.allclose(mf.gene_stats[k], stats[k], atol=1e-5)
+    erbb2 = meta["gene_stats"]["ERBB2"]
+    assert set(erbb2) == {"mean", "sd", "p01", "p50", "p99", "val_pcc"}
+    assert erbb2["sd"] == pytest.approx(stats["std"][mf.genes.index("ERBB2")], abs=1e-5)
+    # the encoder input the model was trained with
+    assert meta["input"]["mean"] == [0.5] * 3 and meta["input"]["patch_px"] == 64
+    assert mf.input_spec.tta == 1 and mf.input_spec.context == 0.0
 
     # re-save the loaded model: predictions are bit-identical
     model = mf.build_model()
@@ -243,3 +251,52 @@ def test_save_is_atomic_and_respects_overwrite(small_file, tmp_path):
             metadata=kw["metadata"],
         )
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.safetensors"]  # no temporaries left
+
+
+def test_input_spec_and_gene_stats_layouts(small_file, tmp_path):
+    from napari_stpredict.model.preprocess import IMAGENET_MEAN, InputSpec
+
+    old = load_model_file(small_file)  # written without "input", columns of gene stats
+    assert "input" not in old.metadata
+    assert old.input_spec == InputSpec(112.0, 32)  # ImageNet, no context, tta 1
+    assert old.input_spec.mean == IMAGENET_MEAN
+    cols = old.gene_stats
+    assert set(cols) == set(GENE_STAT_KEYS) and cols["mean"].shape == (10,)
+    assert np.isnan(gene_stats_arrays(old.metadata["gene_stats"], GENES)["val_pcc"]).all()
+
+    model = old.build_model()
+    expr = old.bank_expression.numpy()
+    pcc = np.linspace(-0.1, 0.8, 10)
+    meta = {
+        **_meta(expr),
+        "gene_stats": gene_stats_per_gene(GENES, expr, pcc),
+        "input": InputSpec(112.0, 32, mean=(0.5,) * 3, std=(0.5,) * 3, tta=8).to_dict(),
+    }
+    p = tmp_path / "new.safetensors"
+    save_model_file(
+        p, model, bank_embeddings=old.bank_embeddings, bank_expression=expr, metadata=meta
+    )
+    mf = load_model_file(p)
+    assert mf.input_spec.tta == 8 and mf.metadata["image_mean"] == [0.5] * 3
+    assert all(np.allclose(mf.gene_stats[k], cols[k], atol=1e-6) for k in GENE_STAT_KEYS)
+    arr = gene_stats_arrays(mf.metadata["gene_stats"], GENES[::-1])
+    assert np.allclose(arr["val_pcc"], pcc[::-1], atol=1e-6)
+
+    bad = dict(meta, input={**meta["input"], "tta": 3})
+    with pytest.raises(Exception, match="tta"):
+        save_model_file(
+            tmp_path / "bad.safetensors", model, bank_embeddings=old.bank_embeddings,
+            bank_expression=expr, metadata=bad,
+        )  # fmt: skip
+    with safe_open(str(p), "pt") as f:
+        raw = json.loads(f.metadata()["stpredict"])
+    raw["input"]["patch_px"] = 48
+    p2 = _rewrite(p, tmp_path / "mismatch.safetensors", header={"stpredict": json.dumps(raw)})
+    with pytest.raises(ModelFileError, match="'input' patch_px 48 differs") as err:
+        load_model_file(p2, verify=False)
+    _one_line(err)
+    raw["input"]["patch_px"] = 32
+    del raw["gene_stats"]["G3"]["sd"]
+    p3 = _rewrite(p, tmp_path / "nosd.safetensors", header={"stpredict": json.dumps(raw)})
+    with pytest.raises(ModelFileError, match="gene_stats"):
+        load_model_file(p3, verify=False)

@@ -136,10 +136,10 @@ def test_resume_after_cancel_predicts_only_the_remaining_cells(
     calls = {"patches": 0, "calls": 0}
     original = Predictor.predict
 
-    def counting(self, patches):
+    def counting(self, patches, **kwargs):
         calls["patches"] += len(patches)
         calls["calls"] += 1
-        return original(self, patches)
+        return original(self, patches, **kwargs)
 
     monkeypatch.setattr(Predictor, "predict", counting)
     result = predict_cohort(slides, tiny_model_file, out, scheduler="inline", **common)

@@ -28,6 +28,7 @@ def real_patches(predictor, benchmarks_data_dir):
         patch_um=predictor.patch_um,
         patch_px=predictor.patch_px,
         cache=False,
+        input_spec=predictor.input_spec,
     )
     idx = np.linspace(0, len(ds) - 1, 8).astype(int)
     patches = np.stack([ds.read_patch(int(i)) for i in idx])

@@ -1,8 +1,9 @@
-"""Training patch dataset on real sections: geometry, normalisation, augmentation, DataLoader."""
+"""Training patch dataset on real sections: geometry, normalisation, augmentation, threads."""
 
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -10,17 +11,9 @@ import scipy.sparse as sp
 import torch
 
 from napari_stpredict.errors import DatasetError
+from napari_stpredict.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from napari_stpredict.slide import open_slide
-from napari_stpredict.st import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PatchDataset,
-    make_loader,
-    normalize,
-    patches_to_tensor,
-    read_sections,
-    select_genes,
-)
+from napari_stpredict.st import PatchDataset, normalize, read_sections, select_genes
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +62,14 @@ def test_items_shapes_and_normalisation(a2, mob1, genes):
     assert item["section"] == "A2" and item["index"] == 3
     # ImageNet normalisation undone gives back the crop's pixels
     assert np.array_equal(_to_uint8(item["image"]), ds.read_patch(3))
+    # another spec (the backbone's own mean/std) changes only the normalisation
+    half = InputSpec(112.0, 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    other = PatchDataset([a2[:20].copy()], genes, patch_px=64, input_spec=half)
+    x = other[3]["image"]
+    assert torch.allclose(
+        x, torch.from_numpy(ds.read_patch(3)).permute(2, 0, 1) / 127.5 - 1, atol=1e-6
+    )
+    assert other.config()["image_normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     # expression: log1p(counts / library size over ALL genes × 1e4) of the panel genes
     X = sp.csr_matrix(a2.X[:20])
     cols = a2.var_names.get_indexer(genes)
@@ -141,18 +142,6 @@ def test_augmentation_is_a_square_symmetry(a2, genes):
     assert torch.equal(aug[1]["expr"], plain[1]["expr"])  # expression is not augmented
 
 
-def test_patches_to_tensor():
-    p = np.zeros((2, 8, 8, 3), np.uint8)
-    p[..., 0] = 255
-    t = patches_to_tensor(p)
-    assert t.shape == (2, 3, 8, 8)
-    assert t[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229)
-    assert t[0, 1, 0, 0].item() == pytest.approx(-0.456 / 0.224)
-    assert patches_to_tensor(p[0]).shape == (3, 8, 8)
-    with pytest.raises(ValueError):
-        patches_to_tensor(p.astype(np.float32))
-
-
 def test_dataset_errors(a2, genes, her2st_dir, benchmarks_data_dir):
     (b1,) = read_sections(benchmarks_data_dir / "her2st_labelled.yaml", sections=["B1"])
     with pytest.raises(DatasetError, match=r"section 'B1': no image, so no patches can be cut"):
@@ -174,41 +163,29 @@ def test_dataset_errors(a2, genes, her2st_dir, benchmarks_data_dir):
         PatchDataset([a2[:4].copy()], [])
 
 
-def test_dataloader_with_two_workers(a2, genes):
+def test_read_patches_in_threads_equals_one_by_one(a2, genes):
     ds = PatchDataset([a2[:24].copy()], genes, patch_px=32, cache=False)
-    ds.read_patch(0)  # a slide handle open in the parent must not break the workers
-    loader = make_loader(ds, batch_size=8, shuffle=True, num_workers=2, seed=1)
-    assert loader.num_workers == 2 and loader.persistent_workers
-    seen = []
-    for batch in loader:
-        assert batch["image"].shape == (8, 3, 32, 32)
-        assert batch["expr"].shape == (8, len(genes))
-        assert batch["section"] == ["A2"] * 8
-        for img, i in zip(batch["image"], batch["index"].tolist(), strict=True):
-            assert torch.equal(img, ds[i]["image"])
-        seen += batch["index"].tolist()
-    assert sorted(seen) == list(range(24))
-    # the dataset pickles without its open slides (spawned workers re-open them)
+    one = np.stack([ds.read_patch(i) for i in range(24)])
+    with ThreadPoolExecutor(2) as pool:
+        many = ds.read_patches(np.arange(24)[::-1], executor=pool)
+    assert np.array_equal(many, one[::-1])
+    # a wider field of view around the same centre (context), still 32 px a side
+    wide = ds.read_patches([3], scale=3.0)[0]
+    assert wide.shape == (32, 32, 3) and not np.array_equal(wide, one[3])
+    for i in (0, 5):
+        assert torch.equal(
+            ds[i]["image"], PatchDataset([a2[:24].copy()], genes, patch_px=32)[i]["image"]
+        )
+    # the dataset pickles without its open slides (another process re-opens them)
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._slides == {} and torch.equal(clone[5]["image"], ds[5]["image"])
 
 
-def test_make_loader_preloads_cached_dataset_and_is_seeded(a2, genes):
+def test_preload_reads_every_crop_once_and_reports(a2, genes):
     ds = PatchDataset([a2[:16].copy()], genes, patch_px=32, augment=True)
     assert ds.cache and not ds.preloaded
     calls = []
-    loader = make_loader(ds, batch_size=4, seed=7, progress=lambda d, t, m="": calls.append((d, t)))
-    assert ds.preloaded and loader.num_workers == 2
-    assert calls[-1] == (16, 16)
-
-    def first(seed, workers):
-        torch.manual_seed(123)  # augmentation in the main process draws from torch's RNG
-        b = next(iter(make_loader(ds, batch_size=4, seed=seed, num_workers=workers)))
-        return b["index"].tolist(), b["image"]
-
-    for workers in (0, 2):  # workers are seeded from the loader's seeded generator
-        i1, im1 = first(7, workers)
-        i2, im2 = first(7, workers)
-        assert i1 == i2 and torch.equal(im1, im2)
-        i3, im3 = first(8, workers)
-        assert i3 != i1 or not torch.equal(im3, im1)
+    ds.preload(progress=lambda d, t, m="": calls.append((d, t)))
+    assert ds.preloaded and calls[-1] == (16, 16)
+    fresh = PatchDataset([a2[:16].copy()], genes, patch_px=32, cache=False)
+    assert np.array_equal(ds.read_patches(np.arange(16)), fresh.read_patches(np.arange(16)))

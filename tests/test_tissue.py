@@ -34,16 +34,40 @@ def test_real_sections(her2st_dir: Path, wsi_dir: Path) -> None:
         assert 0.2 < m.fraction_total() < 0.6
 
 
-def test_synthetic_square_and_blank() -> None:
+def _tissue_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Pink stroma with purple nuclei (≈ 8 µm at 0.5 µm/px): textured like H&E."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (225, 150, 200)
+    yy, xx = rng.integers(0, h, h * w // 150), rng.integers(0, w, h * w // 150)
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            if dy * dy + dx * dx <= 16:
+                img[np.clip(yy + dy, 0, h - 1), np.clip(xx + dx, 0, w - 1)] = (110, 60, 150)
+    return img
+
+
+def test_synthetic_tissue_smear_ink_blur_and_blank() -> None:
+    from scipy import ndimage
+
     rng = np.random.default_rng(0)
-    img = np.clip(rng.normal(242, 3, (1000, 1200, 3)), 0, 255).astype(np.uint8)  # noisy glass
-    img[300:700, 400:900] = (170, 90, 160)  # a pink-purple "tissue" block
-    m = tissue_mask(_synthetic(img), max_size=200)
-    assert m.mask.shape == (167, 200) and m.downsample == pytest.approx(6.0)
-    assert m.fraction(320, 420, 680, 880) == pytest.approx(1.0)
-    assert m.fraction(0, 0, 250, 1200) == 0.0
-    assert m.fraction(300, 400, 700, 900) > 0.95
-    assert m.fraction_total() == pytest.approx(400 * 500 / (1000 * 1200), rel=0.1)
+    img = np.clip(rng.normal(242, 3, (1600, 2400, 3)), 0, 255).astype(np.uint8)  # noisy glass
+    img[300:700, 400:900] = _tissue_like(rng, 400, 500)  # textured tissue
+    img[300:700, 1100:1600] = (232, 200, 225)  # a smooth pale eosin smear
+    # a section out of focus (scanner blur, σ = 15 µm), its border blurred too
+    img[1000:1400, 400:900] = _tissue_like(rng, 400, 500)
+    region = img[850:1550, 250:1050].astype(np.float32)
+    img[850:1550, 250:1050] = ndimage.gaussian_filter(region, (30, 30, 0)).astype(np.uint8)
+    img[1000:1030, 1100:2200] = (60, 140, 90)  # green pen stroke
+    img[1200:1240, 1100:2200] = (30, 30, 35)  # black marker
+    m = tissue_mask(_synthetic(img), max_size=600)
+    assert m.downsample == pytest.approx(8.0)  # 4 µm/px working view
+    assert m.fraction(320, 420, 680, 880) > 0.95  # textured tissue found
+    assert m.fraction(300, 400, 700, 900) > 0.85
+    assert m.fraction(300, 1100, 700, 1600) < 0.02  # smear is not tissue
+    assert m.fraction(1000, 400, 1400, 900) < 0.02  # out-of-focus tissue is not tissue
+    assert m.fraction(990, 1100, 1250, 2200) < 0.02  # pen marks are not tissue
+    assert m.fraction(0, 0, 250, 2400) == 0.0
+    assert m.fraction_total() == pytest.approx(400 * 500 / img[..., 0].size, rel=0.15)
     blank = tissue_mask(
         _synthetic(np.clip(rng.normal(242, 3, (300, 300, 3)), 0, 255).astype(np.uint8))
     )

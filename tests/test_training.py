@@ -296,3 +296,173 @@ def test_bad_input_one_line_errors(small_tables, tmp_path, capsys):
     out.write_bytes(b"x")
     code = main(["train", str(good), "--out", str(out), "--quiet"])
     assert code == 2 and "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# one pixel pipeline, metadata, auto backbone, stain augmentation, state files
+
+
+def test_training_and_inference_encoder_inputs_are_bit_identical(
+    manifest, tiny_model_file, tiny_model_config
+):
+    """The same HER2ST spots through the training data path and the Predictor/engine path."""
+    from napari_stpredict.model import Predictor
+    from napari_stpredict.slide import open_slide
+    from napari_stpredict.slide.patches import read_patch_rects
+    from napari_stpredict.st.patches import spot_rect
+    from napari_stpredict.training import _build_model, _make_run, _patch_source
+    from napari_stpredict.training.data import prepare_data
+    from napari_stpredict.training.loop import batches_of
+
+    predictor = Predictor(tiny_model_file, device="cpu")
+    data = prepare_data(manifest, tiny_model_config, ["B4", "C2"], progress=None, cancel=None)
+    model, spec = _build_model(tiny_model_config, data, torch.device("cpu"))
+    assert spec == predictor.input_spec  # the model file records what training used
+    assert spec.mean == (0.5, 0.5, 0.5)  # tf_efficientnet_lite0's own normalisation, not ImageNet
+    source = _patch_source(tiny_model_config, data, spec)
+    plan = {"train_backbone": "none", "stain_augment": "none"}
+    run = _make_run(tiny_model_config, data, spec, model, torch.device("cpu"), source, plan)
+    idx = np.array([3, 140, 301])  # spots of B4 and C2
+    try:
+        ((_, inputs, _),) = list(batches_of(run, [idx], train=False))
+    finally:
+        source.close()
+    x_train = inputs[1]
+    ds = data.dataset
+    u8 = []
+    for i in idx:  # what the engine does: level-0 rectangles through read_patch_rects
+        k = int(ds.item_section[i])
+        rect = spot_rect(*ds.centers[i], ds.patch_size_px[k])
+        with open_slide(ds.images[k]) as slide:
+            u8.append(read_patch_rects(slide, [rect], predictor.patch_px)[0])
+    u8 = np.stack(u8)
+    assert u8.mean() < 230  # on tissue
+    x_infer = predictor.preprocess(u8)
+    assert x_train.dtype == x_infer.dtype == torch.float32
+    assert torch.equal(x_train, x_infer)
+    assert np.array_equal(predictor.predict(u8), predictor.predict_tensor(x_train))
+
+
+def test_metadata_records_input_spec_and_gene_stats(manifest, feature_cache, tmp_path):
+    out = tmp_path / "meta.safetensors"
+    cfg = _frozen("regression", feature_cache, epochs=2, steps_per_epoch=2, tta=4)
+    res = train(manifest, cfg, out=out, sections=SECTIONS)
+    m = load_model_file(out).metadata
+    assert m["input"] == {
+        "patch_um": 112.0, "patch_px": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "context": 0.0, "tta": 4,
+    }  # fmt: skip
+    assert m["image_mean"] == [0.5] * 3
+    stats = m["gene_stats"]
+    assert list(stats) == m["genes"]
+    s0 = stats[m["genes"][0]]
+    assert set(s0) >= {"mean", "sd", "p01", "p99", "val_pcc"} and s0["p01"] <= s0["p99"]
+    # the per-gene validation r of the saved epoch averages to the history's val_pcc
+    best = res.history[res.best_epoch - 1]
+    pcc = np.array([stats[g]["val_pcc"] for g in m["genes"]])
+    assert np.mean(pcc) == pytest.approx(best["val_pcc"], abs=1e-5)
+    assert m["training_plan"]["train_backbone"] == "none"
+    assert m["training_plan"]["stain_augment"] == "none"  # frozen: nothing to augment
+    assert m["config"]["train_backbone"] == "none"
+
+
+def test_val_pcc_is_the_evaluation_pearson():
+    """Constant genes score 0 in training's validation exactly as in evaluation."""
+    from napari_stpredict.evaluation.metrics import pearson_per_gene
+    from napari_stpredict.training import loop
+
+    src = Path(loop.__file__).read_text()
+    assert "pearson_per_gene" in src and "corrcoef" not in src
+    t = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+    assert pearson_per_gene(t, t).tolist() == [1.0, 0.0]
+
+
+def test_auto_backbone_on_cpu_says_what_and_why(manifest, tmp_path):
+    notes: list[str] = []
+    cfg = TrainConfig(
+        method="bleep", pretrained="offline", n_top_genes=40, patch_px=32, batch_size=16,
+        epochs=1, steps_per_epoch=2, device="cpu", seed=1, num_workers=2, warmup_steps=0,
+    )  # fmt: skip
+    assert cfg.train_backbone == "auto" and cfg.stain_augment == "auto"
+    res = train(manifest, cfg, out=tmp_path / "auto.safetensors", sections=["B4"], log=notes.append)
+    plan = res.plan
+    assert plan["train_backbone"] == "last"  # two steps: far under the CPU budget
+    assert plan["measured_step_s_last"] > 0 and plan["est_epoch_s"] > 0
+    assert plan["stain_augment"] == "hed"  # the backbone trains: stain jitter on
+    assert any(n.startswith("train_backbone=last: CPU") and "s/step" in n for n in notes), notes
+    assert any(n.startswith("estimated time per epoch") for n in notes), notes
+    assert res.metadata["training_plan"]["train_backbone"] == "last"
+
+
+def test_auto_picks_frozen_when_last_stage_is_too_slow(monkeypatch):
+    from napari_stpredict.model.methods import build_model
+    from napari_stpredict.model.preprocess import InputSpec
+    from napari_stpredict.training import auto
+
+    model = build_model("bleep", n_genes=5, pretrained="none", proj_dim=16)
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    expr = rng.random((4, 5), dtype=np.float32)
+    spec = InputSpec(112.0, 32)
+    kw = dict(model=model, device=torch.device("cpu"), u8=u8, expr=expr, spec=spec, n_items=100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.get_rng_state()
+    fast = auto.choose_train_backbone(total_steps=2, **kw)
+    assert fast["train_backbone"] == "last"
+    monkeypatch.setattr(auto, "AUTO_BUDGET_S", 1e-9)
+    slow = auto.choose_train_backbone(total_steps=10**6, **kw)
+    assert slow["train_backbone"] == "none" and "budget" in slow["reason"]
+    # measuring never changes the model nor the random stream
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng_before, torch.get_rng_state())
+
+
+def test_crafted_state_files_give_one_line_errors(manifest, tmp_path):
+    from safetensors.torch import save_file
+
+    from napari_stpredict.training.state import STATE_FORMAT
+
+    out = tmp_path / "crafted.safetensors"
+    state = state_path_for(out)
+    cfg = TrainConfig(device="cpu", train_backbone="none")
+    for header, pattern in [
+        ({"format": STATE_FORMAT, "format_version": "1", "state": "{}"}, "no 'epoch'"),
+        ({"format": STATE_FORMAT, "format_version": "1", "state": "[1]"}, "not a JSON object"),
+        ({"format": STATE_FORMAT, "format_version": "1", "state": "{"}, "corrupt training state"),
+        ({"format": "other"}, "not a napari-stpredict training state"),
+    ]:
+        save_file({"x": torch.zeros(1)}, str(state), metadata=header)
+        with pytest.raises(StPredictError, match=pattern) as err:
+            train(manifest, cfg, out=out, resume=True)
+        assert "\n" not in str(err.value) and str(state) in str(err.value)
+    state.write_bytes(b"not safetensors")
+    with pytest.raises(StPredictError, match="corrupt training state"):
+        train(manifest, cfg, out=out, resume=True)
+
+
+def test_state_file_is_replaced_atomically(tmp_path, monkeypatch):
+    """A failing write leaves the previous state file as it was."""
+    from napari_stpredict.training import state as st
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    info = {"epoch": 1, "global_step": 2, "history": [], "best_epoch": 1, "best_val": 0.5,
+            "genes": ["A"], "config_fingerprint": {}}  # fmt: skip
+    path = tmp_path / "s.train-state.safetensors"
+    st.save_state(
+        path, model=model, best_state=None, optimizer=opt, scaler=None, gen=gen, info=info
+    )
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(Exception, match="disk full"):
+        st.save_state(path, model=model, best_state=None, optimizer=opt, scaler=None, gen=gen,
+                      info={**info, "epoch": 2})  # fmt: skip
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    _, loaded = st.load_state(path)
+    assert loaded["epoch"] == 1

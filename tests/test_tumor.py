@@ -260,7 +260,9 @@ def test_score_on_a_real_predicted_store(real_store):
     genes = list(store.genes)
     meta = read_model_metadata(model_path)
     stats = model_gene_stats(model_path, genes)
-    np.testing.assert_allclose(stats["mean"], np.asarray(meta["gene_stats"]["mean"]), rtol=1e-6)
+    from napari_stpredict.model.header import header_gene_stats
+
+    np.testing.assert_allclose(stats["mean"], header_gene_stats(meta, genes)["mean"], rtol=1e-6)
     gene_set = [g for g in DEFAULT_TUMOR_GENES if g in genes] or genes[:3]
     sc = score_store(store, gene_set=gene_set, model=model_path)  # the model's training statistics
     assert sc.reference == "model"
@@ -283,3 +285,67 @@ def test_score_on_a_real_predicted_store(real_store):
     )
     with pytest.raises(TumorError):
         tumor_mask(sc.score, sc.range()[1] + 1.0)
+
+
+# ----------------------------------------------------------------------------- signature vs model
+def _synthetic_store(tmp_path, genes):
+    from napari_stpredict.inference.store import PredictionStore
+
+    grid = TileGrid((800, 1000), 0.5, patch_um=100, patch_px=32)
+    st = PredictionStore.open(tmp_path / "cache", key="sig", genes=genes, grid=grid)
+    gh, gw = grid.shape
+    ii, jj = np.mgrid[:gh, :gw]
+    cells = np.stack([ii.ravel(), jj.ravel()], axis=1)
+    st.write(cells, np.random.default_rng(0).random((len(cells), len(genes))))
+    return st
+
+
+def test_store_score_uses_the_models_recorded_signature(tmp_path):
+    genes = ["ERBB2", "EPCAM", "KRT8", "CDH1", "CLDN4", "VIM"]
+    st = _synthetic_store(tmp_path, genes)
+    stats = {"mean": [0.5] * len(genes), "std": [0.3] * len(genes)}
+    meta = {"genes": genes, "gene_stats": stats, "tumor_signature": ["EPCAM", "KRT8", "CLDN4"]}
+    sc = score_store(st, model=meta)
+    assert sc.genes == ("EPCAM", "KRT8", "CLDN4") and sc.reference == "model"
+    # without a recorded signature: every default gene the model has
+    sc = score_store(st, model={"genes": genes, "gene_stats": stats})
+    assert sc.genes == ("ERBB2", "EPCAM", "KRT8", "CDH1")
+    # a typed set is used as typed
+    assert score_store(st, model=meta, gene_set=["VIM"]).genes == ("VIM",)
+
+
+def test_model_without_signature_genes_predicts_but_refuses_tumour(tmp_path):
+    """A model whose panel lacks every signature gene: predictions work, the tumour layer is
+    refused with one line, and tumour_support() says so from the header alone."""
+    import torch
+
+    from napari_stpredict.model import Predictor, build_model, save_model_file
+    from napari_stpredict.model.checkpoint import compute_gene_stats
+    from napari_stpredict.model.header import read_model_header
+    from napari_stpredict.st.genesets import tumour_support
+
+    genes = ["VIM", "CD74", "COL1A1", "PTPRC"]
+    torch.manual_seed(0)
+    model = build_model("regression", n_genes=len(genes), pretrained="none")
+    expr = np.random.default_rng(1).random((20, len(genes))).astype(np.float32)
+    path = tmp_path / "nosig.safetensors"
+    meta = {
+        "genes": genes,
+        "normalization": {"method": "log1p_cpm", "target_sum": 1e4},
+        "patch_um": 100.0,
+        "patch_px": 32,
+        "training_sections": ["S1"],
+        "gene_stats": compute_gene_stats(expr),
+        "tumor_signature": [],
+    }
+    save_model_file(path, model, bank_embeddings=None, bank_expression=None, metadata=meta)
+    pred = Predictor(path, device="cpu")
+    out = pred.predict(np.full((2, 32, 32, 3), 200, np.uint8))
+    assert out.shape == (2, len(genes)) and np.isfinite(out).all()
+    ok, reason = tumour_support(read_model_header(path))
+    assert not ok and reason.startswith("tumour signature: none of ERBB2") and "\n" not in reason
+    assert tumour_support(path) == (ok, reason)
+    st = _synthetic_store(tmp_path, genes)
+    with pytest.raises(TumorError) as err:
+        score_store(st, model=path)
+    assert str(err.value) == reason

@@ -20,6 +20,7 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 @pytest.fixture
 def scene(make_napari_viewer, real_store):
     """A viewer with the C3 slide, two heatmap layers of the real store, and the store."""
+    from napari_stpredict.model.header import header_gene_stats
     from napari_stpredict.slide import open_slide
     from napari_stpredict.tumor import read_model_metadata
     from napari_stpredict.widgets._heatmaps import HeatmapSet
@@ -43,7 +44,7 @@ def scene(make_napari_viewer, real_store):
         slide_layer=slide_layer,
         grid=store.grid,
         panel=store.genes,
-        gene_stats={k: np.asarray(v) for k, v in meta["gene_stats"].items()},
+        gene_stats=header_gene_stats(meta),
         metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
         read_plane=lambda i: store.read(i),
     )

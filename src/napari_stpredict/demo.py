@@ -506,15 +506,18 @@ def demo_gene_panel(manifest: str | os.PathLike, config: DemoConfig) -> list[str
     always have something to show; the rest is the usual union of per-section highly
     variable genes (``n_top_genes`` each).
     """
-    from napari_stpredict.st import common_genes, read_sections, select_genes
-    from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
+    from napari_stpredict.st import read_sections
+    from napari_stpredict.st.genesets import DEFAULT_TUMOR_GENES, build_panel
 
     adatas = read_sections(manifest, check_image=False)
-    measured = set(common_genes(adatas))
-    hvg = select_genes(adatas, n_top=config.n_top_genes)
-    wanted = dict.fromkeys([*config.markers, *DEFAULT_TUMOR_GENES])
-    markers = [g for g in wanted if g in measured]
-    return markers + [g for g in hvg if g not in wanted]
+    panel = build_panel(
+        adatas,
+        markers="none",
+        add_genes=[*config.markers, *DEFAULT_TUMOR_GENES],
+        n_heg=0,
+        n_hvg=config.n_top_genes,
+    )
+    return panel.genes
 
 
 def pick_markers(genes: Sequence[str], preferred: Sequence[str], n: int = 3) -> list[str]:
@@ -688,6 +691,16 @@ def run_demo(
     if on_stage is not None:
         on_stage(f"predicting {inputs.slide.name}")
     predictor = Predictor(inputs.model, device=device)
+    if genes:  # before the prediction, not after it
+        known = {g.upper(): g for g in predictor.genes}
+        unknown = [g for g in genes if g.upper() not in known]
+        if unknown:
+            raise StPredictError(
+                f"{inputs.model}: genes not predicted by the model: {', '.join(unknown)}"
+            )
+        markers = [known[g.upper()] for g in genes]
+    else:
+        markers = pick_markers(predictor.genes, config.markers)
     with open_slide(inputs.slide, mpp=inputs.mpp) as sl:
         grid = TileGrid.for_slide(sl, predictor)
         tissue = grid.tissue_cells(tissue_mask(sl))
@@ -703,16 +716,6 @@ def run_demo(
             for _ in engine.run(cells, cancel=cancel, progress=progress):
                 pass
         mpp = sl.mpp
-    if genes:
-        known = {g.upper(): g for g in predictor.genes}
-        unknown = [g for g in genes if g.upper() not in known]
-        if unknown:
-            raise StPredictError(
-                f"{inputs.model}: genes not predicted by the model: {', '.join(unknown)}"
-            )
-        markers = [known[g.upper()] for g in genes]
-    else:
-        markers = pick_markers(predictor.genes, config.markers)
     values = store.read_cells(cells, markers) if len(cells) else np.empty((0, len(markers)))
     means = {
         g: (float(np.nanmean(values[:, k])) if np.isfinite(values[:, k]).any() else None)

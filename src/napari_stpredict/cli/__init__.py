@@ -11,7 +11,10 @@ import sys
 import typer
 
 from napari_stpredict import __version__
+from napari_stpredict.cli._options import flags_without_metavar
 from napari_stpredict.errors import Cancelled, StPredictError
+
+flags_without_metavar()
 
 app = typer.Typer(
     name="stpredict",
@@ -48,8 +51,27 @@ from napari_stpredict.cli import (  # noqa: E402, F401
 )
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops the command like Ctrl-C: temporaries are removed, committed work is kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError, AttributeError):  # not the main interpreter / platform
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 failures reported, 2 bad input, 130 cancel)."""
+    _sigterm_as_interrupt()
     try:
         rv = app(args=argv, standalone_mode=False)
     except StPredictError as err:
@@ -61,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stpredict: cancelled", file=sys.stderr)
         return 130
+    except OSError as err:
+        # a full disk or an I/O error that no writer turned into a one-line error itself
+        from napari_stpredict.io_utils import describe_os_error
+
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"stpredict: error: {where}{describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            "stpredict: error: out of memory (use a coarser --stride-um or fewer workers)",
+            file=sys.stderr,
+        )
+        return 2
     except typer.Exit as ex:
         return ex.exit_code
     except Exception as ex:  # click usage errors and aborts

@@ -136,6 +136,10 @@ def demo(
     console = Console(stderr=True)
     if not no_viewer:
         _check_display()  # before minutes of training, not after
+    if data_dir is not None:  # File > Open Sample then uses it too, without a download
+        from napari_stpredict._sample_data import remember_local_data
+
+        remember_local_data(data_dir)
     with _StageBar(console) as bar:
         if no_viewer:
             summary = run_demo(
@@ -228,21 +232,21 @@ def open_demo_viewer(
     """
     import napari
 
-    from napari_stpredict._reader import slide_layer_data
-    from napari_stpredict.slide import open_slide
-    from napari_stpredict.widgets.predict import PredictWidget
+    from napari_stpredict.cli.view_cmd import dock_predict_widget
 
     viewer = napari.Viewer(title=f"stpredict demo · {inputs.slide.name}", show=show)
     viewer.window.resize(*window_size)
-    data, kwargs, _ = slide_layer_data(open_slide(inputs.slide, mpp=inputs.mpp))
-    slide_layer = viewer.add_image(data, **kwargs)
-    widget = PredictWidget(viewer, device=device, cache_dir=cache_dir)
-    viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
-    widget.set_slide_layer(slide_layer)
-    if inputs.mpp is not None:  # the HER2ST JPEGs record none: the spot grid gave it
-        widget.set_mpp(inputs.mpp)
-    widget.set_predictor(predictor, inputs.model)
-    widget.set_genes(genes)
+    # the HER2ST JPEGs record no pixel size: the spot grid gave it (kept exact)
+    widget, _dock = dock_predict_widget(
+        viewer,
+        Path(inputs.slide),
+        mpp=inputs.mpp,
+        predictor=predictor,
+        model=Path(inputs.model),
+        genes=genes,
+        device=device,
+        cache_dir=cache_dir,
+    )
     tumor_widget = _dock_tumor_widget(viewer)
     if tumor_widget is not None:
         _tumor_when_view_is_predicted(widget, tumor_widget, predictor)

@@ -1,4 +1,4 @@
-"""``stpredict evaluate``: the paper's protocol, CMRCNet vs BLEEP vs regression, side by side."""
+"""``stpredict evaluate``: the paper's protocol, CMRCNet vs BLEEP vs regression vs ridge."""
 
 from __future__ import annotations
 
@@ -70,9 +70,13 @@ def _print_table(result: Any) -> None:
     stats = {name: (m.mean(), m.sd()) for name, m in result.methods.items()}
     for name in result.methods:
         table.add_column(name, justify="right")
+    n_mg = max((len(m.mg_genes()) for m in result.methods.values()), default=0)
     for k in keys:
+        label = _LABELS.get(k, k)
+        if k == "pcc_mg":
+            label = f"{label} ({n_mg} genes)"
         table.add_row(
-            _LABELS.get(k, k),
+            label,
             *[format_value(mean.get(k), sd.get(k)) for mean, sd in stats.values()],
         )
     table.add_row(
@@ -85,6 +89,12 @@ def _print_table(result: Any) -> None:
         for f in m.folds:
             if not f.ok:
                 console.print(f"[red]{name}: fold test={'+'.join(f.test)} failed: {f.error}[/red]")
+    if result.markers_used:
+        used = result.markers_used
+        console.print(
+            f"PCC MG scored on {len(used)} marker genes: {', '.join(used[:20])}"
+            f"{', …' if len(used) > 20 else ''}"
+        )
     if result.markers_missing:
         miss = result.markers_missing
         console.print(
@@ -100,7 +110,7 @@ def evaluate_cmd(
         "leave-one-section-out", "--cv", help="leave-one-section-out or leave-one-patient-out."
     ),
     methods: str = typer.Option(
-        "cmrc,bleep,regression", "--methods", help="Comma-separated methods."
+        "cmrc,bleep,regression,ridge", "--methods", help="Comma-separated methods."
     ),
     model: Path | None = typer.Option(
         None, "--model", help="Score this existing model file instead of cross-validating."
@@ -122,6 +132,21 @@ def evaluate_cmd(
         None, "--work-dir", help="Keep the fold models here (default: a temporary folder)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    tta: int | None = typer.Option(
+        None,
+        "--tta",
+        help="Score with this test-time augmentation (1, 2, 4 or 8 symmetries averaged; "
+        "default: each model file's own).",
+    ),
+    weighting: str | None = typer.Option(
+        None,
+        "--weighting",
+        help="Retrieval weighting of the top-k neighbours when scoring: mean or softmax "
+        "(default: each model file's own).",
+    ),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="Softmax temperature over cosine for --weighting softmax."
+    ),
     epochs: int | None = typer.Option(None, "--epochs", rich_help_panel=_TRAIN_HELP),
     batch_size: int | None = typer.Option(None, "--batch-size", rich_help_panel=_TRAIN_HELP),
     lr: float | None = typer.Option(None, "--lr", rich_help_panel=_TRAIN_HELP),
@@ -158,6 +183,13 @@ def evaluate_cmd(
     steps_per_epoch: int | None = typer.Option(
         None, "--steps-per-epoch", rich_help_panel=_TRAIN_HELP
     ),
+    context: float | None = typer.Option(
+        None,
+        "--context",
+        help="Add a context field of view this many times the patch side (0 = none), "
+        "features concatenated before the heads.",
+        rich_help_panel=_TRAIN_HELP,
+    ),
     feature_cache: Path | None = typer.Option(
         None,
         "--feature-cache",
@@ -171,7 +203,7 @@ def evaluate_cmd(
         rich_help_panel=_TRAIN_HELP,
     ),
 ) -> None:
-    """Cross-validate CMRCNet, BLEEP and ST-Net-style regression (or score one model).
+    """Cross-validate CMRCNet, BLEEP, ST-Net-style regression and PCA+ridge (or score one model).
 
     Per-gene PCC across the spots of each held-out section on log-normalised values (NaN → 0),
     averaged over the top HEG/HVG genes of that section, a marker list and all genes; MSE, MAE,
@@ -190,6 +222,7 @@ def evaluate_cmd(
     marker_list = load_markers(markers) if markers is not None else None
     tests = _split(test_sections) or None
     method_list = _split([methods])
+    predictor_options = {"tta": tta, "weighting": weighting, "temperature": temperature}
 
     with _Bars() as bars:
         if model is not None:
@@ -202,6 +235,7 @@ def evaluate_cmd(
                 markers=marker_list,
                 n_top=n_top,
                 device=device or "auto",
+                predictor_options=predictor_options,
                 progress=bars.outer,
             )
         else:
@@ -225,6 +259,8 @@ def evaluate_cmd(
                     "num_workers": num_workers,
                     "steps_per_epoch": steps_per_epoch,
                     "feature_cache_dir": None if feature_cache is None else str(feature_cache),
+                    "context": context,
+                    "tta": tta,
                     "model_kwargs": _json_option("--model-kwargs", model_kwargs),
                 }
             )
@@ -237,6 +273,7 @@ def evaluate_cmd(
                 markers=marker_list,
                 n_top=n_top,
                 work_dir=work_dir,
+                predictor_options=predictor_options,
                 progress=bars.outer,
                 step_progress=bars.inner,
             )

@@ -3,96 +3,45 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import AsJson, Device, Mpp
+from napari_stpredict.cli._progress import Bars, status_markup
 
 
-class _CohortBars:
-    """Rich progress: one bar for the cohort, one per running slide (thread-safe)."""
-
-    def __init__(self, console, n_slides: int, *, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.enabled = enabled
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=False,
-        )
-        self.overall = self.progress.add_task("slides", total=n_slides, note="")
-        self._tasks: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> _CohortBars:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def slide_progress(self, name: str, done: int, total: int | None, message: str = "") -> None:
-        with self._lock:
-            task = self._tasks.get(name)
-            if task is None:
-                task = self.progress.add_task(f"  {name}", total=total, note=message)
-                self._tasks[name] = task
-            self.progress.update(task, completed=done, total=total, note=message)
-
-    def slide_done(self, row: dict[str, Any]) -> None:
-        with self._lock:
-            task = self._tasks.pop(row["name"], None)
-            if task is not None:
-                self.progress.remove_task(task)
-            self.progress.advance(self.overall)
-            status = row["status"]
-            style = {"done": "green", "skipped": "cyan", "failed": "red"}.get(status, "yellow")
-            extra = f": {row['error']}" if row.get("error") else ""
-            cells = f" ({row['cells']} cells)" if row.get("cells") is not None else ""
-            self.progress.console.print(
-                f"[{style}]{status:>8}[/{style}] {row['name']}{cells}{extra}",
-                highlight=False,
-            )
+def _row_line(row) -> str:
+    """One printed line per finished slide (status, tiles, error, exports not made)."""
+    extra = f": {row['error']}" if row.get("error") else ""
+    tiles = f" ({row['cells']} tiles)" if row.get("cells") is not None else ""
+    text = f"{status_markup(row['status']):>8} {row['name']}{tiles}{extra}"
+    for kind, reason in (row.get("export_errors") or {}).items():
+        text += f"\n         [yellow]export {kind} not written[/yellow]: {reason}"
+    return text
 
 
-def _table(rows: list[dict[str, Any]]):
+def _table(rows):
     from rich.table import Table
 
     table = Table(title="stpredict predict", show_lines=False)
     table.add_column("slide")
-    table.add_column("cells", justify="right")
+    table.add_column("tiles", justify="right")
     table.add_column("predicted", justify="right")
     table.add_column("time (s)", justify="right")
     table.add_column("status")
-    table.add_column("error", overflow="fold")
+    table.add_column("error / exports not written", overflow="fold")
     for r in rows:
-        style = {"done": "green", "skipped": "cyan", "failed": "red"}.get(r["status"], "yellow")
+        notes = [r["error"]] if r["error"] else []
+        notes += [f"{k}: {why}" for k, why in (r.get("export_errors") or {}).items()]
         table.add_row(
             r["name"],
             "" if r["cells"] is None else str(r["cells"]),
             str(r["predicted"] or 0),
             "" if r["time_s"] is None else f"{r['time_s']:.1f}",
-            f"[{style}]{r['status']}[/{style}]",
-            r["error"] or "",
+            status_markup(r["status"]),
+            "; ".join(notes),
         )
     return table
 
@@ -151,19 +100,12 @@ def predict(
         help="Patches per model call (default: the model's).",
         show_default=False,
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    mpp: float | None = typer.Option(
-        None,
-        "--mpp",
-        help="µm per pixel for slides whose file records none (JPEG/PNG); others keep theirs.",
-        show_default=False,
-    ),
+    device: Device = "auto",
+    mpp: Mpp = None,
     min_tissue: float = typer.Option(
         0.2, "--min-tissue", help="Minimum tissue fraction of a grid cell to predict it."
     ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the summary as JSON on stdout (bars go to stderr)."
-    ),
+    as_json: AsJson = False,
 ) -> None:
     """Predict expression over the tissue of many slides (resumable; local or dask cluster).
 
@@ -184,15 +126,26 @@ def predict(
         raise StPredictError("--out: required (the output folder)")
     exports = parse_exports(export)  # bad names are bad input, before anything starts
     console = Console(stderr=True)
-    bars: _CohortBars | None = None
+    bars: Bars | None = None
 
     def on_start(pairs) -> None:
         nonlocal bars
-        bars = _CohortBars(console, len(pairs), enabled=True)
+        bars = Bars(console)
         bars.__enter__()
-        console.print(f"{len(pairs)} slide(s) → {out}", highlight=False)
+        bars.update("slides", 0, len(pairs), label="slides")
+        bars.print(f"{len(pairs)} slide(s) → {out}")
 
-    def on_cluster(line: str) -> None:
+    def on_slide_progress(name: str, done: int, total: int | None, message: str = "") -> None:
+        if bars is not None:
+            bars.update(name, done, total, message, label=f"  {name}")
+
+    def on_slide_done(row) -> None:
+        if bars is not None:
+            bars.remove(row["name"])
+            bars.advance("slides")
+            bars.print(_row_line(row))
+
+    def on_line(line: str) -> None:
         console.print(line, highlight=False)
 
     try:
@@ -209,9 +162,10 @@ def predict(
             mpp=mpp,
             min_tissue=min_tissue,
             on_start=on_start,
-            on_cluster=on_cluster,
-            on_slide_progress=lambda *a: bars.slide_progress(*a) if bars else None,
-            on_slide_done=lambda row: bars.slide_done(row) if bars else None,
+            on_cluster=on_line,
+            on_note=lambda line: on_line(f"[yellow]note:[/yellow] {line}"),
+            on_slide_progress=on_slide_progress,
+            on_slide_done=on_slide_done,
         )
     finally:
         if bars is not None:

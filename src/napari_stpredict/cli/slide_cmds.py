@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import Overwrite
 from napari_stpredict.errors import StPredictError
 
 
@@ -112,20 +113,13 @@ def convert(
     mpp: float | None = typer.Option(
         None, "--mpp", help="µm per pixel to record (when the source has none)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: Overwrite = False,
 ) -> None:
     """Write a tiled multi-resolution pyramid, streaming (bounded memory), atomically."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    from napari_stpredict.io_utils import check_target
+    from napari_stpredict.cli._progress import Bars
+    from napari_stpredict.io_utils import check_not_inside, check_replaceable, check_target
     from napari_stpredict.slide import open_slide, write_ome_tiff, write_ome_zarr
 
     kind = _target_kind(dst)
@@ -135,9 +129,13 @@ def convert(
         raise StPredictError(f"--compression {compression!r}: choose jpeg or deflate")
     if not 1 <= quality <= 100:
         raise StPredictError(f"--quality {quality}: must be between 1 and 100")
-    if src.resolve() == dst.resolve():
+    if src.exists() and src.resolve() == dst.resolve():
         raise StPredictError(f"{dst}: output is the input")
+    # before any work: never replace (or write into) the source, never replace a foreign folder
+    check_not_inside([src], dst, "output")
     check_target(dst, overwrite=overwrite)
+    if dst.exists() or dst.is_symlink():
+        check_replaceable(dst)
     console = Console(stderr=True)
     t0 = time.perf_counter()
     with open_slide(src, mpp=mpp) as slide:
@@ -145,20 +143,8 @@ def convert(
             console.print(
                 f"[yellow]note:[/yellow] {src} has no resolution; writing without µm/px (pass --mpp)"
             )
-        with Progress(
-            TextColumn("[bold]convert[/bold] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        ) as bars:
-            task = bars.add_task("", total=None)
-
-            def progress(done: int, total: int | None, message: str = "") -> None:
-                bars.update(task, completed=done, total=total, description=f"{message} (tile rows)")
-
+        with Bars(console, unit="tile rows") as bars:
+            progress = bars.callback("convert", label="convert")
             if kind == "ome-tiff":
                 write_ome_tiff(
                     slide, dst, tile=tile, compression=compression, mpp=mpp, quality=quality,

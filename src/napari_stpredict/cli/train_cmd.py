@@ -112,9 +112,24 @@ def train_command(
         None, "--steps-per-epoch", help="Cap steps per epoch."
     ),
     train_backbone: str = typer.Option(
-        "all",
+        "auto",
         "--train-backbone",
-        help="all, last (last stage only) or none (frozen, cached features).",
+        help="auto (all on CUDA; on a CPU last or none by measured cost), all, last (last "
+        "stage only) or none (frozen, cached features).",
+    ),
+    stain_augment: str = typer.Option(
+        "auto",
+        "--stain-augment",
+        help="Stain jitter of training patches: auto (hed when the backbone trains), none, hed, "
+        "color or hed+color.",
+    ),
+    context: float = typer.Option(
+        0.0,
+        "--context",
+        help="0 = none; else a second, wider field of view of this many patch sides (e.g. 3).",
+    ),
+    tta: int = typer.Option(
+        1, "--tta", help="Flips/rotations averaged at inference: 1, 2, 4 or 8 (in the model file)."
     ),
     feature_cache: Path | None = typer.Option(
         None, "--feature-cache", help="Folder keeping frozen backbone features across runs."
@@ -157,6 +172,9 @@ def train_command(
         max_steps=max_steps,
         steps_per_epoch=steps_per_epoch,
         train_backbone=train_backbone,
+        stain_augment=stain_augment,
+        context=context,
+        tta=tta,
         top_k=top_k,
         num_workers=num_workers,
         feature_cache_dir=str(feature_cache) if feature_cache is not None else None,
@@ -182,8 +200,13 @@ def train_command(
         if not quiet:
             console.print(lines[-1])
 
+    def note(message: str) -> None:
+        if not quiet:
+            console.print(message, markup=False, highlight=False)
+
     kwargs = dict(
         out=out,
+        log=note,
         sections=_section_list(sections),
         resume=resume,
         overwrite=overwrite,
@@ -218,6 +241,7 @@ def train_command(
         "n_bank": result.metadata["n_bank"],
         "best_epoch": result.best_epoch,
         "resumed_from": result.resumed_from,
+        "plan": result.plan,
         "history": result.history,
     }
     if as_json:

@@ -158,32 +158,20 @@ def _run_viewer(
     import napari
     from qtpy.QtCore import QTimer
 
-    from napari_stpredict.widgets._live import camera_of
-    from napari_stpredict.widgets.predict import PredictWidget
+    from napari_stpredict.widgets._common import camera_of
 
     viewer = napari.Viewer(title=f"stpredict · {slide_path.name}", show=True)
     viewer.window.resize(*window_size)
-    if mpp is None:
-        layers = viewer.open(str(slide_path), plugin="napari-stpredict")
-        if not layers:
-            viewer.close()
-            raise StPredictError(f"{slide_path}: napari could not open the slide")
-        slide_layer = layers[0]
-    else:  # the reader's layer, in µm with the given pixel size
-        from napari_stpredict._reader import slide_layer_data
-        from napari_stpredict.slide import open_slide
-
-        data, kwargs, _ = slide_layer_data(open_slide(slide_path, mpp=mpp))
-        slide_layer = viewer.add_image(data, **kwargs)
-    widget = PredictWidget(viewer, device=device)
-    dock = viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
-    widget.set_slide_layer(slide_layer)
-    if stride_um is not None:
-        widget.set_stride(stride_um)
-    if predictor is not None:
-        widget.set_predictor(predictor, model)
-    if genes:
-        widget.set_genes(genes)
+    widget, dock = dock_predict_widget(
+        viewer,
+        slide_path,
+        mpp=mpp,
+        predictor=predictor,
+        model=model,
+        genes=genes,
+        stride_um=stride_um,
+        device=device,
+    )
 
     # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
     # at the model's scale: convert the µm options to layer units
@@ -226,9 +214,9 @@ def _run_viewer(
             finish(1)
         elif predictor is None or widget.view_complete():
             _save_screenshot(viewer, screenshot, canvas_only=not whole_window)
-            n = widget.session.store.n_done if widget.session is not None else 0
             print(
-                f"saved {screenshot} ({n} cells predicted, {time.perf_counter() - t0:.1f} s)",
+                f"saved {screenshot} ({widget.n_done} tiles predicted, "
+                f"{time.perf_counter() - t0:.1f} s)",
                 file=sys.stderr,
             )
             finish(0)
@@ -245,6 +233,43 @@ def _run_viewer(
     timer.start()
     napari.run()
     return int(state["code"] if state["code"] is not None else 1)
+
+
+def dock_predict_widget(
+    viewer: Any,
+    slide_path: Path,
+    *,
+    mpp: float | None,
+    predictor: Any,
+    model: Path | None,
+    genes: list[str],
+    stride_um: float | None = None,
+    device: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Any, Any]:
+    """The viewer set-up shared by ``view`` and ``demo``: the slide layer (our reader, µm when
+    the pixel size is known, ``mpp`` kept exact), the Predict dock docked and set.
+
+    Returns ``(widget, dock)``.
+    """
+    from napari_stpredict._reader import slide_layer_data
+    from napari_stpredict.slide import open_slide
+    from napari_stpredict.widgets.predict import PredictWidget
+
+    data, kwargs, _ = slide_layer_data(open_slide(slide_path, mpp=mpp))
+    slide_layer = viewer.add_image(data, **kwargs)
+    widget = PredictWidget(viewer, device=device, cache_dir=cache_dir)
+    dock = viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
+    widget.set_slide_layer(slide_layer)
+    if mpp is not None:
+        widget.set_mpp(mpp)  # exact: the cache key is the CLI's
+    if stride_um is not None:
+        widget.set_stride(stride_um)
+    if predictor is not None:
+        widget.set_predictor(predictor, model)
+    if genes:
+        widget.set_genes(genes)
+    return widget, dock
 
 
 def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> None:

@@ -158,27 +158,34 @@ def section_patches(
     batch_size: int = 64,
     cancel: CancelToken | None = None,
 ) -> np.ndarray:
-    """Every spot patch of ``section`` at ``predictor``'s scale: ``(n, P, P, 3)`` uint8."""
+    """Every spot patch of ``section`` at ``predictor``'s scale: ``(n, P, P, 3)`` uint8, or
+    ``(n, F, P, P, 3)`` for a model with a context field (``predictor.input_spec.fields()``:
+    the patch, then the wider field around the same centre, resampled to ``P``)."""
     from napari_stpredict.slide import open_slide
 
     if not section.image:
         raise DatasetError(f"section {section.name}: no image, so nothing can be predicted")
     slide = open_slide(section.image)
     n = section.xy.shape[0]
-    out = np.empty((n, predictor.patch_px, predictor.patch_px, 3), dtype=np.uint8)
+    spec = getattr(predictor, "input_spec", None)
+    scales = tuple(getattr(spec, "scales", (1.0,)))
+    level0 = _patch_px_level0(predictor)
+    p = predictor.patch_px
+    out = np.empty((n, len(scales), p, p, 3), dtype=np.uint8)
     for start in range(0, n, batch_size):
         check_cancel(cancel, "evaluation")
         stop = min(n, start + batch_size)
-        out[start:stop] = spot_patches(
-            section,
-            patch_um=predictor.patch_um,
-            patch_px=predictor.patch_px,
-            patch_px_level0=_patch_px_level0(predictor),
-            start=start,
-            stop=stop,
-            slide=slide,
-        )
-    return out
+        for f, scale in enumerate(scales):
+            out[start:stop, f] = spot_patches(
+                section,
+                patch_um=None if predictor.patch_um is None else predictor.patch_um * scale,
+                patch_px=p,
+                patch_px_level0=None if level0 is None else float(level0) * scale,
+                start=start,
+                stop=stop,
+                slide=slide,
+            )
+    return out[:, 0] if len(scales) == 1 else out
 
 
 def predict_section(

@@ -16,6 +16,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ from napari_stpredict.evaluation.results import EvaluationResult, FoldResult, Me
 from napari_stpredict.evaluation.scoring import score_section
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 
-__all__ = ["METHODS", "evaluate", "score_model"]
+__all__ = ["METHODS", "check_genes", "evaluate", "score_model"]
 
-METHODS: tuple[str, ...] = ("cmrc", "bleep", "regression")
+METHODS: tuple[str, ...] = ("cmrc", "bleep", "regression", "ridge")
 _PATCH_CACHE_BYTES = 2 << 30
 _TUMOR_SCORE_DOC = (
     "napari_stpredict.tumor.score_matrix (default signature, z-scores over the section); "
@@ -103,6 +104,7 @@ class _Sections:
             predictor.patch_um,
             predictor.patch_px,
             repr(predictor.metadata.get("config", {}).get("patch_px_level0")),
+            tuple(getattr(getattr(predictor, "input_spec", None), "scales", (1.0,))),
         )
         if key not in self._patches:
             arr = section_patches(predictor, self.get(name), cancel=cancel)
@@ -130,6 +132,7 @@ def _score_model_on(
     tumor_score: Any,
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
+    predictor_options: dict[str, Any] | None = None,
 ) -> FoldResult:
     from napari_stpredict.model import Predictor
 
@@ -141,7 +144,7 @@ def _score_model_on(
         what=f"{info.path}",
     )
     t0 = time.perf_counter()
-    predictor = Predictor(info.path, device=device)
+    predictor = Predictor(info.path, device=device, **(predictor_options or {}))
     result = FoldResult(test=list(fold.test), train=list(info.training_sections or fold.train))
     for name in fold.test:
         check_cancel(cancel, "evaluation")
@@ -216,6 +219,7 @@ def evaluate(
     markers: Sequence[str] | None = None,
     n_top: int = 50,
     work_dir: str | os.PathLike | None = None,
+    predictor_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     step_progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
@@ -242,6 +246,9 @@ def evaluate(
     work_dir
         Where fold models are written (``<fold>/<method>.safetensors``) and kept; by default a
         temporary folder removed at the end.
+    predictor_options
+        Scoring overrides passed to :class:`~napari_stpredict.model.Predictor`: ``tta`` (1, 2,
+        4, 8), ``top_k``, ``weighting``, ``temperature``. ``None`` keeps each model file's own.
     progress
         Called per (fold, method) unit: ``progress(done, total, message)``.
     step_progress
@@ -276,6 +283,9 @@ def evaluate(
         if validate is not None:
             validate()
     sections = _Sections(manifest)
+    # a gene list that cannot be met fails here, before any fold trains
+    check_genes(config, [sections.get(n) for f in folds for n in (*f.train, *f.test)])
+    predictor_options = _check_predictor_options(predictor_options)
     tumor_score = _tumor_score_fn()
     results = {m: MethodResult(name=m) for m in methods}
     panels: list[list[str]] = []
@@ -317,6 +327,7 @@ def evaluate(
                         tumor_score=tumor_score,
                         progress=step_progress,
                         cancel=cancel,
+                        predictor_options=predictor_options,
                     )
                     fr.train = list(fold.train)
                     fr.train_wall_s = t_train
@@ -346,6 +357,7 @@ def evaluate(
         "n_top": n_top,
         "train": _config_dict(config),
         "tumor_score": _TUMOR_SCORE_DOC,
+        "predictor": dict(predictor_options or {}),
     }
     if not own_tmp:
         cfg["work_dir"] = str(root)
@@ -368,6 +380,7 @@ def score_model(
     markers: Sequence[str] | None = None,
     n_top: int = 50,
     device: str = "auto",
+    predictor_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> EvaluationResult:
@@ -393,6 +406,7 @@ def score_model(
     if unknown:
         raise StPredictError(f"--test-sections: unknown sections {unknown} (have {names})")
     markers = list(markers) if markers is not None else list(BREAST_CANCER_MARKERS)
+    predictor_options = _check_predictor_options(predictor_options)
     info = model_info(str(model_path))
     fold = Fold(
         name="+".join(test_sections),
@@ -409,6 +423,7 @@ def score_model(
         tumor_score=_tumor_score_fn(),
         progress=progress,
         cancel=cancel,
+        predictor_options=predictor_options,
     )
     used, missing = _used_and_missing(markers, [info.genes])
     cfg = {
@@ -418,6 +433,7 @@ def score_model(
         "folds": [{"train": list(fold.train), "test": list(fold.test)}],
         "methods": [info.method],
         "n_top": n_top,
+        "predictor": dict(predictor_options or {}),
         "model_metadata": {
             k: v for k, v in info.metadata.items() if k not in ("genes", "gene_stats")
         },
@@ -431,6 +447,53 @@ def score_model(
         markers_used=used,
         markers_missing=missing,
     )
+
+
+_PREDICTOR_OPTIONS = ("tta", "top_k", "weighting", "temperature")
+
+
+def _check_predictor_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate scoring overrides up front (one line naming the bad value)."""
+    from napari_stpredict.model.retrieval import WEIGHTINGS
+
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(opts) - set(_PREDICTOR_OPTIONS))
+    if unknown:
+        raise StPredictError(
+            f"predictor option {unknown[0]!r}: unknown (use {', '.join(_PREDICTOR_OPTIONS)})"
+        )
+    if "tta" in opts and opts["tta"] not in (1, 2, 4, 8):
+        raise StPredictError(f"--tta {opts['tta']}: choose 1, 2, 4 or 8")
+    if "top_k" in opts and int(opts["top_k"]) < 1:
+        raise StPredictError(f"--top-k {opts['top_k']}: must be ≥ 1")
+    if "weighting" in opts and opts["weighting"] not in WEIGHTINGS:
+        raise StPredictError(
+            f"--weighting {opts['weighting']}: choose {' or '.join(WEIGHTINGS)}"
+        )
+    if "temperature" in opts and not float(opts["temperature"]) > 0:
+        raise StPredictError(f"--temperature {opts['temperature']}: must be > 0")
+    return opts
+
+
+def check_genes(config: Any, sections: Sequence[SectionData]) -> None:
+    """Refuse, before any training, a gene list the sections cannot satisfy.
+
+    Genes are resolved like training does (:func:`napari_stpredict.st.select_genes` with the
+    config's ``missing_genes``): with ``"error"`` every listed gene must be measured in every
+    section, with ``"drop"`` at least one must be. ``genes=None`` (the default panel) passes.
+    """
+    genes = getattr(config, "genes", None)
+    if genes is None:
+        return
+    from napari_stpredict.st import select_genes
+
+    adatas = list({s.name: s.adata for s in sections}.values())
+    missing = getattr(config, "missing_genes", "error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = select_genes(adatas, gene_list=genes, missing=missing)
+    if not kept:
+        raise StPredictError("--genes: none of the listed genes is measured in every section")
 
 
 def _training_summary(meta: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class FoldResult:
             s.section: {
                 "n_spots": int(s.true.shape[0]),
                 **{k: _num(v) for k, v in s.metrics.items()},
+                # which markers pcc_mg averaged on this section (10.4)
+                "n_mg": int(len(s.mg)),
+                "mg_genes": [s.genes[int(i)] for i in s.mg],
             }
             for s in self.sections
         }
@@ -136,13 +139,24 @@ class MethodResult:
             out[k] = float(np.std(v, ddof=1)) if len(v) > 1 else (0.0 if v else float("nan"))
         return out
 
+    def mg_genes(self) -> list[str]:
+        """The marker genes ``pcc_mg`` was computed on (union over the held-out sections)."""
+        out: dict[str, None] = {}
+        for f in self.folds:
+            for s in f.sections:
+                out.update(dict.fromkeys(s.genes[int(i)] for i in s.mg))
+        return list(out)
+
     def to_dict(self) -> dict[str, Any]:
+        mg = self.mg_genes()
         return {
             "mean": {k: _num(v) for k, v in self.mean().items()},
             "sd": {k: _num(v) for k, v in self.sd().items()},
             "folds": [f.to_dict() for f in self.folds],
             "n_folds": len(self.folds),
             "n_failed": sum(not f.ok for f in self.folds),
+            "pcc_mg_n": len(mg),
+            "pcc_mg_genes": mg,
         }
 
 

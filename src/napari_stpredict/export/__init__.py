@@ -8,6 +8,7 @@
 :func:`export_csv`                 per-cell table
 :func:`export_figure`              PNG: slide + heatmap + colour bar + scale bar
 :func:`export_predictions`         several of the above into one folder (CLI, cohorts)
+:func:`export_report`              the same, an export that cannot be made listed, not raised
 =================================  =============================================================
 
 Every export writes to a temporary file and renames it, refuses to overwrite unless
@@ -21,7 +22,13 @@ from __future__ import annotations
 
 from napari_stpredict.export._common import ExportError, ExportResult
 from napari_stpredict.export._predictions import Predictions, as_predictions
-from napari_stpredict.export.bundle import EXPORT_KINDS, export_predictions
+from napari_stpredict.export.bundle import (
+    EXPORT_KINDS,
+    ExportReport,
+    export_predictions,
+    export_report,
+    export_targets,
+)
 from napari_stpredict.export.figure import export_figure
 from napari_stpredict.export.geojson import TUMOR_COLOR, export_tumor_geojson, tumor_geojson
 from napari_stpredict.export.ome_tiff import (
@@ -35,6 +42,7 @@ __all__ = [
     "EXPORT_KINDS",
     "TUMOR_COLOR",
     "ExportError",
+    "ExportReport",
     "ExportResult",
     "Predictions",
     "as_predictions",
@@ -43,6 +51,8 @@ __all__ = [
     "export_h5ad",
     "export_heatmaps_ome_tiff",
     "export_predictions",
+    "export_report",
+    "export_targets",
     "export_tumor_geojson",
     "export_tumor_mask_ome_tiff",
     "predictions_to_anndata",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from napari_stpredict.errors import StPredictError
-from napari_stpredict.io_utils import atomic_path, check_target
+from napari_stpredict.io_utils import WriteError, atomic_path, check_target, describe_os_error
 
 
 class ExportError(StPredictError):
@@ -41,10 +41,18 @@ class ExportResult:
     n_predicted: int
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    n_expected: int | None = None
+    n_missing: int | None = None
 
     @property
     def partial(self) -> bool:
-        """True when some grid cells were not predicted (they are NaN or left out)."""
+        """True when tiles that should be predicted are not (they are NaN or left out).
+
+        With the tissue known (``n_missing``), only missing *tissue* tiles count; without it,
+        any unpredicted grid tile does.
+        """
+        if self.n_missing is not None:
+            return self.n_missing > 0
         return self.n_predicted < self.n_cells
 
     def message(self) -> str:
@@ -52,10 +60,16 @@ class ExportResult:
         text = f"wrote {self.path} ({self.kind}"
         text += f", {self.detail})" if self.detail else ")"
         if self.partial:
-            text += (
-                f"; partial: {self.n_predicted} of {self.n_cells} grid cells predicted, "
-                "the rest left out"
-            )
+            if self.n_missing is not None and self.n_expected is not None:
+                text += (
+                    f"; partial: {self.n_missing} of {self.n_expected} tissue tiles "
+                    "not predicted yet, left out"
+                )
+            else:
+                text += (
+                    f"; partial: {self.n_predicted} of {self.n_cells} grid tiles predicted, "
+                    "the rest left out"
+                )
         return text
 
     def __str__(self) -> str:
@@ -73,11 +87,12 @@ def writing(path: str | os.PathLike, *, overwrite: bool, what: str) -> Iterator[
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
             yield tmp
+    except WriteError as err:
+        raise ExportError(f"{path}: cannot write the {what} ({err.reason})") from None
     except StPredictError:
         raise
     except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise ExportError(f"{path}: cannot write the {what} ({reason})") from None
+        raise ExportError(f"{path}: cannot write the {what} ({describe_os_error(err)})") from None
 
 
 def h5_safe(obj: Any) -> Any:

@@ -32,6 +32,9 @@ class Predictions:
         Provenance: ``{"slide": {...}, "model": {...}, ...}`` (a store's attributes).
     path
         The store folder, when there is one.
+    tissue
+        (gh, gw) bool of the tiles that should be predicted (tissue), when known: exports are
+        "partial" only when some of these are missing.
     """
 
     values: Any
@@ -40,6 +43,7 @@ class Predictions:
     done: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    tissue: Any = None
     _block: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _block_start: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -65,6 +69,33 @@ class Predictions:
         """Number of grid cells."""
         gh, gw = self.geometry.shape
         return gh * gw
+
+    def set_tissue(self, tissue: Any) -> None:
+        """Record which tiles should be predicted (ignored when the shape does not match)."""
+        if tissue is None:
+            return
+        mask = np.asarray(tissue, dtype=bool)
+        if mask.shape == self.geometry.shape:
+            self.tissue = mask
+
+    def n_expected(self) -> int:
+        """Tiles that should be predicted: the tissue tiles when known, else every grid tile."""
+        if self.tissue is not None:
+            return int(np.count_nonzero(self.tissue))
+        return self.n_cells
+
+    def n_missing(self) -> int:
+        """Tiles that should be predicted and are not."""
+        done = self.predicted()
+        if self.tissue is not None:
+            return int(np.count_nonzero(self.tissue & ~done))
+        return int(done.size - np.count_nonzero(done))
+
+    def result_counts(self) -> dict[str, int | None]:
+        """``n_expected``/``n_missing`` for an :class:`ExportResult` (None without tissue)."""
+        if self.tissue is None:
+            return {"n_expected": None, "n_missing": None}
+        return {"n_expected": self.n_expected(), "n_missing": self.n_missing()}
 
     def predicted(self) -> np.ndarray:
         """(gh, gw) bool: cells with predictions."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.export._common import ExportError, ExportResult
 from napari_stpredict.export._predictions import as_predictions
+from napari_stpredict.io_utils import check_target, confined, safe_name
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 
 #: Export kinds and their file names (``{name}`` = the slide's name).
@@ -48,6 +51,35 @@ def _kinds(kinds: str | Iterable[str]) -> list[str]:
     return out
 
 
+@dataclass
+class ExportReport:
+    """What :func:`export_report` wrote and what it could not.
+
+    Attributes
+    ----------
+    results
+        One :class:`ExportResult` per export written, in the order asked.
+    failed
+        ``{kind: reason}`` for each export that could not be made (one line each).
+    """
+
+    results: list[ExportResult] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def export_targets(
+    out_dir: str | os.PathLike, name: str, kinds: Iterable[str], gene: str = "gene"
+) -> dict[str, Path]:
+    """``{kind: path}`` of each export: sanitised names, proven to lie inside ``out_dir``."""
+    safe = safe_name(name)
+    return {
+        k: confined(
+            out_dir, EXPORT_KINDS[k].format(name=safe, gene=safe_name(gene, default="gene"))
+        )
+        for k in kinds
+    }
+
+
 def export_predictions(
     predictions: Any,
     out_dir: str | os.PathLike,
@@ -76,7 +108,8 @@ def export_predictions(
     out_dir
         Existing, writable folder.
     name
-        File name stem (see :data:`EXPORT_KINDS`).
+        File name stem (see :data:`EXPORT_KINDS`); sanitised (``..`` or ``a/b`` never leave
+        ``out_dir``).
     kinds
         Any of ``h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png`` (list or comma-separated).
     genes
@@ -88,6 +121,8 @@ def export_predictions(
         A :class:`~napari_stpredict.tumor.TumorMap`, ``None`` (no tumour columns) or ``"auto"``:
         computed with ``gene_set``/``threshold``/``tissue`` when a tumour export (GeoJSON,
         mask) is requested, and then also added to the h5ad/CSV.
+    tissue
+        (gh, gw) bool of the tissue tiles: exports are "partial" only when some are missing.
     figure_gene
         Gene of the PNG figure (default: the first of ``genes`` or of the model).
 
@@ -102,44 +137,100 @@ def export_predictions(
         Unknown kind, nothing predicted, an existing file without ``overwrite`` (checked for
         every target before anything is written), unwritable folder.
     """
-    from napari_stpredict.io_utils import check_target
+    report_ = export_report(
+        predictions,
+        out_dir,
+        name=name,
+        kinds=kinds,
+        genes=genes,
+        slide=slide,
+        model=model,
+        tumor=tumor,
+        gene_set=gene_set,
+        threshold=threshold,
+        tissue=tissue,
+        figure_gene=figure_gene,
+        dpi=dpi,
+        overwrite=overwrite,
+        progress=progress,
+        cancel=cancel,
+        keep_going=False,
+    )
+    return report_.results
 
+
+def export_report(
+    predictions: Any,
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    kinds: str | Iterable[str] = ("h5ad", "ome-tiff", "geojson"),
+    genes: Sequence[str] | None = None,
+    slide: Any = None,
+    model: Any = None,
+    tumor: Any = "auto",
+    gene_set: Any = None,
+    threshold: float | str = "otsu",
+    tissue: Any = None,
+    figure_gene: str | None = None,
+    dpi: int = 150,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    keep_going: bool = True,
+    skip: Mapping[str, str] | None = None,
+) -> ExportReport:
+    """:func:`export_predictions`, but an export that cannot be made does not stop the others.
+
+    With ``keep_going`` each failing export (a tumour export with a model lacking the
+    signature genes, a full disk) is recorded in ``failed`` with its one-line reason and the
+    next one is written; ``skip`` names exports already known not to be possible (checked up
+    front) with their reason. Cancelling still raises.
+    """
     todo = _kinds(kinds)
     pred = as_predictions(predictions)
+    pred.set_tissue(tissue)
     pred.require("export")
     folder = Path(out_dir)
     if not folder.is_dir():
         raise ExportError(f"{folder}: output folder does not exist")
-    safe = re.sub(r"[^\w.\-]+", "_", name).strip("._") or "slide"
     gene_for_fig = figure_gene or (genes[0] if genes else pred.genes[0])
-    targets = {
-        k: folder / EXPORT_KINDS[k].format(name=safe, gene=re.sub(r"[^\w.\-]+", "_", gene_for_fig))
-        for k in todo
-    }
+    targets = export_targets(folder, name, todo, gene_for_fig)
     for t in targets.values():
         check_target(t, overwrite=overwrite)
+    out = ExportReport()
+    for k, why in (skip or {}).items():
+        if k in todo:
+            out.failed[k] = why
     if isinstance(tumor, str):
         if tumor != "auto":
             raise ExportError(f"tumor={tumor!r}: expected a TumorMap, None or 'auto'")
         tumor = None
-        if any(k in _TUMOR_KINDS for k in todo):
+        wanted = [k for k in todo if k in _TUMOR_KINDS and k not in out.failed]
+        if wanted:
             from napari_stpredict.tumor import tumor_map_for_store
 
-            tumor = tumor_map_for_store(
-                pred, gene_set=gene_set, threshold=threshold, tissue=tissue, model=model
-            )
+            try:
+                tumor = tumor_map_for_store(
+                    pred, gene_set=gene_set, threshold=threshold, tissue=tissue, model=model
+                )
+            except (StPredictError, OSError) as err:
+                if not keep_going:
+                    raise
+                for k in wanted:
+                    out.failed[k] = _reason(err)
     elif tumor is None and any(k in _TUMOR_KINDS for k in todo):
         raise ExportError("tumour exports need a tumour map (pass tumor= or 'auto')")
-    results: list[ExportResult] = []
     for n, k in enumerate(todo):
         check_cancel(cancel, "export")
+        if k in out.failed:
+            continue
         report(progress, n, len(todo), f"exporting {k}")
-        dst = targets[k]
-        results.append(
-            _one(
+        try:
+            res = _one(
                 k,
                 pred,
-                dst,
+                targets[k],
                 genes=genes,
                 slide=slide,
                 model=model,
@@ -149,9 +240,27 @@ def export_predictions(
                 overwrite=overwrite,
                 cancel=cancel,
             )
-        )
+        except Cancelled:
+            raise
+        except (StPredictError, OSError) as err:
+            if not keep_going:
+                raise
+            out.failed[k] = _reason(err)
+            continue
+        if pred.tissue is not None and res.n_missing is None:
+            res = dataclasses.replace(res, **pred.result_counts())
+        out.results.append(res)
     report(progress, len(todo), len(todo), "exports written")
-    return results
+    return out
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, StPredictError):
+        from napari_stpredict.io_utils import describe_os_error
+
+        return describe_os_error(err)
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _one(

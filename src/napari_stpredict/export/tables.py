@@ -27,6 +27,7 @@ from napari_stpredict.export._common import (
     writing,
 )
 from napari_stpredict.export._predictions import Predictions, as_predictions
+from napari_stpredict.io_utils import check_free_space
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 
 _ROW_BLOCK = 32  # grid rows read at a time: memory ~ genes × 32 × grid width
@@ -52,23 +53,13 @@ def model_provenance(model: Any, pred: Predictions | None = None) -> dict[str, A
 
     ``None`` falls back to the model path recorded in the prediction store (header read only).
     """
-    meta: Mapping[str, Any] = {}
-    path = None
-    if model is None and pred is not None:
-        model = pred.model_path
-    if hasattr(model, "metadata"):
-        meta = model.metadata or {}
-        path = getattr(model, "model_path", None) or getattr(model, "path", None)
-    elif isinstance(model, Mapping):
-        meta = model
-    elif model:
-        path = model
-        try:
-            from napari_stpredict.tumor.score import read_model_metadata
+    from napari_stpredict.model.header import model_info
 
-            meta = read_model_metadata(model)
-        except Exception:  # provenance is best effort: a moved model file must not stop an export
-            meta = {}
+    # provenance is best effort: a moved model file must not stop an export
+    info = model_info(
+        model, fallback=pred.model_path if pred is not None else None, best_effort=True
+    )
+    meta, path = info.metadata, info.path
     rec = pred.info.get("model", {}) if pred is not None else {}
     out: dict[str, Any] = {k: meta[k] for k in _MODEL_KEYS if k in meta}
     out["path"] = str(path or (rec.get("path") if isinstance(rec, Mapping) else "") or "")
@@ -229,8 +220,11 @@ def predictions_to_anndata(
         "coordinates": "obsm['spatial'] = cell centres [x, y] in level-0 slide pixels",
         "n_grid_cells": pred.n_cells,
         "n_predicted": int(done.sum()),
-        "partial": bool(done.sum() < pred.n_cells),
+        "partial": pred.n_missing() > 0,
     }
+    if pred.tissue is not None:
+        provenance["n_expected"] = pred.n_expected()
+        provenance["n_missing"] = pred.n_missing()
     if hasattr(tumor, "to_dict"):
         provenance["tumor"] = tumor.to_dict()
     adata.uns["stpredict"] = h5_safe(provenance)
@@ -282,8 +276,13 @@ def export_h5ad(
         cancel=cancel,
     )
     report(progress, 1, 2, "writing h5ad")
+    image = h5ad_bytes(adata)
     with writing(dst, overwrite=overwrite, what="h5ad file") as tmp:
-        adata.write_h5ad(tmp, compression="gzip")
+        check_free_space(tmp, len(image) + (1 << 20), "h5ad file")
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())
     report(progress, 2, 2, "h5ad written")
     st = adata.uns["stpredict"]
     return ExportResult(
@@ -291,8 +290,32 @@ def export_h5ad(
         "h5ad",
         int(st["n_grid_cells"]),
         int(st["n_predicted"]),
-        f"{adata.n_obs} cells × {adata.n_vars} genes",
+        f"{adata.n_obs} tiles × {adata.n_vars} genes",
+        **(
+            {"n_expected": int(st["n_expected"]), "n_missing": int(st["n_missing"])}
+            if "n_expected" in st
+            else {}
+        ),
     )
+
+
+def h5ad_bytes(adata: Any) -> bytes:
+    """The ``.h5ad`` file image of ``adata``, built in memory.
+
+    HDF5 crashes the process (segfault) when the disk fills during a write; building the file
+    in memory and writing its bytes with plain Python I/O turns a full disk into an ordinary
+    ``OSError`` (one line, temporary removed) instead.
+    """
+    import io
+
+    import h5py
+    from anndata.io import write_elem
+
+    adata.strings_to_categoricals()
+    bio = io.BytesIO()
+    with h5py.File(bio, "w") as f:
+        write_elem(f, "/", adata, dataset_kwargs={"compression": "gzip"})
+    return bio.getvalue()
 
 
 def export_csv(
@@ -350,7 +373,14 @@ def export_csv(
             w.writerows(zip(*fmt_cols, strict=True))
             n += len(cells)
             report(progress, n, total, "writing CSV")
-    return ExportResult(Path(dst), "csv", pred.n_cells, total, f"{n} cells × {len(names)} genes")
+    return ExportResult(
+        Path(dst),
+        "csv",
+        pred.n_cells,
+        total,
+        f"{n} tiles × {len(names)} genes",
+        **pred.result_counts(),
+    )
 
 
 def _fmt(col: np.ndarray, float_format: str) -> list[str]:

@@ -4,19 +4,28 @@
 of grid cells it
 
 1. drops background cells (tissue mask) and cells already in the store,
-2. orders the rest from a centre (the view centre) outward,
-3. reads their patches with :meth:`Slide.read_resampled` in a thread pool, a bounded number
-   of batches ahead of the model (decode overlaps compute; memory is bounded by the batch,
-   never by the slide),
+2. orders the rest from a centre (the view centre) outward — cell by cell for a view, store
+   block by store block (32 × 32 cells, nearest block first, rows inside) for large runs, so
+   slide tiles and store chunks are each touched about once,
+3. reads every field of view the model asks for (``predictor.input_spec.fields()``: the patch,
+   and e.g. a wider context field) with :func:`napari_stpredict.slide.patches.read_patch_rects`
+   in a thread pool, a bounded number of batches ahead of the model; all readers share one
+   :class:`~napari_stpredict.slide.patches.TileCache`, so each slide tile is decoded once per
+   region (pixels bit-identical to per-patch :meth:`Slide.read_resampled`); memory is bounded
+   by the batches in flight plus the cache, never by the slide; on CUDA the batch is read into
+   pinned memory and copied without blocking,
 4. runs the predictor batch by batch (halving the batch size on a GPU out-of-memory error),
-5. hands each batch to a background writer that stores it (coalescing batches when the disk is
-   slower than the model), and yields it to the caller so a view can refresh at once.
+   with ``return_spread=True`` when the model has uncertainty,
+5. hands each batch to a background writer that buffers it and writes whole store blocks
+   (:class:`~napari_stpredict.inference.store.WriteBuffer`), and yields it to the caller so
+   a view can refresh at once.
 
 Between batches it reports progress and honours a :class:`~napari_stpredict.progress.CancelToken`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -33,14 +42,23 @@ import numpy as np
 
 from napari_stpredict.errors import StPredictError
 from napari_stpredict.inference.grid import TileGrid
-from napari_stpredict.inference.store import PredictionStore
+from napari_stpredict.inference.protocol import fields_of, has_uncertainty
+from napari_stpredict.inference.store import PredictionStore, WriteBuffer
 from napari_stpredict.progress import CancelToken, ProgressCallback, report
+from napari_stpredict.slide.patches import (
+    DEFAULT_CACHE_BYTES,
+    TileCache,
+    field_rects,
+    read_patch_rects,
+)
 
 __all__ = ["BatchResult", "Engine", "EngineStats", "RunSummary", "order_cells"]
 
 #: Batch size when neither the caller nor the predictor sets one.
 DEFAULT_BATCH_CPU = 32
 DEFAULT_BATCH_GPU = 128
+#: Runs with more cells than this are ordered block by block (tile and chunk locality).
+BLOCK_ORDER_MIN = 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,8 @@ class BatchResult:
         Cells this run predicts (after dropping background and already stored cells).
     batch_size
         The batch size in use (smaller than requested after a GPU out-of-memory error).
+    spread
+        ``(n, genes)`` float32 per-gene spread when the model has uncertainty, else ``None``.
     """
 
     cells: np.ndarray
@@ -69,6 +89,7 @@ class BatchResult:
     done: int
     total: int
     batch_size: int
+    spread: np.ndarray | None = None
 
 
 @dataclass
@@ -85,6 +106,11 @@ class EngineStats:
     wait_s: float = 0.0  #: time the model waited for patches
     predict_s: float = 0.0
     write_s: float = 0.0  #: time in store writes (background thread)
+    tiles_decoded: int = 0  #: slide tiles decoded (tile cache misses)
+    tiles_reused: int = 0  #: slide tile reads served by the tile cache
+    tile_cache_peak_bytes: int = 0
+    write_buffer_peak_bytes: int = 0
+    blocks_written: int = 0  #: whole store blocks written
 
 
 @dataclass(frozen=True)
@@ -99,18 +125,30 @@ class RunSummary:
 
 
 def order_cells(
-    cells: np.ndarray, grid: TileGrid, center: tuple[float, float] | None
+    cells: np.ndarray,
+    grid: TileGrid,
+    center: tuple[float, float] | None,
+    *,
+    block: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Sort cells by the distance of their centres to ``center`` (level-0 px ``(y, x)``).
 
     ``None`` centres on the mean of the cells. Ties are broken by row, then column, so the
-    order is deterministic.
+    order is deterministic. With ``block=(bh, bw)`` the cells are grouped in blocks of
+    ``bh × bw`` cells, nearest block (by its centre) first, row-major inside a block.
     """
     cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
     if len(cells) <= 1:
         return cells
     centers = grid.cell_centers_px(cells)
     c = centers.mean(axis=0) if center is None else np.asarray(center, dtype=np.float64)
+    if block is not None:
+        bh, bw = block
+        bi, bj = cells[:, 0] // bh, cells[:, 1] // bw
+        bc = grid.cell_centers_px(np.stack([bi * bh + (bh - 1) / 2, bj * bw + (bw - 1) / 2], 1))
+        d2 = ((bc - c) ** 2).sum(axis=1)
+        order = np.lexsort((cells[:, 1], cells[:, 0], bj, bi, d2))
+        return cells[order]
     d2 = ((centers - c) ** 2).sum(axis=1)
     order = np.lexsort((cells[:, 1], cells[:, 0], d2))
     return cells[order]
@@ -137,41 +175,53 @@ def _free_device_memory() -> None:
 
 
 class _Writer(threading.Thread):
-    """Background store writer: drains queued batches and writes them in one go."""
+    """Background store writer: drains queued batches into a :class:`WriteBuffer`."""
 
-    def __init__(self, store: PredictionStore, stats: EngineStats, maxsize: int) -> None:
+    def __init__(
+        self,
+        store: PredictionStore,
+        stats: EngineStats,
+        maxsize: int,
+        expected: np.ndarray | None = None,
+    ) -> None:
         super().__init__(name="stpredict-store-writer", daemon=True)
         self.store = store
         self.stats = stats
-        self.queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue(maxsize)
+        self.buffer = WriteBuffer(store, expected)
+        self.queue: queue.Queue[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None] = (
+            queue.Queue(maxsize)
+        )
         self.error: BaseException | None = None
 
-    def run(self) -> None:
-        stop = False
-        while not stop:
-            items = [self.queue.get()]
-            while True:  # coalesce whatever else is waiting
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            if items[-1] is None or None in items:
-                stop = True
-            batches = [it for it in items if it is not None]
-            if not batches or self.error is not None:
-                continue
-            try:
-                t0 = time.perf_counter()
-                cells = np.concatenate([b[0] for b in batches])
-                values = np.concatenate([b[1] for b in batches])
-                self.store.write(cells, values)
-                self.stats.write_s += time.perf_counter() - t0
-            except BaseException as err:  # re-raised in the generator's thread
-                self.error = err
+    def _do(self, fn: Any, *args: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            t0 = time.perf_counter()
+            fn(*args)
+            self.stats.write_s += time.perf_counter() - t0
+        except BaseException as err:  # re-raised in the generator's thread
+            self.error = err
 
-    def put(self, cells: np.ndarray, values: np.ndarray) -> None:
+    def run(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=self.buffer.max_age_s / 2)
+            except queue.Empty:
+                self._do(self.buffer.flush_aged)
+                continue
+            if item is None:
+                break
+            self._do(self.buffer.add, *item)
+        self._do(self.buffer.flush)
+        self.stats.blocks_written += self.buffer.blocks_written
+        self.stats.write_buffer_peak_bytes = max(
+            self.stats.write_buffer_peak_bytes, self.buffer.peak_bytes
+        )
+
+    def put(self, cells: np.ndarray, values: np.ndarray, spread: np.ndarray | None) -> None:
         self.raise_error()
-        self.queue.put((cells, values))
+        self.queue.put((cells, values, spread))
 
     def finish(self) -> None:
         self.queue.put(None)
@@ -211,6 +261,8 @@ class Engine:
         Threads decoding patches; ``None`` = ``min(16, cpu_count)``.
     prefetch
         Batches read ahead of the model (memory ≈ (prefetch + 1) × batch × patch bytes).
+    cache_bytes
+        Bound of the decoded-tile cache shared by the reader threads.
 
     Attributes
     ----------
@@ -232,6 +284,7 @@ class Engine:
         batch_size: int | None = None,
         read_workers: int | None = None,
         prefetch: int = 2,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         if store.grid != grid:
             raise StPredictError(f"{store.path}: store grid {store.grid} differs from {grid}")
@@ -265,6 +318,19 @@ class Engine:
         self._tissue: np.ndarray | None = None
         self._tissue_lock = threading.Lock()
         self._closed = False
+        self._workers = int(workers)
+        #: decoded slide tiles shared by the reader threads (each tile decoded once per region)
+        self.tile_cache = TileCache(slide, max_bytes=cache_bytes)
+        #: fields of view per tile ``(side µm, side px)``, the patch first
+        self.fields = fields_of(predictor, patch_um=grid.patch_um)
+        if any(px != grid.patch_px for _, px in self.fields):
+            raise StPredictError(
+                f"fields of view {self.fields}: every field must be {grid.patch_px} px"
+            )
+        self.with_spread = has_uncertainty(predictor) and store.spread is not None
+        self._pinned: list[Any] = []  # free pinned host buffers (CUDA)
+        self._pin = True
+        self._pinned_lock = threading.Lock()
 
     # ----------------------------------------------------------------- configuration
     @staticmethod
@@ -354,28 +420,92 @@ class Engine:
         return arr
 
     # ----------------------------------------------------------------- running
-    def _read_patch(self, cell: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        y0, x0, _, _ = self.grid.cell_rect_px(int(cell[0]), int(cell[1]))
-        side = self.grid.cell_px
+    # ----------------------------------------------------------------- reading
+    def _batch_buffer(self, n: int) -> tuple[np.ndarray, Any]:
+        """``(numpy view, what to hand the model)`` for ``n`` tiles: pinned memory on CUDA."""
         p = self.grid.patch_px
-        patch = self.slide.read_resampled(y0, x0, side, side, out_shape=(p, p))
+        nf = len(self.fields)
+        shape = (n, p, p, 3) if nf == 1 else (n, nf, p, p, 3)
+        if not (self._pin and self.device.startswith("cuda")):
+            arr = np.empty(shape, np.uint8)
+            return arr, arr
+        import torch
+
+        with self._pinned_lock:
+            for k, t in enumerate(self._pinned):
+                if tuple(t.shape) == shape:
+                    t = self._pinned.pop(k)
+                    return t.numpy(), t
+        try:
+            t = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # pinning refused (e.g. no driver): pageable memory
+            arr = np.empty(shape, np.uint8)
+            return arr, arr
+        return t.numpy(), t
+
+    def _release_buffer(self, handle: Any) -> None:
+        if not isinstance(handle, np.ndarray):
+            with self._pinned_lock:
+                if len(self._pinned) < self.prefetch + 2:
+                    self._pinned.append(handle)
+
+    def _read_into(self, out: np.ndarray, cells: np.ndarray) -> None:
+        """Read the fields of ``cells`` into ``out`` (a slice of the batch buffer)."""
+        t0 = time.perf_counter()
+        rects = self.grid.cell_rects_px(cells)
+        rects[:, 2:] -= rects[:, :2]  # (y0, x0, h, w)
+        p = self.grid.patch_px
+        for k, (um, _px) in enumerate(self.fields):
+            dst = out if len(self.fields) == 1 else out[:, k]
+            read_patch_rects(
+                self.slide,
+                field_rects(rects, um / self.grid.patch_um) if k else rects,
+                p,
+                cache=self.tile_cache,
+                out=dst,
+            )
         with self._stats_lock:
             self.stats.read_s += time.perf_counter() - t0
-        return patch
 
-    def _predict(self, patches: np.ndarray, bs: int) -> tuple[np.ndarray, int]:
-        """Predict ``patches`` in chunks of ``bs``; return the values and the batch size in use."""
+    def _submit_batch(self, chunk: np.ndarray) -> tuple[np.ndarray, Any, list[Future[None]]]:
+        view, handle = self._batch_buffer(len(chunk))
+        # a few groups per reader: contiguous cells share tiles; enough groups to balance
+        step = max(1, math.ceil(len(chunk) / (2 * self._workers)))
+        futures = [
+            self._pool.submit(self._read_into, view[lo : lo + step], chunk[lo : lo + step])
+            for lo in range(0, len(chunk), step)
+        ]
+        return view, handle, futures
+
+    def _read_patch(self, cell: np.ndarray) -> np.ndarray:
+        """The model input of one cell (all fields), as the engine reads it."""
+        view, _ = self._batch_buffer(1)
+        view = np.array(view)
+        self._read_into(view, np.asarray(cell, dtype=np.int64).reshape(1, 2))
+        return view[0]
+
+    def _predict(self, patches: Any, bs: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Predict ``patches`` in chunks of ``bs``; return values, spread and the batch size."""
         out = []
+        spreads = []
         start = 0
         n = len(patches)
         while start < n:
             chunk = patches[start : start + bs]
             self.stats.model_calls += 1
             t0 = time.perf_counter()
+            spread = None
             try:
-                values = self.predictor.predict(chunk)
+                if self.with_spread:
+                    values, spread = self.predictor.predict(chunk, return_spread=True)
+                else:
+                    values = self.predictor.predict(chunk)
             except Exception as err:
+                if not isinstance(chunk, np.ndarray) and not _is_oom(err):
+                    # the model refused a (pinned) torch tensor: numpy from now on
+                    self._pin = False
+                    patches = patches.numpy()
+                    continue
                 if not _is_oom(err):
                     raise
                 _free_device_memory()
@@ -401,8 +531,13 @@ class Engine:
                     f"({len(chunk)}, {len(self.store.genes)})"
                 )
             out.append(values)
+            if spread is not None:
+                spreads.append(np.asarray(spread, dtype=np.float32).reshape(values.shape))
             start += len(chunk)
-        return (np.concatenate(out) if len(out) > 1 else out[0]), bs
+        spread_all = None
+        if spreads and len(spreads) == len(out):
+            spread_all = np.concatenate(spreads) if len(spreads) > 1 else spreads[0]
+        return (np.concatenate(out) if len(out) > 1 else out[0]), spread_all, bs
 
     def run(
         self,
@@ -444,46 +579,58 @@ class Engine:
         if self._closed:
             raise StPredictError("engine is closed")
         bs = self.batch_size if batch_size is None else self._check_batch(batch_size)
-        todo = order_cells(self._select(cells, count=True), self.grid, center)
+        selected = self._select(cells, count=True)
+        block = self.store.block_shape if len(selected) > BLOCK_ORDER_MIN else None
+        todo = order_cells(selected, self.grid, center, block=block)
         total = len(todo)
         report(progress, 0, total, "predicting")
         if total == 0:
             return
-        writer = _Writer(self.store, self.stats, maxsize=self.prefetch + 2)
+        writer = _Writer(self.store, self.stats, maxsize=self.prefetch + 2, expected=todo)
         writer.start()
-        inflight: deque[tuple[np.ndarray, list[Future[np.ndarray]]]] = deque()
+        inflight: deque[tuple[np.ndarray, np.ndarray, Any, list[Future[None]]]] = deque()
         next_cell = 0
         done = 0
         failed = False
+        hits0, misses0 = self.tile_cache.hits, self.tile_cache.misses
         try:
             while done < total:
                 # keep the model fed: the next batch plus `prefetch` more are being read
                 while next_cell < total and len(inflight) <= self.prefetch:
                     chunk = todo[next_cell : next_cell + bs]
-                    futures = [self._pool.submit(self._read_patch, c) for c in chunk]
-                    inflight.append((chunk, futures))
+                    inflight.append((chunk, *self._submit_batch(chunk)))
                     next_cell += len(chunk)
                 if cancel is not None:
                     cancel.raise_if_cancelled("prediction")
-                chunk, futures = inflight.popleft()
+                chunk, view, handle, futures = inflight.popleft()
                 t0 = time.perf_counter()
-                patches = np.stack([f.result() for f in futures])
+                for f in futures:
+                    f.result()
                 self.stats.wait_s += time.perf_counter() - t0
-                values, bs = self._predict(patches, bs)
-                del patches
-                writer.put(chunk, values)
+                values, spread, bs = self._predict(handle, bs)
+                self._release_buffer(handle)
+                del view, handle
+                writer.put(chunk, values, spread)
                 done += len(chunk)
                 self.stats.cells_predicted += len(chunk)
                 self.stats.batches += 1
                 report(progress, done, total, f"predicted {done}/{total} cells")
-                yield BatchResult(chunk, values, done, total, bs)
+                yield BatchResult(chunk, values, done, total, bs, spread)
         except BaseException:
             failed = True
             raise
         finally:
-            for _, futures in inflight:
+            for _, _, _, futures in inflight:
                 for f in futures:
                     f.cancel()
+            for _, _, _, futures in inflight:  # a running read still fills its buffer
+                for f in futures:
+                    if not f.cancelled():
+                        with contextlib.suppress(BaseException):
+                            f.result()
+            self.stats.tiles_decoded += self.tile_cache.misses - misses0
+            self.stats.tiles_reused += self.tile_cache.hits - hits0
+            self.stats.tile_cache_peak_bytes = self.tile_cache.peak_bytes
             writer.finish()
             if writer.error is not None and failed:
                 # another error is already on its way: do not mask it, but do not hide this one
@@ -533,6 +680,8 @@ class Engine:
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self.tile_cache.clear()
+            self._pinned.clear()
 
     def __enter__(self) -> Engine:
         return self

@@ -294,17 +294,16 @@ class TileGrid:
             return (y / s + 0.5, x / s + 0.5)
         raise StPredictError(f"units={units!r}: expected 'px', 'um' or 'layer'")
 
-    def heatmap_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+    def heatmap_transform(
+        self,
+        slide_scale: float | tuple[float, float] | None = None,
+        slide_translate: tuple[float, float] = (0.0, 0.0),
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
         """``(scale, translate)`` of a heatmap Image layer registered to the slide layer.
 
-        The values are in the slide layer's units (µm when the slide's mpp is known, pixels
-        otherwise): ``scale`` = the stride, ``translate`` = the centre of cell ``(0, 0)`` in
-        napari's pixel-centred frame. See the module docstring.
+        Same as :func:`layer_placement` (``layer_placement(self, ...)``).
         """
-        s = self.layer_scale
-        step = self.stride_px * s
-        t = (self.cell_px / 2 - 0.5) * s
-        return ((step, step), (t, t))
+        return layer_placement(self, slide_scale=slide_scale, slide_translate=slide_translate)
 
     # ----------------------------------------------------------------- selections
     def cells_in_view(
@@ -423,3 +422,40 @@ class TileGrid:
             f"TileGrid(shape={self.shape}, cell={self.cell_px:.4g} px, "
             f"stride={self.stride_px:.4g} px, {self.patch_um:g} µm → {self.patch_px} px, {mpp})"
         )
+
+
+def layer_placement(
+    grid: TileGrid,
+    *,
+    slide_scale: float | tuple[float, float] | np.ndarray | None = None,
+    slide_translate: tuple[float, float] | np.ndarray = (0.0, 0.0),
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` that register a grid-shaped layer on a slide layer.
+
+    The one placement function for everything drawn on the grid: heatmaps, the uncertainty
+    layer, tumour labels and exported rasters. The slide layer draws level-0 pixel ``k``
+    centred on ``slide_translate + slide_scale * k``; layer pixel ``(i, j)`` is grid cell
+    ``(i, j)`` and is drawn centred on its patch centre, spanning one stride.
+
+    Parameters
+    ----------
+    grid
+        The tile grid.
+    slide_scale
+        The slide layer's level-0 ``scale`` (one number or ``(sy, sx)``); ``None`` = the
+        grid's own :attr:`TileGrid.layer_scale` (mpp, or 1 when unknown).
+    slide_translate
+        The slide layer's ``translate`` (``(0, 0)`` for layers made by our reader).
+
+    Returns
+    -------
+    tuple
+        ``((sy, sx), (ty, tx))`` in the slide layer's world units.
+    """
+    s = np.broadcast_to(
+        np.asarray(grid.layer_scale if slide_scale is None else slide_scale, dtype=float), (2,)
+    )
+    t0 = np.broadcast_to(np.asarray(slide_translate, dtype=float), (2,))
+    step = s * grid.stride_px
+    t = t0 + s * (grid.cell_px / 2 - 0.5)
+    return (float(step[0]), float(step[1])), (float(t[0]), float(t[1]))

@@ -8,10 +8,23 @@ with the same model is predicted once: revisiting a region, re-opening the slide
 Layout of ``<cache>/<key>.zarr``::
 
     values   (genes, gh, gw) float32|float16, NaN = not predicted,
-             chunks (≤32 genes, 32, 32): a batch write touches few chunks and one gene's
-             region reads only that gene block
-    done     (gh, gw) bool, set after the values of a cell are written
-    attrs    {"stpredict_store": {"version", "genes", "grid", "dtype", "slide", "model", ...}}
+             chunks (≤32 genes, 32, 32): one gene's map reads 1/32 of the store, and the
+             engine writes whole 32 × 32 cell blocks at once (all genes, every chunk written
+             once, see :class:`WriteBuffer`; measured in docs/benchmarks.md)
+    spread   (optional, same shape and chunks) per-gene spread of the prediction, for
+             models with uncertainty (``predictor.has_uncertainty``)
+    done     (gh, gw) bool, chunks 128 × 128, set after the values of a cell are written
+             (a block write rewrites one small chunk, never the whole mask)
+    attrs    {"stpredict_store": {"owner": "napari-stpredict", "version", "genes", "grid",
+             "dtype", "slide", "model", ...}} — the ownership marker: only folders carrying
+             it are ever deleted or replaced (:func:`is_our_store`)
+
+Stores at a fixed place (``OUT/<name>/predictions.zarr`` of ``stpredict predict``) are opened
+with :meth:`PredictionStore.open_at`, which holds an advisory lock
+(``predictions.zarr.lock``, :mod:`filelock`) for as long as the store is open, so a second
+process waits or refuses in one line. A reused store is checked with
+:meth:`PredictionStore.verify`: a chunk that cannot be decoded is reported by path, removed,
+and its cells are marked not done so the engine predicts them again.
 
 Every chunk file is replaced atomically (written aside, then renamed), so a reader in another
 thread or process sees either the old or the new chunk, never a torn one; because ``done`` is
@@ -50,30 +63,37 @@ from zarr.codecs import ZstdCodec
 
 from napari_stpredict.errors import StPredictError
 from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.protocol import has_uncertainty
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "STORE_VERSION",
     "CacheEntry",
     "PredictionStore",
+    "VerifyReport",
+    "WriteBuffer",
     "cache_max_bytes",
     "clear_cache",
     "default_cache_dir",
     "evict_cache",
+    "is_our_store",
     "list_cache",
     "model_key",
+    "remove_store",
     "store_key",
 ]
 
 #: Format version of a store; part of the key so an incompatible layout is never reused.
 STORE_VERSION = 1
+#: The ownership marker in a store's attributes.
+OWNER = "napari-stpredict"
 #: Default bound of the cache folder (overridden by ``STPREDICT_CACHE_MAX_GB``).
 DEFAULT_MAX_BYTES = 4 * 2**30
 #: Chunk sizes of ``values``: genes per chunk and cells per chunk side.
 GENE_CHUNK = 32
 CELL_CHUNK = 32
-#: Single chunk side of the ``done`` mask.
-DONE_CHUNK = 512
+#: Chunk side of the ``done`` mask.
+DONE_CHUNK = 128
 _ATTR = "stpredict_store"
 _DTYPES = ("float32", "float16")
 _STALE_TMP_S = 3600.0
@@ -154,15 +174,60 @@ def _read_info(path: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
+_SUBARRAYS = {"values", "done", "spread"}
+
+
 def _is_torn_store(path: Path) -> bool:
-    """A store folder whose metadata is gone (removed while a writer was busy): ours, unusable."""
+    """A store folder whose group metadata is gone or garbled (a writer was interrupted, or a
+    cache clear raced a writer): recognisably ours by its layout, unusable."""
     try:
         names = set(os.listdir(path))
-        if not names or not names <= {".lock", "values", "done"}:
+        subs = names & _SUBARRAYS
+        if not subs or not names <= _SUBARRAYS | {".lock", "zarr.json"}:
             return False
-        return all(set(os.listdir(path / sub)) <= {"c", "zarr.json"} for sub in names - {".lock"})
+        if "zarr.json" in names:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                doc = json.loads((path / "zarr.json").read_text())
+                if isinstance(doc, dict) and doc.get("attributes"):
+                    return False  # readable metadata of someone else (e.g. an OME-Zarr)
+        return all(set(os.listdir(path / sub)) <= {"c", "zarr.json"} for sub in subs)
     except OSError:
         return False
+
+
+def is_our_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a prediction store made by napari-stpredict (safe to delete).
+
+    True for a folder whose ``zarr.json`` carries our ``stpredict_store`` attributes (the
+    ownership marker written at creation), and for a torn store of ours (see above). An
+    OME-Zarr slide, any other zarr or folder, or a file, is never ours.
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    info = _read_info(p)
+    if info is not None:
+        return info.get("owner", OWNER) == OWNER and "genes" in info and "grid" in info
+    return _is_torn_store(p)
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a prediction store — only if it is ours (:func:`is_our_store`).
+
+    Raises
+    ------
+    StPredictError
+        If something else lies at ``path`` (it is left untouched).
+    """
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    if not is_our_store(p):
+        raise StPredictError(
+            f"{p}: exists and is not a napari-stpredict prediction store; refusing to "
+            "replace it (move it away or choose another output folder)"
+        )
+    shutil.rmtree(p)
 
 
 def _folder_size(path: Path) -> int:
@@ -195,11 +260,9 @@ def list_cache(root: str | os.PathLike | None = None) -> list[CacheEntry]:
         return []
     out = []
     for p in root.glob("*.zarr"):
-        info = _read_info(p) if p.is_dir() else None
-        if info is None and p.is_dir() and _is_torn_store(p):
-            info = {}
-        if info is None:
+        if not is_our_store(p):
             continue  # not ours: never touched
+        info = _read_info(p) or {}
         with contextlib.suppress(OSError):
             out.append(CacheEntry(p, _folder_size(p), p.stat().st_mtime, info))
     out.sort(key=lambda e: e.mtime)
@@ -285,7 +348,7 @@ def model_key(predictor: Any) -> str:
     blob = json.dumps(meta, sort_keys=True, default=str).encode()
     h = hashlib.sha256(blob)
     if "content_sha256" not in meta:
-        path = getattr(predictor, "model_path", None) or getattr(predictor, "path", None)
+        path = getattr(predictor, "path", None)
         if path is None or not Path(path).is_file():
             raise StPredictError(
                 f"{type(predictor).__name__}: cannot key the prediction cache (no "
@@ -311,6 +374,44 @@ def store_key(*, slide_fingerprint: str, model: str, grid: TileGrid, dtype: str 
         sort_keys=True,
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- output locks
+#: Never evict other stores next to a fixed-place store (its folder is an output, not a cache).
+_NO_EVICTION = 2**62
+
+
+def _acquire_output_lock(path: Path, timeout: float | None) -> Any:
+    """An exclusive advisory lock on ``<path>.lock``; one line when another process holds it."""
+    from filelock import FileLock, Timeout
+
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("STPREDICT_LOCK_TIMEOUT", "0") or 0)
+        except ValueError:
+            timeout = 0.0
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path, thread_local=False, is_singleton=False)
+        lock.acquire(timeout=max(float(timeout), 0.0))
+    except Timeout:
+        raise StPredictError(
+            f"{path}: in use by another stpredict process (lock {lock_path.name}); wait for "
+            "it to finish or choose another output folder"
+        ) from None
+    except OSError as err:
+        raise StPredictError(f"{lock_path}: cannot lock the output ({err})") from None
+    return lock
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`PredictionStore.verify` found."""
+
+    broken_chunks: list[str]  #: file paths of chunks that could not be decoded
+    cells_reset: int  #: done cells marked not done (to be predicted again)
+    cells_done: int  #: done cells before the check
 
 
 # --------------------------------------------------------------------------- the store
@@ -356,6 +457,11 @@ class PredictionStore:
         self.dtype: str = info["dtype"]
         self.values: zarr.Array = group["values"]  # type: ignore[assignment]
         self.done: zarr.Array = group["done"]  # type: ignore[assignment]
+        #: per-gene spread of the predictions (models with uncertainty), else ``None``
+        self.spread: zarr.Array | None = (
+            group.get("spread", None)  # type: ignore[assignment]
+        )
+        self._file_lock: Any = None
         self._gene_index = {g: i for i, g in enumerate(self.genes)}
         expected = (len(self.genes), *self.grid.shape)
         if tuple(self.values.shape) != expected or tuple(self.done.shape) != expected[1:]:
@@ -377,6 +483,7 @@ class PredictionStore:
         dtype: str = "float32",
         attrs: dict[str, Any] | None = None,
         max_bytes: int | None = None,
+        spread: bool = False,
     ) -> PredictionStore:
         """Open the store ``<root>/<key>.zarr``, creating it (all NaN) when absent.
 
@@ -396,12 +503,14 @@ class PredictionStore:
             Extra JSON-serialisable facts saved with a new store (slide path, model path).
         max_bytes
             Cache size bound applied after opening; ``None`` = :func:`cache_max_bytes`.
+        spread
+            Create the optional ``spread`` array (a model with uncertainty).
 
         Raises
         ------
         StPredictError
-            Bad dtype, empty gene list, an unwritable cache folder, or an existing store
-            whose genes or grid differ.
+            Bad dtype, empty gene list, an unwritable cache folder, an existing store
+            whose genes or grid differ, or something that is not our store at the path.
         """
         if dtype not in _DTYPES:
             raise StPredictError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
@@ -421,11 +530,12 @@ class PredictionStore:
             raise StPredictError(f"{root}: prediction cache folder is not writable")
         path = root / f"{key}.zarr"
         info = _read_info(path) if path.is_dir() else None
-        if path.exists() and info is None:
-            # a torn or foreign folder under our key: the cache is disposable, start afresh
-            shutil.rmtree(path, ignore_errors=True)
+        if (path.exists() or path.is_symlink()) and info is None:
+            # a torn store of ours: the cache is disposable, start afresh; anything else under
+            # our name is someone's data: refused, never deleted
+            remove_store(path)
         if not path.exists():
-            cls._create(path, genes=genes, grid=grid, dtype=dtype, attrs=attrs or {})
+            cls._create(path, genes=genes, grid=grid, dtype=dtype, attrs=attrs or {}, spread=spread)
         store = cls.from_path(path)
         if store.genes != genes or store.grid != grid or store.dtype != dtype:
             raise StPredictError(
@@ -469,9 +579,7 @@ class PredictionStore:
             "slide": {"path": str(getattr(slide, "path", "")), "fingerprint": fp},
             "model": {
                 "key": mkey,
-                "path": str(
-                    getattr(predictor, "model_path", None) or getattr(predictor, "path", "") or ""
-                ),
+                "path": str(getattr(predictor, "path", "") or ""),
                 "method": meta.get("method"),
             },
         }
@@ -483,6 +591,7 @@ class PredictionStore:
             dtype=dtype,
             attrs=attrs,
             max_bytes=max_bytes,
+            spread=has_uncertainty(predictor),
         )
 
     @classmethod
@@ -510,22 +619,187 @@ class PredictionStore:
         except Exception as err:
             raise StPredictError(f"{path}: cannot open prediction store ({err})") from None
 
+    @classmethod
+    def open_at(
+        cls,
+        path: str | os.PathLike,
+        *,
+        slide: Any,
+        predictor: Any,
+        grid: TileGrid,
+        attrs: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        lock_timeout: float | None = None,
+    ) -> PredictionStore:
+        """The store at a fixed place (``OUT/<name>/predictions.zarr``), locked while open.
+
+        Reused when it holds this slide + model + grid; replaced when it is one of our stores
+        for something else (another model, stride or slide content); refused when anything
+        else lies there (e.g. an OME-Zarr slide) — that is never deleted. An advisory lock
+        (``<path>.lock``) is held until :meth:`close`, so a second process opening the same
+        output waits ``lock_timeout`` seconds and then refuses in one line.
+
+        Parameters
+        ----------
+        path
+            The store folder.
+        slide, predictor, grid
+            What the store predicts (its identity: slide fingerprint + :func:`model_key` +
+            grid).
+        attrs
+            Extra JSON facts saved with a new store.
+        dtype
+            See :meth:`open`.
+        lock_timeout
+            Seconds to wait for another process holding the output; ``None`` =
+            ``$STPREDICT_LOCK_TIMEOUT`` or 0 (refuse at once).
+        """
+        path = Path(path)
+        identity = store_key(
+            slide_fingerprint=slide.fingerprint(),
+            model=model_key(predictor),
+            grid=grid,
+            dtype=dtype,
+        )
+        lock = _acquire_output_lock(path, lock_timeout)
+        try:
+            if path.exists() or path.is_symlink():
+                info = _read_info(path) if path.is_dir() and not path.is_symlink() else None
+                same = (
+                    info is not None
+                    and is_our_store(path)
+                    and info.get("identity") == identity
+                    and int(info.get("version", -1)) == STORE_VERSION
+                )
+                if not same:
+                    remove_store(path)  # refuses anything that is not ours
+            meta = dict(attrs or {})
+            meta.setdefault(
+                "slide",
+                {"path": str(getattr(slide, "path", "")), "fingerprint": slide.fingerprint()},
+            )
+            meta["identity"] = identity
+            store = (
+                cls.open(
+                    path.parent,
+                    key=path.name.removesuffix(".zarr"),
+                    genes=list(predictor.genes),
+                    grid=grid,
+                    dtype=dtype,
+                    attrs=meta,
+                    max_bytes=_NO_EVICTION,
+                    spread=has_uncertainty(predictor),
+                )
+                if path.name.endswith(".zarr")
+                else None
+            )
+            if store is None:
+                raise StPredictError(f"{path}: a prediction store name must end in .zarr")
+        except BaseException:
+            lock.release()
+            raise
+        store._file_lock = lock
+        return store
+
+    def close(self) -> None:
+        """Release the output lock of :meth:`open_at` (idempotent; the store stays readable)."""
+        lock, self._file_lock = self._file_lock, None
+        if lock is not None:
+            with contextlib.suppress(Exception):
+                lock.release()
+
+    def __enter__(self) -> PredictionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- verification
+    def _chunk_path(self, name: str, coords: tuple[int, ...]) -> Path:
+        return self.path / name / "c" / Path(*(str(c) for c in coords))
+
+    def verify(self, *, heal: bool = True) -> VerifyReport:
+        """Check every chunk under predicted cells: decodable, and values where ``done``.
+
+        A chunk that cannot be read (torn, truncated, bad compression) is reported with its
+        file path; with ``heal`` it is removed and the cells it covers are marked not done, so
+        the next run predicts them again. Done cells whose values are NaN are reset likewise.
+        A broken ``done`` chunk is removed (its cells count as not done).
+
+        Returns
+        -------
+        VerifyReport
+        """
+        broken: list[str] = []
+        reset = np.zeros(self.grid.shape, bool)
+        dh, dw = (int(c) for c in self.done.chunks)
+        gh, gw = self.grid.shape
+        done = np.zeros((gh, gw), bool)
+        for bi in range(-(-gh // dh)):
+            for bj in range(-(-gw // dw)):
+                sl = (slice(bi * dh, (bi + 1) * dh), slice(bj * dw, (bj + 1) * dw))
+                try:
+                    done[sl] = np.asarray(self.done[sl], dtype=bool)
+                except Exception:
+                    broken.append(str(self._chunk_path("done", (bi, bj))))
+                    if heal:
+                        with contextlib.suppress(OSError):
+                            self._chunk_path("done", (bi, bj)).unlink()
+        if done.any():
+            gc = int(self.values.chunks[0])
+            bh, bw = self.block_shape
+            for bi, bj in np.unique(np.argwhere(done) // [bh, bw], axis=0):
+                r0, r1, c0, c1 = self.block_bounds(int(bi), int(bj))
+                block_done = done[r0:r1, c0:c1]
+                for name in ("values", "spread"):
+                    arr = getattr(self, name)
+                    if arr is None:
+                        continue
+                    for gi in range(-(-len(self.genes) // gc)):
+                        try:
+                            chunk = np.asarray(arr[gi * gc : (gi + 1) * gc, r0:r1, c0:c1])
+                        except Exception:
+                            broken.append(str(self._chunk_path(name, (gi, int(bi), int(bj)))))
+                            reset[r0:r1, c0:c1] |= block_done
+                            if heal:
+                                with contextlib.suppress(OSError):
+                                    self._chunk_path(name, (gi, int(bi), int(bj))).unlink()
+                            continue
+                        if name == "values":
+                            reset[r0:r1, c0:c1] |= block_done & np.isnan(chunk).any(axis=0)
+        n_reset = int(reset.sum())
+        if heal and n_reset:
+            with _write_lock(self.path):
+                self.done[:, :] = done & ~reset
+        return VerifyReport(broken_chunks=broken, cells_reset=n_reset, cells_done=int(done.sum()))
+
     @staticmethod
     def _create(
-        path: Path, *, genes: list[str], grid: TileGrid, dtype: str, attrs: dict[str, Any]
+        path: Path,
+        *,
+        genes: list[str],
+        grid: TileGrid,
+        dtype: str,
+        attrs: dict[str, Any],
+        spread: bool = False,
     ) -> None:
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             group = zarr.open_group(tmp, mode="w")
             gh, gw = grid.shape
-            group.create_array(
-                "values",
-                shape=(len(genes), gh, gw),
-                chunks=(min(len(genes), GENE_CHUNK), min(gh, CELL_CHUNK), min(gw, CELL_CHUNK)),
-                dtype=dtype,
-                fill_value=np.nan,
-                compressors=[ZstdCodec(level=1)],
-            )
+            for name in ("values", "spread") if spread else ("values",):
+                group.create_array(
+                    name,
+                    shape=(len(genes), gh, gw),
+                    chunks=(
+                        min(len(genes), GENE_CHUNK),
+                        min(gh, CELL_CHUNK),
+                        min(gw, CELL_CHUNK),
+                    ),
+                    dtype=dtype,
+                    fill_value=np.nan,
+                    compressors=[ZstdCodec(level=1)],
+                )
             group.create_array(
                 "done",
                 shape=(gh, gw),
@@ -535,13 +809,16 @@ class PredictionStore:
                 compressors=[ZstdCodec(level=1)],
             )
             info = {
+                "owner": OWNER,
                 "version": STORE_VERSION,
                 "genes": genes,
                 "grid": grid.to_dict(),
                 "dtype": dtype,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **{
-                    k: v for k, v in attrs.items() if k not in ("version", "genes", "grid", "dtype")
+                    k: v
+                    for k, v in attrs.items()
+                    if k not in ("owner", "version", "genes", "grid", "dtype")
                 },
             }
             group.attrs[_ATTR] = info
@@ -587,8 +864,31 @@ class PredictionStore:
             raise StPredictError(f"{self.path}: prediction store was removed (cache cleared?)")
 
     # ----------------------------------------------------------------- writing
-    def write(self, cells: np.ndarray, values: np.ndarray) -> None:
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """``(bh, bw)``: the cells of one ``values`` chunk (the unit of a whole-chunk write)."""
+        chunks = self.values.chunks
+        return (int(chunks[1]), int(chunks[2]))
+
+    def block_of(self, cells: np.ndarray) -> np.ndarray:
+        """``(n, 2)`` block index ``(bi, bj)`` of each cell (see :attr:`block_shape`)."""
+        bh, bw = self.block_shape
+        cells = _as_cells(cells)
+        return np.stack([cells[:, 0] // bh, cells[:, 1] // bw], axis=1)
+
+    def block_bounds(self, bi: int, bj: int) -> tuple[int, int, int, int]:
+        """``(r0, r1, c0, c1)``: the cells of block ``(bi, bj)``, clipped to the grid."""
+        bh, bw = self.block_shape
+        gh, gw = self.grid.shape
+        return (bi * bh, min((bi + 1) * bh, gh), bj * bw, min((bj + 1) * bw, gw))
+
+    def write(
+        self, cells: np.ndarray, values: np.ndarray, spread: np.ndarray | None = None
+    ) -> None:
         """Store predictions of some cells and mark them done.
+
+        The cells are grouped by block (:attr:`block_shape`) and every block is written once,
+        all genes at a time (:meth:`write_block`).
 
         Parameters
         ----------
@@ -596,6 +896,8 @@ class PredictionStore:
             ``(n, 2)`` int grid indices ``(i, j)``; must be unique.
         values
             ``(n, genes)`` predictions (cast to the store dtype).
+        spread
+            Optional ``(n, genes)`` spread (stored when the store has a ``spread`` array).
         """
         cells = _as_cells(cells)
         values = np.asarray(values)
@@ -605,16 +907,60 @@ class PredictionStore:
             raise StPredictError(
                 f"values of shape {values.shape}: expected ({len(cells)}, {len(self.genes)})"
             )
+        if spread is not None and np.shape(spread) != values.shape:
+            raise StPredictError(f"spread of shape {np.shape(spread)}: expected {values.shape}")
         gh, gw = self.grid.shape
         if (cells < 0).any() or (cells[:, 0] >= gh).any() or (cells[:, 1] >= gw).any():
             raise StPredictError(f"cells outside the {gh}×{gw} grid")
+        blocks = self.block_of(cells)
+        keys = blocks[:, 0] * (gw + 1) + blocks[:, 1]
+        order = np.argsort(keys, kind="stable")
+        bounds = np.flatnonzero(np.diff(keys[order])) + 1
+        for idx in np.split(order, bounds):
+            bi, bj = (int(v) for v in blocks[idx[0]])
+            r0, r1, c0, c1 = self.block_bounds(bi, bj)
+            slab = np.full((len(self.genes), r1 - r0, c1 - c0), np.nan, self.dtype)
+            mask = np.zeros((r1 - r0, c1 - c0), bool)
+            ii, jj = cells[idx, 0] - r0, cells[idx, 1] - c0
+            slab[:, ii, jj] = values[idx].T
+            mask[ii, jj] = True
+            sp = None
+            if spread is not None and self.spread is not None:
+                sp = np.full_like(slab, np.nan)
+                sp[:, ii, jj] = np.asarray(spread)[idx].T
+            self.write_block(bi, bj, slab, mask, sp)
+
+    def write_block(
+        self,
+        bi: int,
+        bj: int,
+        values: np.ndarray,
+        mask: np.ndarray,
+        spread: np.ndarray | None = None,
+    ) -> None:
+        """Write the cells ``mask`` of block ``(bi, bj)`` in one go and mark them done.
+
+        ``values`` (and ``spread``) are ``(genes, h, w)`` slabs over the block's cells
+        (:meth:`block_bounds`); cells outside ``mask`` keep what the store has (read once, only
+        when the block already has predicted cells). Each chunk of the block is written once.
+        """
+        r0, r1, c0, c1 = self.block_bounds(bi, bj)
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return
         self._check_alive()
-        ii, jj = cells[:, 0], cells[:, 1]
-        g = np.arange(len(self.genes))[:, None]
-        vals = values.astype(self.dtype, copy=False).T
         with _write_lock(self.path):
-            self.values.vindex[g, ii[None, :], jj[None, :]] = vals
-            self.done.vindex[ii, jj] = True
+            done = np.asarray(self.done[r0:r1, c0:c1], dtype=bool)
+            keep = done & ~mask
+            for arr, slab in ((self.values, values), (self.spread, spread)):
+                if arr is None or slab is None:
+                    continue
+                slab = np.asarray(slab, dtype=self.dtype)
+                if keep.any():  # cells predicted before, outside this write: keep them
+                    old = np.asarray(arr[:, r0:r1, c0:c1])
+                    slab = np.where(keep[None], old, slab)
+                arr[:, r0:r1, c0:c1] = slab
+            self.done[r0:r1, c0:c1] = done | mask
         self.touch()
 
     # ----------------------------------------------------------------- reading
@@ -671,3 +1017,118 @@ class PredictionStore:
             f"PredictionStore({str(self.path)!r}, genes={len(self.genes)}, "
             f"grid={self.grid.shape}, done={self.n_done})"
         )
+
+
+# --------------------------------------------------------------------------- buffered writes
+class WriteBuffer:
+    """Collects predicted batches and writes whole blocks (all genes) to a store.
+
+    Used by the engine's writer thread. A block (:attr:`PredictionStore.block_shape` cells,
+    one ``values`` chunk per gene group) is written once when every cell of it that the run
+    asked for is predicted; blocks still open are written when the buffer holds more than
+    ``max_bytes``, when a block has waited ``max_age_s`` (so a viewer sees progress), and at
+    :meth:`flush`. Every chunk is thus written about once per run instead of once per batch.
+
+    Parameters
+    ----------
+    store
+        The store.
+    expected
+        ``(n, 2)`` cells the run will write (completion counts per block); ``None`` = flush
+        only by size, age and :meth:`flush`.
+    max_bytes
+        Bound of the buffered slabs.
+    max_age_s
+        Oldest a buffered block gets before it is written.
+    """
+
+    def __init__(
+        self,
+        store: PredictionStore,
+        expected: np.ndarray | None = None,
+        *,
+        max_bytes: int = 256 * 2**20,
+        max_age_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.max_bytes = int(max_bytes)
+        self.max_age_s = float(max_age_s)
+        self._want: dict[tuple[int, int], int] = {}
+        if expected is not None and len(expected):
+            blocks, counts = np.unique(store.block_of(expected), axis=0, return_counts=True)
+            self._want = {
+                (int(b[0]), int(b[1])): int(c) for b, c in zip(blocks, counts, strict=True)
+            }
+        self._open: dict[tuple[int, int], list[Any]] = {}
+        self._bytes = 0
+        self.blocks_written = 0
+        self.peak_bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes buffered now."""
+        return self._bytes
+
+    def add(self, cells: np.ndarray, values: np.ndarray, spread: np.ndarray | None = None) -> None:
+        """Buffer predictions (``(n, 2)`` cells, ``(n, genes)`` values); write full blocks."""
+        store = self.store
+        cells = _as_cells(cells)
+        if len(cells) == 0:
+            return
+        values = np.asarray(values)
+        if values.shape != (len(cells), len(store.genes)):
+            raise StPredictError(
+                f"values of shape {values.shape}: expected ({len(cells)}, {len(store.genes)})"
+            )
+        gh, gw = store.grid.shape
+        if (cells < 0).any() or (cells[:, 0] >= gh).any() or (cells[:, 1] >= gw).any():
+            raise StPredictError(f"cells outside the {gh}×{gw} grid")
+        store._check_alive()  # a cleared cache fails the run now, not at the last flush
+        with_spread = spread is not None and store.spread is not None
+        blocks = store.block_of(cells)
+        keys = blocks[:, 0] * (gw + 1) + blocks[:, 1]
+        order = np.argsort(keys, kind="stable")
+        cuts = np.flatnonzero(np.diff(keys[order])) + 1
+        now = time.monotonic()
+        for idx in np.split(order, cuts):
+            key = (int(blocks[idx[0], 0]), int(blocks[idx[0], 1]))
+            entry = self._open.get(key)
+            r0, r1, c0, c1 = store.block_bounds(*key)
+            if entry is None:
+                shape = (len(store.genes), r1 - r0, c1 - c0)
+                slab = np.full(shape, np.nan, store.dtype)
+                sp = np.full(shape, np.nan, store.dtype) if store.spread is not None else None
+                entry = [slab, sp, np.zeros(shape[1:], bool), 0, now]
+                self._open[key] = entry
+                self._bytes += slab.nbytes * (2 if sp is not None else 1)
+                self.peak_bytes = max(self.peak_bytes, self._bytes)
+            ii, jj = cells[idx, 0] - r0, cells[idx, 1] - c0
+            entry[0][:, ii, jj] = values[idx].T
+            if with_spread and entry[1] is not None:
+                entry[1][:, ii, jj] = np.asarray(spread)[idx].T
+            entry[2][ii, jj] = True
+            entry[3] += len(idx)
+            if entry[3] >= self._want.get(key, 1 << 62):
+                self._write(key)
+        while self._bytes > self.max_bytes and self._open:
+            self._write(next(iter(self._open)))  # the oldest open block
+        self.flush_aged()
+
+    def flush_aged(self) -> None:
+        """Write the blocks that waited longer than ``max_age_s``."""
+        now = time.monotonic()
+        for key in [k for k, e in self._open.items() if now - e[4] > self.max_age_s]:
+            self._write(key)
+
+    def _write(self, key: tuple[int, int]) -> None:
+        slab, sp, mask, count, _ = self._open.pop(key)
+        self._bytes -= slab.nbytes * (2 if sp is not None else 1)
+        if key in self._want:  # a block written early completes on its remaining cells
+            self._want[key] -= count
+        self.store.write_block(key[0], key[1], slab, mask, sp)
+        self.blocks_written += 1
+
+    def flush(self) -> None:
+        """Write every buffered block."""
+        for key in list(self._open):
+            self._write(key)

@@ -13,10 +13,15 @@ safetensors header metadata (strings)
 JSON (``ModelFile.metadata``)
     ``format``, ``format_version``, ``package_version``, ``created``, ``method``, ``backbone``,
     ``model_config`` (rebuilds the architecture), ``pretrained``, ``genes``, ``normalization``,
-    ``patch_um``, ``patch_px``, ``image_mean``, ``image_std``, ``top_k``, ``training_sections``,
-    ``bank_sections``, ``n_bank``, ``gene_stats`` (``mean``, ``std``, ``p01``, ``p50``, ``p99``
-    per gene of the training log-normalised expression), ``metrics``, ``history``, ``config``,
-    ``content_sha256`` (of all tensors, checked on load).
+    ``patch_um``, ``patch_px``, ``image_mean``, ``image_std``, ``input`` (the
+    :class:`~napari_stpredict.model.preprocess.InputSpec` dict: patch geometry, the backbone's
+    mean/std, context, tta; files without it read as ImageNet mean/std, no context, tta 1),
+    ``top_k``, ``training_sections``, ``bank_sections``, ``n_bank``, ``gene_stats``
+    (``{gene: {"mean", "sd", "p01", "p50", "p99", "val_pcc"}}``: the training spots'
+    log-normalised expression and the validation Pearson r, ``None`` without validation; older
+    files store columns ``{"mean": [...], "std": [...], "p01", "p50", "p99"}``, read the same
+    by :func:`gene_stats_arrays`), ``metrics``, ``history``, ``config``, ``content_sha256``
+    (of all tensors, checked on load).
 
 Nothing is ever unpickled: safetensors stores raw tensors and the metadata is JSON.
 """
@@ -43,6 +48,8 @@ __all__ = [
     "GENE_STAT_KEYS",
     "ModelFile",
     "compute_gene_stats",
+    "gene_stats_arrays",
+    "gene_stats_per_gene",
     "load_model_file",
     "save_model_file",
 ]
@@ -103,11 +110,16 @@ class ModelFile:
     def gene_stats(self) -> dict[str, np.ndarray]:
         """Per-gene statistics of the training expression: ``mean std p01 p50 p99`` → ``(G,)``."""
         if self._gene_stats is None:
-            self._gene_stats = {
-                k: np.asarray(self.metadata["gene_stats"][k], dtype=np.float32)
-                for k in GENE_STAT_KEYS
-            }
+            arrays = gene_stats_arrays(self.metadata["gene_stats"], self.genes)
+            self._gene_stats = {k: arrays[k] for k in GENE_STAT_KEYS}
         return self._gene_stats
+
+    @property
+    def input_spec(self):
+        """The :class:`~napari_stpredict.model.preprocess.InputSpec` the encoder expects."""
+        from napari_stpredict.model.preprocess import InputSpec
+
+        return InputSpec.from_metadata(self.metadata)
 
     def build_model(self):
         """Rebuild the :class:`~napari_stpredict.model.methods.STModel` with these weights (eval mode)."""
@@ -124,15 +136,28 @@ class ModelFile:
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:
-            raise ModelFileError(
-                f"{self.path}: weights do not fit the model ({_first_line(err)})"
-            ) from None
+            why = _state_mismatch(model.state_dict(), self.state_dict) or _first_line(err)
+            raise ModelFileError(f"{self.path}: weights do not fit the model ({why})") from None
         return model.eval()
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _state_mismatch(expected: dict, got: dict) -> str:
+    """The first tensor that does not fit, named: wrong shape, missing or unexpected."""
+    for name, t in expected.items():
+        if name not in got:
+            return f"tensor {name!r} is missing"
+        if tuple(got[name].shape) != tuple(t.shape):
+            return (
+                f"tensor {name!r} has shape {tuple(got[name].shape)}, "
+                f"the model needs {tuple(t.shape)}"
+            )
+    extra = [n for n in got if n not in expected]
+    return f"unexpected tensor {extra[0]!r}" if extra else ""
 
 
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -147,13 +172,66 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def compute_gene_stats(expression: np.ndarray) -> dict[str, list[float]]:
-    """Per-gene ``mean, std, p01, p50, p99`` of a ``(N, G)`` normalised expression matrix."""
+    """Per-gene ``mean, std, p01, p50, p99`` of a ``(N, G)`` normalised expression matrix (columns)."""
     x = np.asarray(expression, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError("expression must be a non-empty (N, G) matrix")
     p01, p50, p99 = np.percentile(x, [1, 50, 99], axis=0)
     stats = {"mean": x.mean(0), "std": x.std(0), "p01": p01, "p50": p50, "p99": p99}
     return {k: [float(np.float32(v)) for v in stats[k]] for k in GENE_STAT_KEYS}
+
+
+def gene_stats_per_gene(
+    genes: list[str], expression: np.ndarray, val_pcc: np.ndarray | None = None
+) -> dict[str, dict[str, float | None]]:
+    """``metadata["gene_stats"]``: ``{gene: {"mean", "sd", "p01", "p50", "p99", "val_pcc"}}``.
+
+    ``expression`` is the training spots' ``(N, G)`` normalised expression; ``val_pcc`` the
+    validation Pearson r per gene (``None`` when there was no validation).
+    """
+    cols = compute_gene_stats(expression)
+    if len(genes) != len(cols["mean"]):
+        raise ValueError(f"{len(genes)} genes but expression has {len(cols['mean'])} columns")
+    pcc = [None] * len(genes) if val_pcc is None else [float(np.float32(v)) for v in val_pcc]
+    return {
+        g: {
+            "mean": cols["mean"][i],
+            "sd": cols["std"][i],
+            "p01": cols["p01"][i],
+            "p50": cols["p50"][i],
+            "p99": cols["p99"][i],
+            "val_pcc": pcc[i],
+        }
+        for i, g in enumerate(genes)
+    }
+
+
+def _per_gene_layout(stats: dict[str, Any], genes: list[str]) -> bool:
+    return bool(genes) and all(isinstance(stats.get(g), dict) for g in genes)
+
+
+def gene_stats_arrays(stats: dict[str, Any], genes: list[str]) -> dict[str, np.ndarray]:
+    """Columns ``mean std p01 p50 p99 val_pcc`` → float32 ``(G,)`` in ``genes`` order, from either layout.
+
+    Reads both ``metadata["gene_stats"]`` layouts (per gene, or the older columns); a
+    statistic a file does not have (``p50``, ``val_pcc``) is NaN.
+    """
+    genes = list(genes)
+    keys = {"mean": "mean", "std": "sd", "p01": "p01", "p50": "p50", "p99": "p99"}
+    out: dict[str, np.ndarray] = {}
+    if _per_gene_layout(stats, genes):
+        for col, key in [*keys.items(), ("val_pcc", "val_pcc")]:
+            vals = [stats[g].get(key) for g in genes]
+            out[col] = np.array([np.nan if v is None else v for v in vals], dtype=np.float32)
+        return out
+    for col in [*GENE_STAT_KEYS, "val_pcc"]:
+        vals = stats.get(col)
+        out[col] = (
+            np.full(len(genes), np.nan, np.float32)
+            if vals is None
+            else np.array([np.nan if v is None else v for v in vals], dtype=np.float32)
+        )
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -211,7 +289,7 @@ def save_model_file(
 
     from napari_stpredict import __version__
     from napari_stpredict.io_utils import atomic_path
-    from napari_stpredict.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+    from napari_stpredict.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
     tensors: dict[str, torch.Tensor] = {
         f"model.{k}": v.detach()
@@ -222,6 +300,11 @@ def save_model_file(
     }
     meta = dict(metadata)
     meta.setdefault("top_k", 50)
+    if meta.get("input") is not None:
+        spec = InputSpec.from_dict(meta["input"])  # one-line error on a bad spec
+        meta["input"] = spec.to_dict()
+        # kept for readers of older versions: the same numbers as the spec
+        meta["image_mean"], meta["image_std"] = list(spec.mean), list(spec.std)
     meta.setdefault("image_mean", list(IMAGENET_MEAN))
     meta.setdefault("image_std", list(IMAGENET_STD))
     meta.setdefault("metrics", {})
@@ -286,12 +369,39 @@ def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
         raise ModelFileError(f"{path}: metadata 'patch_px'={meta['patch_px']} is too small")
     if meta["top_k"] < 1:
         raise ModelFileError(f"{path}: metadata 'top_k'={meta['top_k']} must be ≥ 1")
-    for k in GENE_STAT_KEYS:
-        vals = meta["gene_stats"].get(k)
-        if not isinstance(vals, list) or len(vals) != len(genes):
-            raise ModelFileError(f"{path}: metadata gene_stats[{k!r}] must list one value per gene")
+    stats = meta["gene_stats"]
+    if _per_gene_layout(stats, genes):
+        for g in genes:
+            bad = [k for k in ("mean", "sd", "p01", "p99") if not _is_number(stats[g].get(k))]
+            if bad:
+                raise ModelFileError(
+                    f"{path}: metadata gene_stats[{g!r}][{bad[0]!r}] is not a number"
+                )
+    else:
+        for k in GENE_STAT_KEYS:
+            vals = stats.get(k)
+            if not isinstance(vals, list) or len(vals) != len(genes):
+                raise ModelFileError(
+                    f"{path}: metadata gene_stats must give each gene's statistics ({k!r} missing)"
+                )
     if len(meta["image_mean"]) != 3 or len(meta["image_std"]) != 3:
         raise ModelFileError(f"{path}: metadata image_mean/image_std must have 3 values")
+    if meta.get("input") is not None:
+        from napari_stpredict.errors import StPredictError
+        from napari_stpredict.model.preprocess import InputSpec
+
+        try:
+            spec = InputSpec.from_dict(meta["input"])
+        except StPredictError as err:
+            raise ModelFileError(f"{path}: metadata 'input': {err}") from None
+        if spec.patch_px != meta["patch_px"]:
+            raise ModelFileError(
+                f"{path}: metadata 'input' patch_px {spec.patch_px} differs from patch_px {meta['patch_px']}"
+            )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFile:
@@ -376,6 +486,6 @@ def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFil
         if not (torch.isfinite(emb).all() and torch.isfinite(expr).all()):
             raise ModelFileError(f"{p}: reference bank contains NaN or infinite values")
         mf.bank_embeddings, mf.bank_expression, mf.bank_section_index = emb, expr, sec
-    elif meta["method"] != "regression":
+    elif meta["method"] not in ("regression", "ridge"):  # direct methods have no bank
         raise ModelFileError(f"{p}: method {meta['method']!r} needs a reference bank, none stored")
     return mf

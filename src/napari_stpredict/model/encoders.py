@@ -15,12 +15,9 @@ import torch
 from torch import nn
 
 from napari_stpredict.errors import StPredictError
+from napari_stpredict.model.preprocess import IMAGENET_MEAN, IMAGENET_STD  # re-exported
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageEncoder", "create_encoder"]
-
-#: Normalisation used for every backbone, in training and at inference (stored in model files).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageEncoder(nn.Module):

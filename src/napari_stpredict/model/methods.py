@@ -84,11 +84,14 @@ class STModel(nn.Module):
         backbone: str = DEFAULT_BACKBONE,
         pretrained: str = "none",
         encoder: ImageEncoder | None = None,
+        n_fields: int = 1,
         **hparams: Any,
     ) -> None:
         super().__init__()
         if n_genes < 1:
             raise StPredictError(f"n_genes={n_genes}: a model needs at least one gene")
+        if int(n_fields) < 1:
+            raise StPredictError(f"n_fields={n_fields}: must be ≥ 1")
         self.n_genes = int(n_genes)
         self.backbone = backbone
         self.encoder = (
@@ -96,6 +99,38 @@ class STModel(nn.Module):
         )
         self.pretrained_source = getattr(self.encoder, "pretrained_source", "none")
         self.hparams = dict(hparams)
+        #: fields of view per sample (1 = the patch; 2 = patch + a wider context field): the
+        #: pooled features of the fields are concatenated before the heads
+        self.n_fields = int(n_fields)
+        if self.n_fields != 1:  # old files (one field) keep their exact config
+            self.hparams["n_fields"] = self.n_fields
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the (concatenated) pooled features the heads take."""
+        return int(self.encoder.num_features) * self.n_fields
+
+    def encode_fields(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features of ``(B, 3, P, P)`` or ``(B, F, 3, P, P)`` images.
+
+        Returns the tokens of the first field (the patch) and the pooled features of all
+        fields concatenated, ``(B, F * C)``.
+        """
+        if images.ndim == 4:
+            if self.n_fields != 1:
+                raise StPredictError(
+                    f"method {self.method!r} expects {self.n_fields} fields of view per sample "
+                    "(B, F, 3, P, P); got one"
+                )
+            return self.encoder(images)
+        if images.ndim != 5 or images.shape[1] != self.n_fields:
+            raise StPredictError(
+                f"images: shape {tuple(images.shape)}, expected (B, {self.n_fields}, 3, P, P)"
+            )
+        b, f = images.shape[:2]
+        tokens, pooled = self.encoder(images.flatten(0, 1))
+        tokens = tokens.view(b, f, *tokens.shape[1:])[:, 0]
+        return tokens, pooled.reshape(b, -1)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -114,12 +149,12 @@ class STModel(nn.Module):
 
     def loss(self, images: torch.Tensor, expr: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training objective on a batch of normalised images ``(B,3,P,P)`` and expression ``(B,G)``."""
-        tokens, pooled = self.encoder(images)
+        tokens, pooled = self.encode_fields(images)
         return self.loss_from_features(tokens, pooled, expr)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (retrieval methods, L2-normalised) or predictions (regression)."""
-        tokens, pooled = self.encoder(images)
+        tokens, pooled = self.encode_fields(images)
         return self.image_from_features(tokens, pooled)
 
     def loss_from_features(
@@ -163,7 +198,7 @@ class BLEEP(STModel):
         )
         self.proj_dim = proj_dim
         self.temperature = float(temperature)
-        self.image_projection = ProjectionHead(self.encoder.num_features, proj_dim, dropout=dropout)
+        self.image_projection = ProjectionHead(self.feature_dim, proj_dim, dropout=dropout)
         self.expr_projection = ProjectionHead(n_genes, proj_dim, dropout=dropout)
 
     @property
@@ -289,7 +324,7 @@ class Regression(STModel):
         super().__init__(
             n_genes=n_genes, backbone=backbone, pretrained=pretrained, encoder=encoder, **hparams
         )
-        self.head = nn.Linear(self.encoder.num_features, n_genes)
+        self.head = nn.Linear(self.feature_dim, n_genes)
 
     @property
     def embed_dim(self) -> int:
@@ -362,3 +397,7 @@ def build_model(
         return cls(n_genes=n_genes, backbone=backbone, pretrained=pretrained, **hparams)
     except TypeError as err:
         raise StPredictError(f"method {method!r}: bad hyper-parameters ({err})") from None
+
+
+# ridge registers itself (it builds on STModel, so it is imported once this module is complete)
+from napari_stpredict.model import ridge as _ridge  # noqa: E402,F401

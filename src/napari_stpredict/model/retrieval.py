@@ -6,7 +6,7 @@ import torch
 
 from napari_stpredict.errors import StPredictError
 
-__all__ = ["retrieve_topk", "topk_mean_expression"]
+__all__ = ["WEIGHTINGS", "neighbour_weights", "retrieve_topk", "topk_mean_expression"]
 
 
 def retrieve_topk(
@@ -56,16 +56,39 @@ def retrieve_topk(
     return best_s, best_i
 
 
+WEIGHTINGS = ("mean", "softmax")
+
+
+def neighbour_weights(
+    scores: torch.Tensor, *, weighting: str = "mean", temperature: float = 0.05
+) -> torch.Tensor:
+    """Weights ``(B, k)`` (rows sum to 1) of the top-``k`` neighbours from their cosine ``scores``.
+
+    ``"mean"``: equal weights (the paper); ``"softmax"``: ``softmax(cosine / temperature)``, so
+    the closest neighbours count more (``temperature → ∞`` gives the mean).
+    """
+    if weighting == "mean":
+        return torch.full_like(scores, 1.0 / scores.shape[1], dtype=torch.float32)
+    if weighting == "softmax":
+        if not temperature > 0:
+            raise StPredictError(f"retrieval temperature={temperature}: must be > 0")
+        return torch.softmax(scores.float() / float(temperature), dim=1)
+    raise StPredictError(f"retrieval weighting={weighting!r}: choose {' or '.join(WEIGHTINGS)}")
+
+
 def topk_mean_expression(
     queries: torch.Tensor,
     bank_embeddings: torch.Tensor,
     bank_expression: torch.Tensor,
     *,
     k: int = 50,
+    weighting: str = "mean",
+    temperature: float = 0.05,
+    return_spread: bool = False,
     query_chunk: int = 256,
     bank_chunk: int = 65536,
-) -> torch.Tensor:
-    """Predict expression as the mean normalised expression of the top-``k`` bank spots.
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Predict expression as the (weighted) mean normalised expression of the top-``k`` bank spots.
 
     Parameters
     ----------
@@ -77,21 +100,38 @@ def topk_mean_expression(
         ``(N, G)`` their normalised expression.
     k
         Number of neighbours (the paper uses 50).
+    weighting, temperature
+        ``"mean"`` (equal weights) or ``"softmax"`` over cosine / ``temperature``
+        (:func:`neighbour_weights`).
+    return_spread
+        Also return the per-gene (weighted) standard deviation of the neighbours' expression:
+        how much the spots that look alike disagree (the uncertainty of the prediction).
 
     Returns
     -------
-    torch.Tensor
+    torch.Tensor or (mean, spread)
         ``(B, G)`` float32 on the bank's device.
     """
-    out = []
+    out, spread = [], []
     for start in range(0, queries.shape[0], query_chunk):
         q = queries[start : start + query_chunk]
-        _, idx = retrieve_topk(q, bank_embeddings, k=k, chunk=bank_chunk)
-        out.append(
-            bank_expression[idx.reshape(-1)].view(idx.shape[0], idx.shape[1], -1).float().mean(1)
-        )
+        scores, idx = retrieve_topk(q, bank_embeddings, k=k, chunk=bank_chunk)
+        nb = bank_expression[idx.reshape(-1)].view(idx.shape[0], idx.shape[1], -1).float()
+        if weighting == "mean":
+            mean = nb.mean(1)
+            w = None
+        else:
+            w = neighbour_weights(scores, weighting=weighting, temperature=temperature)
+            mean = (w[:, :, None] * nb).sum(1)
+        out.append(mean)
+        if return_spread:
+            d2 = (nb - mean[:, None, :]) ** 2
+            var = d2.mean(1) if w is None else (w[:, :, None] * d2).sum(1)
+            spread.append(var.clamp_min(0).sqrt())
+    g = bank_expression.shape[1]
     if not out:
-        return torch.zeros(
-            (0, bank_expression.shape[1]), dtype=torch.float32, device=bank_expression.device
-        )
+        empty = torch.zeros((0, g), dtype=torch.float32, device=bank_expression.device)
+        return (empty, empty.clone()) if return_spread else empty
+    if return_spread:
+        return torch.cat(out), torch.cat(spread)
     return torch.cat(out)

@@ -402,6 +402,7 @@ class Slide:
         w: float,
         *,
         out_shape: tuple[int, int],
+        region_reader: Callable[[int, int, int, int, int], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Read a level-0 rectangle resized to ``out_shape``, anti-aliased and pixel-registered.
 
@@ -420,6 +421,9 @@ class Slide:
             The level-0 rectangle (``h``, ``w`` > 0).
         out_shape
             ``(oh, ow)`` of the result.
+        region_reader
+            Replaces :meth:`read_region` (same signature and result), e.g. the decoded-tile
+            cache of :mod:`napari_stpredict.slide.patches`; the pixels are the same either way.
 
         Returns
         -------
@@ -430,6 +434,7 @@ class Slide:
         oh, ow = int(out_shape[0]), int(out_shape[1])
         if oh <= 0 or ow <= 0 or not (h > 0 and w > 0):
             raise SlideError(f"{self.path}: empty resample request {h}x{w} -> {oh}x{ow}")
+        read_region = self.read_region if region_reader is None else region_reader
         level = self.best_level(min(h / oh, w / ow))
         dy, dx = self._axis_ds[level]
         # the rectangle in the chosen level's continuous pixel frame
@@ -437,7 +442,7 @@ class Slide:
         lh, lw = h / dy, w / dx
         sy, sx = lh / oh, lw / ow  # level px per output px
         if sy == 1.0 and sx == 1.0 and ly0 == int(ly0) and lx0 == int(lx0):
-            return self.read_region(level, int(ly0), int(lx0), oh, ow)
+            return read_region(level, int(ly0), int(lx0), oh, ow)
         from PIL import Image
 
         my = math.ceil(max(sy, 1.0)) + 2  # filter support + rounding margin
@@ -454,7 +459,7 @@ class Slide:
             by1 = ly0 + i1 * sy
             wy0 = math.floor(by0) - my
             wy1 = math.ceil(by1) + my
-            window = self.read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
+            window = read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
             box = (lx0 - wx0, by0 - wy0, lx0 + lw - wx0, by1 - wy0)
             img = Image.fromarray(window).resize((ow, i1 - i0), Image.Resampling.BILINEAR, box=box)
             out[i0:i1] = np.asarray(img)

@@ -4,15 +4,20 @@ Both stream one row of tiles at a time, so memory is bounded by ``tile × width`
 the slide. Each level is the 2× block mean of the one above it. For OME-TIFF the coarser levels
 go to a temporary zarr store in the target folder while the finer level is written (a TIFF is
 written level after level, level 0 first); OME-Zarr reads them back from the output itself.
-Outputs appear under their final name only when complete (``io_utils.atomic_path``).
+Outputs appear under their final name only when complete (``io_utils.atomic_path``): a full
+disk is one line naming the output, the temporary and the scratch levels are removed, and a
+killed run's leftovers (``.stpredict-tmp-<output>-*``) are swept by the next run to the same
+output. An output is locked while it is written (a second ``convert`` to it refuses), an
+OME-Zarr output carries our marker (only a marked folder is ever replaced), and an output that
+is or contains its own source is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from napari_stpredict.errors import StPredictError
-from napari_stpredict.io_utils import atomic_path
+from napari_stpredict.io_utils import (
+    MARKER_ATTR,
+    atomic_path,
+    check_not_inside,
+    output_lock,
+    temp_name,
+)
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 from napari_stpredict.slide.base import FILL, Slide, block_mean
 
@@ -107,6 +118,24 @@ def _temp_level(folder: Path, index: int, shape: tuple[int, int], tile: int) -> 
     )
 
 
+def _check_source(slide: Slide, dst: str | os.PathLike) -> None:
+    """Refuse an output that would replace or lie inside its own source (before any work)."""
+    src = getattr(slide, "path", None)
+    if src:
+        check_not_inside([src], dst, "output")
+
+
+@contextlib.contextmanager
+def _scratch(dst: Path) -> Iterator[Path]:
+    """A scratch folder for coarser levels, named as a temporary of ``dst`` (swept if killed)."""
+    folder = temp_name(dst, "pyramid")
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_ome_tiff(
     slide: Slide,
     dst: str | os.PathLike,
@@ -172,9 +201,11 @@ def write_ome_tiff(
         metadata.update(
             PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
         )
+    _check_source(slide, dst)
     with (
+        output_lock(dst, what="conversion"),
         atomic_path(dst, overwrite=overwrite) as tmp,
-        tempfile.TemporaryDirectory(prefix=".stpredict-pyramid-", dir=Path(tmp).parent) as scratch,
+        _scratch(Path(dst)) as scratch,
     ):
         reader = _slide_strip_reader(slide)
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
@@ -282,8 +313,10 @@ def write_ome_zarr(
     mpp = float(mpp) if mpp is not None else slide.mpp
     shapes = pyramid_shapes(slide.shape, tile)
     prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
-    with atomic_path(dst, overwrite=overwrite) as tmp:
+    _check_source(slide, dst)
+    with output_lock(dst, what="conversion"), atomic_path(dst, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root.attrs[MARKER_ATTR] = {"writer": "napari-stpredict convert", "source": str(slide.path)}
         arrays = []
         for k, (h, w) in enumerate(shapes):
             arrays.append(

@@ -23,8 +23,6 @@ from napari_stpredict.st.section import estimate_spot_pitch, read_section, read_
 
 __all__ = [
     "GENE_ALIASES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "CoordinateTable",
     "Manifest",
     "Normalization",
@@ -35,9 +33,7 @@ __all__ = [
     "highly_variable_genes",
     "load_gene_list",
     "load_manifest",
-    "make_loader",
     "normalize",
-    "patches_to_tensor",
     "read_section",
     "read_sections",
     "resolve_aliases",
@@ -49,9 +45,7 @@ def __getattr__(name: str):
     # the patch dataset pulls in torch: import it on first use only
     if name in (
         "PatchDataset",
-        "make_loader",
-        "patches_to_tensor",
-        "IMAGENET_MEAN",
+                "IMAGENET_MEAN",
         "IMAGENET_STD",
     ):
         from napari_stpredict.st import patches

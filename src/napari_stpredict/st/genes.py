@@ -325,7 +325,7 @@ def load_gene_list(path: str | os.PathLike, *, column: str | None = None) -> lis
         raise DatasetError(f"{p}: gene list cannot be read ({e})") from None
     genes = [g for g in genes if g]
     if not genes:
-        raise DatasetError(f"{p}: gene list is empty")
+        raise DatasetError(f"{p}: gene list is empty (no gene)")
     return list(dict.fromkeys(genes))
 
 

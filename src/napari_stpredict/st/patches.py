@@ -1,74 +1,40 @@
 """Training patches: one image crop of fixed physical size per spot, paired with its expression.
 
-Crops are read with :meth:`napari_stpredict.slide.Slide.read_resampled`, the same call the
-inference engine uses, so a model sees identical pixels in training and in napari. Slides are
-opened lazily in each process (DataLoader workers re-open them; no file handle is pickled).
-Small datasets are read once into memory (:meth:`PatchDataset.preload`): flips and 90°
-rotations are exact on a cached crop, so augmentation does not need the slide again.
+Crops are read with :func:`napari_stpredict.slide.patches.read_patches` — bit-identical to
+:meth:`napari_stpredict.slide.Slide.read_resampled`, the call the inference engine makes — so a
+model sees identical pixels in training and in napari; they become encoder input only through
+:func:`napari_stpredict.model.preprocess.encoder_input`. Slides are opened lazily in each
+process (no file handle is pickled). Small datasets are read once into memory
+(:meth:`PatchDataset.preload`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from napari_stpredict.errors import DatasetError, StPredictError
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 from napari_stpredict.st.genes import Normalization, library_size
 
-#: ImageNet channel statistics (RGB, 0–1 scale) used by timm/torchvision backbones.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Datasets whose crops fit in this many bytes are cached in memory by default.
 DEFAULT_CACHE_BYTES = 1 << 30
-
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float32))).astype(np.float32)
-_OFFSET = (
-    -np.asarray(IMAGENET_MEAN, dtype=np.float32) / np.asarray(IMAGENET_STD, dtype=np.float32)
-).astype(np.float32)
-
-
-def patches_to_tensor(patches: np.ndarray) -> torch.Tensor:
-    """uint8 RGB patches → ImageNet-normalised float32 tensor.
-
-    Parameters
-    ----------
-    patches
-        ``(N, P, P, 3)`` or ``(P, P, 3)`` uint8.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(N, 3, P, P)`` (or ``(3, P, P)``) float32: ``(x / 255 - mean) / std``.
-    """
-    arr = np.asarray(patches)
-    if arr.dtype != np.uint8 or arr.shape[-1] != 3 or arr.ndim not in (3, 4):
-        raise ValueError(
-            f"expected uint8 (N, P, P, 3) or (P, P, 3) patches, got {arr.dtype} {arr.shape}"
-        )
-    # numpy, not torch: no intra-op thread pool to contend for in DataLoader workers
-    out = arr.astype(np.float32) * _SCALE + _OFFSET
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, -3)))
+#: Decoded slide tiles kept per section while reading (see :class:`~napari_stpredict.slide.patches.TileCache`).
+TILE_CACHE_BYTES = 32 * 2**20
 
 
 def spot_rect(x: float, y: float, size: float) -> tuple[float, float, float, float]:
     """Level-0 rectangle ``(y0, x0, h, w)`` of side ``size`` centred on the spot ``(x, y)``."""
     half = size / 2.0
     return (y - half, x - half, size, size)
-
-
-def _augment(img: np.ndarray, k: int) -> np.ndarray:
-    """One of the 8 symmetries of the square: ``k % 4`` quarter turns, mirrored if ``k >= 4``."""
-    out = np.rot90(img, k % 4, axes=(0, 1))
-    if k >= 4:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
 
 
 class PatchDataset(Dataset):
@@ -85,7 +51,8 @@ class PatchDataset(Dataset):
     patch_px
         Side of the returned crop in pixels (default 224).
     augment
-        Random flips and 90° rotations (the 8 symmetries of the square, uniformly).
+        Random flips and 90° rotations (the 8 symmetries of the square, uniformly, from torch's
+        global RNG) in :meth:`__getitem__`.
     normalization
         :class:`~napari_stpredict.st.genes.Normalization`, its dict, or a method name
         (default ``log1p_cpm`` with target sum 10⁴). Library sizes are over all genes.
@@ -95,10 +62,14 @@ class PatchDataset(Dataset):
     cache
         Keep every crop in memory after :meth:`preload` (``None``: only when they fit in
         ``DEFAULT_CACHE_BYTES``).
+    input_spec
+        The :class:`~napari_stpredict.model.preprocess.InputSpec` of :meth:`__getitem__`'s
+        ``image`` (default: this geometry with ImageNet mean/std).
 
-    Items are dicts: ``image`` float32 ``(3, P, P)`` ImageNet-normalised, ``expr`` float32
-    ``(G,)``, ``section`` (name), ``index`` (position in this dataset; see
-    :attr:`spot_names` / :attr:`item_sections`).
+    Items are dicts: ``image`` float32 ``(3, P, P)`` (:func:`~napari_stpredict.model.
+    preprocess.encoder_input` of the crop), ``expr`` float32 ``(G,)``, ``section`` (name),
+    ``index`` (position in this dataset; see :attr:`spot_names` / :attr:`item_sections`).
+    Training itself reads uint8 crops (:meth:`read_patches`).
 
     Raises
     ------
@@ -117,6 +88,7 @@ class PatchDataset(Dataset):
         normalization: Normalization | Mapping[str, Any] | str | None = None,
         patch_px_level0: float | None = None,
         cache: bool | None = None,
+        input_spec: Any = None,
     ) -> None:
         if not adatas:
             raise DatasetError("no sections given to the patch dataset")
@@ -182,8 +154,15 @@ class PatchDataset(Dataset):
 
         nbytes = len(self) * self.patch_px * self.patch_px * 3
         self.cache = (nbytes <= DEFAULT_CACHE_BYTES) if cache is None else bool(cache)
+        if input_spec is None:
+            from napari_stpredict.model.preprocess import InputSpec
+
+            input_spec = InputSpec(self.patch_um, self.patch_px)
+        self.input_spec = input_spec
         self._patches: np.ndarray | None = None
         self._slides: dict[int, Any] = {}
+        self._tiles: dict[int, Any] = {}
+        self._lock = threading.Lock()
         self._slides_pid = os.getpid()
 
     # ------------------------------------------------------------------ basics
@@ -211,33 +190,75 @@ class PatchDataset(Dataset):
             "patch_um": self.patch_um,
             "patch_px": self.patch_px,
             "normalization": self.normalization.to_dict(),
-            "image_normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "image_normalization": {
+                "mean": list(self.input_spec.mean),
+                "std": list(self.input_spec.std),
+            },
         }
 
     # ------------------------------------------------------------------ pixels
     def _slide(self, k: int):
         from napari_stpredict.slide import open_slide
 
-        if os.getpid() != self._slides_pid:  # a forked worker: never share parent handles
-            self._slides = {}
-            self._slides_pid = os.getpid()
-        slide = self._slides.get(k)
-        if slide is None:
-            try:
-                slide = open_slide(self.images[k])
-            except StPredictError as e:
-                raise DatasetError(f"section {self.section_names[k]!r}: {e}") from None
-            self._slides[k] = slide
-        return slide
+        with self._lock:  # one open (and decode) per slide, whichever thread asks first
+            if os.getpid() != self._slides_pid:  # a forked worker: never share parent handles
+                self._slides, self._tiles = {}, {}
+                self._slides_pid = os.getpid()
+            slide = self._slides.get(k)
+            if slide is None:
+                try:
+                    slide = open_slide(self.images[k])
+                except StPredictError as e:
+                    raise DatasetError(f"section {self.section_names[k]!r}: {e}") from None
+                self._slides[k] = slide
+            return slide
+
+    def _tile_cache(self, k: int):
+        from napari_stpredict.slide.patches import TileCache
+
+        slide = self._slide(k)
+        with self._lock:
+            cache = self._tiles.get(k)
+            if cache is None:
+                cache = self._tiles[k] = TileCache(slide, max_bytes=TILE_CACHE_BYTES)
+            return cache
+
+    def read_patches(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        executor: Executor | None = None,
+        scale: float = 1.0,
+    ) -> np.ndarray:
+        """Un-augmented crops of items ``indices`` as ``(n, P, P, 3)`` uint8 (cache or slide).
+
+        Read per section with :func:`napari_stpredict.slide.patches.read_patches` (the
+        engine's reader: bit-identical to ``Slide.read_resampled``), in ``executor``'s threads.
+        ``scale`` > 1 reads a wider field of view around the same centre (context), still
+        ``P`` pixels a side.
+        """
+        from napari_stpredict.slide.patches import read_patches
+
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._patches is not None and scale == 1.0:
+            return self._patches[idx]
+        out = np.empty((len(idx), self.patch_px, self.patch_px, 3), np.uint8)
+        secs = self.item_section[idx]
+        for k in np.unique(secs):
+            sel = np.nonzero(secs == k)[0]
+            out[sel] = read_patches(
+                self._slide(int(k)),
+                self.centers[idx[sel]],
+                self.patch_size_px[int(k)] * float(scale),
+                self.patch_px,
+                executor=executor,
+                cache=self._tile_cache(int(k)),
+            )
+        return out
 
     def read_patch(self, i: int) -> np.ndarray:
         """The un-augmented crop of item ``i`` as ``(P, P, 3)`` uint8, from cache or slide."""
-        if self._patches is not None:
-            return self._patches[i]
-        k = int(self.item_section[i])
-        x, y = self.centers[i]
-        y0, x0, h, w = spot_rect(float(x), float(y), self.patch_size_px[k])
-        return self._slide(k).read_resampled(y0, x0, h, w, out_shape=(self.patch_px, self.patch_px))
+        return self.read_patches([int(i)])[0]
 
     def preload(
         self,
@@ -245,34 +266,20 @@ class PatchDataset(Dataset):
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> None:
-        """Read every crop into memory, one slide open at a time.
-
-        Call it in the main process before making a DataLoader (:func:`make_loader` does),
-        so forked workers share the crops instead of each decoding every slide.
-        """
+        """Read every crop into memory, one slide open at a time."""
         if self._patches is not None:
             return
-        from napari_stpredict.slide import open_slide
-
         out = np.empty((len(self), self.patch_px, self.patch_px, 3), np.uint8)
         done = 0
-        for k, path in enumerate(self.images):
+        for k, name in enumerate(self.section_names):
             items = np.nonzero(self.item_section == k)[0]
-            try:
-                slide = open_slide(path)
-            except StPredictError as e:
-                raise DatasetError(f"section {self.section_names[k]!r}: {e}") from None
-            with slide:
-                for i in items:
-                    if done % 64 == 0:
-                        check_cancel(cancel, "reading patches")
-                        report(progress, done, len(self), f"patches of {self.section_names[k]}")
-                    x, y = self.centers[i]
-                    y0, x0, h, w = spot_rect(float(x), float(y), self.patch_size_px[k])
-                    out[i] = slide.read_resampled(
-                        y0, x0, h, w, out_shape=(self.patch_px, self.patch_px)
-                    )
-                    done += 1
+            for start in range(0, len(items), 64):
+                check_cancel(cancel, "reading patches")
+                report(progress, done, len(self), f"patches of {name}")
+                part = items[start : start + 64]
+                out[part] = self.read_patches(part)
+                done += len(part)
+            self._close_section(k)  # one slide open at a time
         report(progress, len(self), len(self), "patches read")
         self._patches = out
 
@@ -282,11 +289,13 @@ class PatchDataset(Dataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        img = self.read_patch(i)
+        from napari_stpredict.model.preprocess import augment, encoder_input
+
+        img = torch.from_numpy(self.read_patches([i]))
         if self.augment:
-            img = _augment(img, int(torch.randint(0, 8, (1,)).item()))
+            img = augment(img, None)
         return {
-            "image": patches_to_tensor(img),
+            "image": encoder_input(img, self.input_spec)[0],
             "expr": torch.from_numpy(self.expression[i].copy()),
             "section": self.section_names[int(self.item_section[i])],
             "index": i,
@@ -296,80 +305,24 @@ class PatchDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_slides"] = {}  # file handles never travel to another process
+        state["_tiles"] = {}
+        state.pop("_lock", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._slides = {}
+        self._slides, self._tiles = {}, {}
+        self._lock = threading.Lock()
         self._slides_pid = os.getpid()
+
+    def _close_section(self, k: int) -> None:
+        with self._lock:
+            self._tiles.pop(k, None)
+            slide = self._slides.pop(k, None)
+        if slide is not None:
+            slide.close()
 
     def close(self) -> None:
         """Close the slides this process opened."""
-        for s in self._slides.values():
-            s.close()
-        self._slides = {}
-
-
-def _worker_init(worker_id: int) -> None:
-    # one thread per worker: the workers themselves are the parallelism
-    # (augmentation draws from torch's RNG, which the DataLoader seeds per worker)
-    torch.set_num_threads(1)
-
-
-def make_loader(
-    dataset: PatchDataset,
-    *,
-    batch_size: int = 32,
-    shuffle: bool = True,
-    num_workers: int | None = None,
-    device: str | torch.device | None = None,
-    drop_last: bool = False,
-    seed: int | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-    worker_init_fn: Callable[[int], None] | None = None,
-) -> DataLoader:
-    """A DataLoader that keeps the CPU busy feeding the model.
-
-    Parameters
-    ----------
-    dataset
-        A :class:`PatchDataset`; when it caches, its crops are preloaded here first.
-    batch_size, shuffle, drop_last
-        As for :class:`torch.utils.data.DataLoader`.
-    num_workers
-        Worker processes, default ``min(2, cpu count)``: they read (or take from the cache),
-        augment and normalise crops while the main process trains.
-    device
-        Training device: pinned memory is used for CUDA.
-    seed
-        Seeds the shuffling and augmentation (a fixed seed gives the same batches).
-    progress, cancel
-        For :meth:`PatchDataset.preload`.
-    """
-    if batch_size < 1:
-        raise DatasetError(f"batch_size must be ≥ 1, got {batch_size}")
-    if dataset.cache and not dataset.preloaded:
-        dataset.preload(progress=progress, cancel=cancel)
-    if num_workers is None:
-        num_workers = min(2, os.cpu_count() or 1)
-    dev = torch.device(device) if device is not None and str(device) != "auto" else None
-    generator = torch.Generator()
-    generator.manual_seed(int(seed) if seed is not None else int(torch.initial_seed() % 2**63))
-    kwargs: dict[str, Any] = {}
-    if num_workers > 0:
-        kwargs.update(
-            persistent_workers=True,
-            prefetch_factor=4,
-            worker_init_fn=worker_init_fn or _worker_init,
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=dev is not None and dev.type == "cuda",
-        drop_last=drop_last,
-        generator=generator,
-        **kwargs,
-    )
+        for k in list(self._slides):
+            self._close_section(k)

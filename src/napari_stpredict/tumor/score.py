@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_stpredict.model.header import model_info, read_model_header
+from napari_stpredict.st.genesets import model_signature
 from napari_stpredict.tumor.mask import score_range
 from napari_stpredict.tumor.signature import Signature, TumorError, _signature
 
@@ -125,18 +127,22 @@ def score_predictions(
     weights: Sequence[float] | None = None,
     gene_stats: Mapping[str, Any] | None = None,
     reference: str = "model",
+    strict: bool | None = None,
 ) -> TumorScore:
     """Tumour score per grid cell from a (G, gh, gw) array of predictions.
 
     ``values`` may be a zarr array: only the planes of the used genes are read, one at a time.
     NaN (not predicted) stays NaN. ``gene_stats`` as in :func:`score_matrix`; ``None`` uses the
     predicted cells themselves (``reference="slide"``), which is not comparable across slides;
-    ``reference`` names the source of given statistics (``"model"`` or ``"given"``).
+    ``reference`` names the source of given statistics (``"model"`` or ``"given"``);
+    ``strict=False`` treats a given set as a default one (missing genes dropped, at least
+    three needed; ``None``: strict for a given set).
     """
     shape = tuple(values.shape)
     if len(shape) != 3 or shape[0] != len(genes):
         raise TumorError(f"predictions: shape {shape} does not match {len(genes)} genes × grid")
-    sig, strict = _signature(gene_set, weights)
+    sig, default_strict = _signature(gene_set, weights)
+    strict = default_strict if strict is None else strict
     res = sig.resolve(list(genes), strict=strict)
     planes = [np.asarray(values[int(i)], dtype=np.float64) for i in res.index]
     if gene_stats is None:
@@ -186,10 +192,17 @@ def score_store(
         raise TumorError(f"{type(store).__name__}: not a prediction store")
     genes = list(store.genes)
     reference = "given"
+    if model is None and (gene_stats is None or gene_set is None):
+        rec = (getattr(store, "info", None) or {}).get("model")
+        model = (rec.get("path") if isinstance(rec, Mapping) else rec) or None
+    if gene_set is None and model is not None:
+        # the model's own default signature (recorded at training), missing genes dropped
+        info = model_info(model, best_effort=gene_stats is not None)
+        gene_set = Signature.create(model_signature(info.metadata))
+        strict = False
+    else:
+        strict = None
     if gene_stats is None:
-        if model is None:
-            rec = (getattr(store, "info", None) or {}).get("model")
-            model = (rec.get("path") if isinstance(rec, Mapping) else rec) or None
         gene_stats = model_gene_stats(model, genes)
         reference = "model"
     return score_predictions(
@@ -199,72 +212,43 @@ def score_store(
         weights=weights,
         gene_stats=gene_stats,
         reference=reference,
+        strict=strict,
     )
 
 
-def read_model_metadata(path: Any) -> dict[str, Any]:
-    """The JSON metadata of a model file, read from the safetensors header only (no tensors).
-
-    Raises
-    ------
-    TumorError
-        Missing file or not a napari-stpredict model file.
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise TumorError(f"{p}: model file not found")
-    try:
-        with safe_open(str(p), framework="numpy") as f:
-            header = f.metadata() or {}
-        meta = json.loads(header.get("stpredict", ""))
-    except Exception as err:
-        raise TumorError(
-            f"{p}: not a readable napari-stpredict model file ({type(err).__name__})"
-        ) from None
-    if not isinstance(meta, dict):
-        raise TumorError(f"{p}: not a napari-stpredict model file (no metadata)")
-    return meta
+#: Kept name: the header reader lives in :mod:`napari_stpredict.model.header`.
+read_model_metadata = read_model_header
 
 
 def model_gene_stats(model: Any, genes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """The training-data ``mean``/``std`` per gene of a model, aligned with ``genes``.
 
-    ``model`` is a Predictor (``.gene_stats``, ``.genes``), a mapping with ``mean``/``std`` (and
-    optionally ``genes``), or a path to a model file.
+    ``model`` is anything :func:`~napari_stpredict.model.header.model_info` accepts: a
+    Predictor, its metadata (or a ``{"mean", "std"[, "genes"]}`` mapping), or a model file path.
 
     Raises
     ------
     TumorError
-        No statistics found, or they do not cover ``genes``.
+        No model, no statistics found, or they do not cover ``genes``.
+    ModelFileError
+        Unreadable model file.
     """
     if model is None:
         raise TumorError(
             "tumour score: no model to take the training statistics from (give model= or gene_stats=)"
         )
-    stats: Mapping[str, Any] | None
-    model_genes: Sequence[str] | None
-    if hasattr(model, "gene_stats"):
-        stats, model_genes = model.gene_stats, list(model.genes)
-    elif isinstance(model, Mapping):
-        stats, model_genes = model, model.get("genes")
-    else:
-        meta = read_model_metadata(model)
-        stats, model_genes = meta.get("gene_stats"), meta.get("genes")
-    if not stats or "mean" not in stats or "std" not in stats:
-        raise TumorError(f"{model}: the model file has no training gene statistics (gene_stats)")
-    mean = np.asarray(stats["mean"], dtype=np.float64)
-    std = np.asarray(stats["std"], dtype=np.float64)
+    info = model_info(model)
+    stats = info.gene_stats()
+    model_genes = info.genes or None
+    if not stats:
+        raise TumorError(f"{info}: the model file has no training gene statistics (gene_stats)")
+    mean, std = stats["mean"], stats["std"]
     if genes is None or model_genes is None or list(model_genes) == list(genes):
         return {"mean": mean, "std": std}
     pos = {g: i for i, g in enumerate(model_genes)}
     miss = [g for g in genes if g not in pos]
     if miss:
-        raise TumorError(f"{model}: no training statistics for {', '.join(miss[:5])}")
+        raise TumorError(f"{info}: no training statistics for {', '.join(miss[:5])}")
     idx = np.array([pos[g] for g in genes])
     return {"mean": mean[idx], "std": std[idx]}
 

@@ -11,28 +11,31 @@ from typing import Any
 import numpy as np
 
 from napari_stpredict.errors import StPredictError
+from napari_stpredict.st.genesets import (  # the default signature is defined (and argued) there
+    DEFAULT_TUMOR_GENES,
+    MIN_SIGNATURE_GENES,
+    SignatureError,
+    resolve_signature,
+)
 
 
 class TumorError(StPredictError):
     """Bad input to the tumour score, threshold or validation."""
 
 
-#: Default tumour signature (breast carcinoma). ERBB2 (HER2, amplified and over-expressed in
-#: HER2+ tumours), KRT8/KRT18/KRT19 (luminal epithelial cytokeratins of carcinoma cells), EPCAM
-#: and CDH1 (epithelial adhesion): tumour epithelium versus stroma, fat and immune cells. Chosen
-#: over single genes and larger panels on the labelled HER2ST sections (docs/benchmarks.md, tumor).
-DEFAULT_TUMOR_GENES: tuple[str, ...] = ("ERBB2", "KRT19", "EPCAM", "KRT8", "KRT18", "CDH1")
-
 #: Pathologist labels counted as tumour (HER2ST vocabulary; compared case-insensitively).
 TUMOR_LABELS: tuple[str, ...] = ("invasive cancer", "cancer in situ")
 #: Labels left out of validation: the pathologist could not decide.
 EXCLUDED_LABELS: tuple[str, ...] = ("undetermined",)
 
-#: Candidate signatures compared in benchmarks/tumor_validation.py, each with its rationale.
+_EPI_ERBB2 = ("ERBB2", "KRT19", "EPCAM", "KRT8", "KRT18", "CDH1")
+
+#: Candidate signatures compared in benchmarks/tumor_validation.py, each with its rationale,
+#: declared before any was scored (the default is picked among them on B1, C1, D1 only).
 #: Weights are +1 unless given; a negative weight marks a gene expected to be low in tumour.
 CANDIDATE_GENE_SETS: dict[str, dict[str, Any]] = {
-    "default (ERBB2, KRT19, EPCAM, KRT8, KRT18, CDH1)": {
-        "genes": dict.fromkeys(DEFAULT_TUMOR_GENES, 1.0),
+    "ERBB2 + epithelial (ERBB2, KRT19, EPCAM, KRT8, KRT18, CDH1)": {
+        "genes": dict.fromkeys(_EPI_ERBB2, 1.0),
         "why": "HER2 plus luminal cytokeratins and epithelial adhesion: carcinoma epithelium",
     },
     "ERBB2": {
@@ -51,17 +54,17 @@ CANDIDATE_GENE_SETS: dict[str, dict[str, Any]] = {
         "genes": dict.fromkeys(("EPCAM", "CDH1", "CLDN4"), 1.0),
         "why": "epithelial adhesion / tight-junction genes",
     },
-    "default + GRB7": {
-        "genes": dict.fromkeys((*DEFAULT_TUMOR_GENES, "GRB7"), 1.0),
-        "why": "default plus the main ERBB2 co-amplified gene",
+    "ERBB2 + GRB7 + epithelial (ERBB2, GRB7, KRT19, EPCAM, KRT8, KRT18, CDH1)": {
+        "genes": dict.fromkeys(("ERBB2", "GRB7", *_EPI_ERBB2[1:]), 1.0),
+        "why": "the first set plus the main ERBB2 co-amplified gene",
     },
     "proliferation (MKI67, TOP2A, CCNB1)": {
         "genes": dict.fromkeys(("MKI67", "TOP2A", "CCNB1"), 1.0),
         "why": "cycling cells; tumours proliferate more than stroma",
     },
-    "default minus stroma (COL1A1, COL1A2, COL3A1 at -1)": {
+    "ERBB2 + epithelial minus stroma (COL1A1, COL1A2, COL3A1 at -1)": {
         "genes": {
-            **dict.fromkeys(DEFAULT_TUMOR_GENES, 1.0),
+            **dict.fromkeys(_EPI_ERBB2, 1.0),
             **dict.fromkeys(("COL1A1", "COL1A2", "COL3A1"), -1.0),
         },
         "why": "epithelium up, fibrillar collagens (stroma) down",
@@ -140,8 +143,9 @@ class Signature:
     def resolve(self, available: Sequence[str], *, strict: bool = True) -> _Resolved:
         """Match the genes to ``available`` (e.g. the model's genes).
 
-        With ``strict`` any missing gene is an error; otherwise missing genes are dropped and
-        reported (used for the default set), and it is an error only if none is left.
+        With ``strict`` any missing gene is an error; otherwise (the default set) missing genes
+        are dropped and reported, and it is an error when fewer than
+        :data:`~napari_stpredict.st.genesets.MIN_SIGNATURE_GENES` are left.
         """
         index = {g: i for i, g in enumerate(available)}
         upper = {g.upper(): i for i, g in enumerate(available)}
@@ -158,6 +162,11 @@ class Signature:
             raise TumorError(
                 f"gene set: {', '.join(missing)} not among the model's {len(available)} genes"
             )
+        if not strict and len(used) < MIN_SIGNATURE_GENES:
+            try:  # the one message for a default signature the model cannot support
+                resolve_signature(available, self.genes)
+            except SignatureError as err:
+                raise TumorError(str(err)) from None
         if not used:
             raise TumorError(
                 f"gene set: none of {', '.join(self.genes)} is among the {len(available)} genes "

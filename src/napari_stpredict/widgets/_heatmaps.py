@@ -71,37 +71,36 @@ def level0_to_world(slide_layer: Any, px_yx: Sequence[float] | np.ndarray) -> np
 def heatmap_placement(
     grid: Any, slide_layer: Any
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Return ``(scale, translate)`` that register a grid-shaped heatmap on ``slide_layer``.
+    """``(scale, translate)`` that register a grid-shaped layer on ``slide_layer``.
 
-    Parameters
-    ----------
-    grid
-        The :class:`~napari_stpredict.inference.TileGrid` the predictions live on.
-    slide_layer
-        The napari Image layer of the slide (its level-0 scale and translate are used).
+    Delegates to the one placement function, :func:`napari_stpredict.inference.grid.layer_placement`,
+    with the slide layer's own level-0 scale and translate.
     """
-    scale, _ = slide_transform(slide_layer)
-    stride = np.broadcast_to(np.asarray(grid.stride_px, dtype=float), (2,))
-    y0, x0, y1, x1 = grid.cell_rect_px(0, 0)
-    centre = level0_to_world(slide_layer, ((y0 + y1) / 2.0, (x0 + x1) / 2.0))
-    hm_scale = scale * stride
-    return (float(hm_scale[0]), float(hm_scale[1])), (float(centre[0]), float(centre[1]))
+    from napari_stpredict.inference.grid import layer_placement
+
+    scale, translate = slide_transform(slide_layer)
+    return layer_placement(grid, slide_scale=scale, slide_translate=translate)
 
 
-def cell_centre_world(grid: Any, slide_layer: Any, i: int, j: int) -> np.ndarray:
-    """Return the world ``(y, x)`` of the centre of grid cell ``(i, j)``."""
-    y0, x0, y1, x1 = grid.cell_rect_px(i, j)
-    return level0_to_world(slide_layer, ((y0 + y1) / 2.0, (x0 + x1) / 2.0))
+def contrast_limits(
+    gene_stats: Mapping[str, Any] | None, index: int, gene: str | None = None
+) -> tuple[float, float]:
+    """Contrast limits of a gene from the model's training data: its p01–p99 range.
 
-
-def contrast_limits(gene_stats: Mapping[str, np.ndarray] | None, index: int) -> tuple[float, float]:
-    """Contrast limits of gene ``index`` from the training data: its p01–p99 range.
-
-    Falls back to mean ± 2 std, then to ``(0, 1)``, when percentiles are missing; never looks at
-    predicted values, so the colours of a gene mean the same thing on every slide.
+    Reads ``gene_stats[gene]["p01"/"p99"]`` (the per-gene records of newer model files), else
+    ``gene_stats["p01"/"p99"][index]`` (arrays of older files), else mean ± 2 sd, else
+    ``(0, 1)``. Never looks at predicted values, so a colour means the same value on every
+    slide and every view.
     """
     lo = hi = None
-    if gene_stats:
+    rec = gene_stats.get(gene) if (gene_stats and gene is not None) else None
+    if isinstance(rec, Mapping):
+        if rec.get("p01") is not None and rec.get("p99") is not None:
+            lo, hi = float(rec["p01"]), float(rec["p99"])
+        elif rec.get("mean") is not None and (rec.get("sd") or rec.get("std")) is not None:
+            m, s = float(rec["mean"]), float(rec.get("sd", rec.get("std")))
+            lo, hi = max(m - 2 * s, 0.0), m + 2 * s
+    elif gene_stats:
         if "p01" in gene_stats and "p99" in gene_stats:
             lo, hi = float(gene_stats["p01"][index]), float(gene_stats["p99"][index])
         elif "mean" in gene_stats and "std" in gene_stats:
@@ -112,6 +111,91 @@ def contrast_limits(gene_stats: Mapping[str, np.ndarray] | None, index: int) -> 
     if hi <= lo:  # a gene that is constant in the training data
         hi = lo + max(abs(lo) * 0.1, 1e-3)
     return lo, hi
+
+
+def model_gene_stats(predictor: Any) -> Mapping[str, Any] | None:
+    """The model's per-gene training statistics: ``metadata["gene_stats"]`` when it holds
+    per-gene records, else the Predictor's arrays."""
+    meta = getattr(predictor, "metadata", None) or {}
+    stats = meta.get("gene_stats") if isinstance(meta, Mapping) else None
+    genes = list(getattr(predictor, "genes", []) or [])
+    if isinstance(stats, Mapping) and genes and isinstance(stats.get(genes[0]), Mapping):
+        return stats
+    return getattr(predictor, "gene_stats", None) or stats
+
+
+def units_text(model_metadata: Mapping[str, Any] | None) -> str:
+    """The unit of predicted expression (e.g. ``ln(1 + counts per 10,000)``)."""
+    from napari_stpredict.export._common import expression_units
+
+    return expression_units(model_metadata)
+
+
+# ---------------------------------------------------------------------------- legend overlay
+_LEGEND_CLS: Any = None
+
+
+def _legend_class() -> Any:
+    """A layer text overlay whose text we set (napari's layer-name overlay shows the name
+    only); registered with napari's vispy overlay table. ``None`` if napari changed."""
+    global _LEGEND_CLS
+    if _LEGEND_CLS is not None:
+        return _LEGEND_CLS or None
+    try:
+        from napari._vispy.overlays.text import VispyLayerNameOverlay
+        from napari._vispy.utils.visual import overlay_to_visual
+        from napari.components.overlays.text import LayerNameOverlay
+
+        class GeneLegendOverlay(LayerNameOverlay):  # type: ignore[misc,valid-type]
+            """Gene name and unit above a heatmap's colour bar."""
+
+            text: str = ""
+
+        class VispyGeneLegend(VispyLayerNameOverlay):  # type: ignore[misc,valid-type]
+            def _connect_events(self) -> None:
+                self.overlay.events.text.connect(self._on_text_change)
+
+            def _on_text_change(self) -> None:
+                self.node.text = self.overlay.text
+                self._on_position_change()
+
+        overlay_to_visual[GeneLegendOverlay] = VispyGeneLegend
+        _LEGEND_CLS = GeneLegendOverlay
+    except Exception:  # a private napari API moved: fall back to the layer-name overlay
+        _LEGEND_CLS = False
+    return _LEGEND_CLS or None
+
+
+#: Key of our legend overlay in ``layer._overlays``.
+LEGEND_KEY = "stpredict_legend"
+
+
+def set_legend(layer: Any, text: str, *, visible: bool) -> None:
+    """Show napari's colour bar on ``layer`` with ``text`` (gene, unit) next to it."""
+    layer.colorbar.visible = visible
+    layer.colorbar.box = True
+    layer.colorbar.position = "top_right"
+    cls = _legend_class()
+    if cls is None:
+        layer.name_overlay.visible = visible
+        layer.name_overlay.box = True
+        layer.name_overlay.position = "top_right"
+        return
+    ov = layer._overlays.get(LEGEND_KEY)
+    if ov is None:
+        ov = cls(text=text, visible=visible, box=True, position="top_right", font_size=10)
+        layer._overlays[LEGEND_KEY] = ov
+    else:
+        ov.text = text
+        ov.visible = visible
+
+
+def legend_text(layer: Any) -> str:
+    """The legend text shown with ``layer``'s colour bar ("" when none)."""
+    ov = getattr(layer, "_overlays", {}).get(LEGEND_KEY)
+    if ov is not None:
+        return str(ov.text) if ov.visible else ""
+    return str(layer.name) if layer.name_overlay.visible else ""
 
 
 def _units_of(layer: Any) -> dict[str, Any]:
@@ -132,18 +216,21 @@ class HeatmapSet:
     slide_layer
         The slide's Image layer; heatmaps are registered to it.
     grid
-        The session's TileGrid (``shape``, ``stride_px``, ``cell_rect_px``, ``to_dict``).
+        The session's TileGrid (``shape``, ``stride_px``, ``cell_px``, ``to_dict``).
     panel
         The model's genes, in the order of the prediction vectors.
     gene_stats
-        Training-data statistics per gene (``p01``/``p99`` give the contrast limits).
+        Training statistics per gene (``p01``/``p99`` give the contrast limits, see
+        :func:`contrast_limits`).
     metadata
         Base of ``layer.metadata["stpredict"]`` (``store``, ``model``, ``slide_path`` ...);
         ``kind``, ``gene``, ``slide_layer`` and ``grid`` are filled in here.
     read_plane
-        ``read_plane(gene_index) -> (gh, gw) float32`` already-predicted values (NaN = not done);
-        used to fill a new layer from the cache without a model call. May be slow: call
-        :meth:`fill_from_store` from a worker thread, or let :meth:`set_genes` do it inline.
+        ``read_plane(gene_index) -> (gh, gw) float32`` already-predicted values (NaN = not done).
+        Slow (zarr): :meth:`set_genes` calls it only with ``fill=True`` (scripts, tests); the
+        widget reads planes in a worker and calls :meth:`merge_plane`.
+    units
+        Unit of the values, shown under the gene name next to the colour bar.
     """
 
     def __init__(
@@ -153,9 +240,10 @@ class HeatmapSet:
         slide_layer: Image,
         grid: Any,
         panel: Sequence[str],
-        gene_stats: Mapping[str, np.ndarray] | None,
+        gene_stats: Mapping[str, Any] | None,
         metadata: Mapping[str, Any],
         read_plane: Callable[[int], np.ndarray] | None = None,
+        units: str = "ln(1 + counts per 10,000)",
     ) -> None:
         self.viewer = viewer
         self.slide_layer = slide_layer
@@ -165,9 +253,14 @@ class HeatmapSet:
         self.gene_stats = gene_stats
         self.metadata = dict(metadata)
         self.read_plane = read_plane
+        self.units = units
+        self.colorbar = True
+        self.smooth = False
         self.layers: dict[str, Image] = {}
+        #: uncertainty (spread) layers, one per gene shown, when asked for and available
+        self.spread_layers: dict[str, Image] = {}
         self._arrays: dict[str, np.ndarray] = {}
-        self._dirty: set[str] = set()
+        self._dirty: set[Any] = set()
 
     # -- layers ------------------------------------------------------------------------------
     @property
@@ -175,16 +268,32 @@ class HeatmapSet:
         """Genes that currently have a layer."""
         return list(self.layers)
 
-    def layer_metadata(self, gene: str) -> dict[str, Any]:
+    def index(self, gene: str) -> int:
+        """Position of ``gene`` in the prediction vectors."""
+        return self._index[gene]
+
+    def gene_of(self, layer: Any) -> str | None:
+        """The gene of one of our layers (heatmap or uncertainty), by identity."""
+        for table in (self.layers, self.spread_layers):
+            for gene, lyr in table.items():
+                if lyr is layer:
+                    return gene
+        return None
+
+    def layer_metadata(self, gene: str, kind: str = "heatmap") -> dict[str, Any]:
         """The ``layer.metadata["stpredict"]`` dict of ``gene``'s layer."""
         grid_dict = self.grid.to_dict() if hasattr(self.grid, "to_dict") else {}
         return {
             **self.metadata,
-            "kind": "heatmap",
+            "kind": kind,
             "gene": gene,
             "slide_layer": self.slide_layer.name,
             "grid": grid_dict,
         }
+
+    def limits(self, gene: str) -> tuple[float, float]:
+        """Fixed contrast limits of ``gene`` (training percentiles)."""
+        return contrast_limits(self.gene_stats, self._index[gene], gene)
 
     def set_genes(self, genes: Sequence[str], *, fill: bool = True) -> list[str]:
         """Show exactly ``genes``: add missing layers, remove the layers of other genes.
@@ -206,55 +315,109 @@ class HeatmapSet:
         self.flush()
         return added
 
-    def _add_layer(self, gene: str) -> Image:
-        shape = tuple(int(s) for s in self.grid.shape)
-        arr = np.full(shape, np.nan, dtype=np.float32)
+    def _new_layer(self, gene: str, arr: np.ndarray, kind: str, **kwargs: Any) -> Image:
         scale, translate = heatmap_placement(self.grid, self.slide_layer)
-        lo, hi = contrast_limits(self.gene_stats, self._index[gene])
-        layer = self.viewer.add_image(
+        return self.viewer.add_image(
             arr,
-            name=layer_name(gene),
             scale=scale,
             translate=translate,
-            colormap=COLORMAP,
-            contrast_limits=(lo, hi),
             opacity=OPACITY,
             blending=BLENDING,
-            interpolation2d="nearest",
-            metadata={"stpredict": self.layer_metadata(gene)},
+            interpolation2d="linear" if self.smooth else "nearest",
+            metadata={"stpredict": self.layer_metadata(gene, kind)},
             **_units_of(self.slide_layer),
+            **kwargs,
+        )
+
+    def _add_layer(self, gene: str) -> Image:
+        arr = np.full(tuple(int(s) for s in self.grid.shape), np.nan, dtype=np.float32)
+        lo, hi = self.limits(gene)
+        layer = self._new_layer(
+            gene, arr, "heatmap", name=layer_name(gene), colormap=COLORMAP, contrast_limits=(lo, hi)
         )
         # napari must not recompute limits over a half-empty map
         layer.contrast_limits_range = (min(lo, 0.0), hi + (hi - lo))
         layer.contrast_limits = (lo, hi)
+        set_legend(layer, f"{gene}\n{self.units}", visible=self.colorbar)
         self.layers[gene] = layer
         self._arrays[gene] = arr
         return layer
 
+    def add_spread_layer(self, gene: str, plane: np.ndarray) -> Image:
+        """Show the per-tile spread (uncertainty) of ``gene`` as a layer of its own."""
+        old = self.spread_layers.pop(gene, None)
+        if old is not None and old in self.viewer.layers:
+            self.viewer.layers.remove(old)
+        arr = np.asarray(plane, dtype=np.float32).copy()
+        finite = arr[np.isfinite(arr)]
+        hi = float(np.percentile(finite, 99)) if finite.size else 1.0
+        layer = self._new_layer(
+            gene,
+            arr,
+            "uncertainty",
+            name=f"{gene} (uncertainty)",
+            colormap="gray_r",
+            contrast_limits=(0.0, hi if hi > 0 else 1.0),
+        )
+        set_legend(layer, f"{gene} spread (sd)\n{self.units}", visible=self.colorbar)
+        self.spread_layers[gene] = layer
+        return layer
+
+    def remove_spread_layers(self) -> None:
+        for gene in list(self.spread_layers):
+            layer = self.spread_layers.pop(gene)
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+
     def remove_gene(self, gene: str) -> None:
-        """Remove ``gene``'s layer from the viewer (if still there) and stop updating it."""
+        """Remove ``gene``'s layers from the viewer (if still there) and stop updating them."""
         layer = self.layers.pop(gene, None)
         self._arrays.pop(gene, None)
         self._dirty.discard(gene)
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
+        spread = self.spread_layers.pop(gene, None)
+        for lyr in (layer, spread):
+            if lyr is not None and lyr in self.viewer.layers:
+                self.viewer.layers.remove(lyr)
 
-    def forget_layer(self, layer: Any) -> None:
-        """Stop tracking ``layer`` (the user removed it from the viewer)."""
-        for gene, lyr in list(self.layers.items()):
+    def forget_layer(self, layer: Any) -> str | None:
+        """Stop tracking ``layer`` (the user removed it); returns its gene if it was a heatmap."""
+        gene = None
+        for g, lyr in list(self.layers.items()):
             if lyr is layer:
-                self.layers.pop(gene)
-                self._arrays.pop(gene, None)
-                self._dirty.discard(gene)
+                self.layers.pop(g)
+                self._arrays.pop(g, None)
+                self._dirty.discard(g)
+                gene = g
+        for g, lyr in list(self.spread_layers.items()):
+            if lyr is layer:
+                self.spread_layers.pop(g)
+        return gene
 
     def detach(self) -> None:
         """Stop updating all layers; they stay in the viewer with their last values."""
         self.layers.clear()
+        self.spread_layers.clear()
         self._arrays.clear()
         self._dirty.clear()
 
+    # -- display -----------------------------------------------------------------------------
+    def set_display(self, *, colorbar: bool | None = None, smooth: bool | None = None) -> None:
+        """Colour bars + legends on/off; smooth (linear) or tile (nearest) display."""
+        if colorbar is not None:
+            self.colorbar = bool(colorbar)
+        if smooth is not None:
+            self.smooth = bool(smooth)
+        for gene, layer in list(self.layers.items()):
+            set_legend(layer, f"{gene}\n{self.units}", visible=self.colorbar)
+            layer.interpolation2d = "linear" if self.smooth else "nearest"
+        for gene, layer in list(self.spread_layers.items()):
+            set_legend(layer, f"{gene} spread (sd)\n{self.units}", visible=self.colorbar)
+            layer.interpolation2d = "linear" if self.smooth else "nearest"
+
     # -- values ------------------------------------------------------------------------------
-    def update(self, cells: np.ndarray, values: np.ndarray) -> None:
+    def update(
+        self, cells: np.ndarray, values: np.ndarray, spread: np.ndarray | None = None
+    ) -> None:
         """Write a batch: ``cells`` (n, 2) grid indices, ``values`` (n, G) in panel order."""
         if len(cells) == 0 or not self._arrays:
             return
@@ -263,9 +426,14 @@ class HeatmapSet:
         for gene, arr in self._arrays.items():
             arr[cells[:, 0], cells[:, 1]] = values[:, self._index[gene]]
             self._dirty.add(gene)
+        if spread is not None:
+            spread = np.asarray(spread)
+            for gene, layer in self.spread_layers.items():
+                layer.data[cells[:, 0], cells[:, 1]] = spread[:, self._index[gene]]
+                self._dirty.add(("spread", gene))
 
     def merge_plane(self, gene: str, plane: np.ndarray) -> None:
-        """Fill the not-yet-shown cells of ``gene`` from a stored plane (NaN = not predicted)."""
+        """Fill the not-yet-shown tiles of ``gene`` from a stored plane (NaN = not predicted)."""
         arr = self._arrays.get(gene)
         if arr is None:
             return
@@ -274,12 +442,6 @@ class HeatmapSet:
         arr[hole] = plane[hole]
         self._dirty.add(gene)
 
-    def clear_values(self) -> None:
-        """Blank every layer (after the cache was cleared)."""
-        for gene, arr in self._arrays.items():
-            arr[...] = np.nan
-            self._dirty.add(gene)
-
     @property
     def dirty(self) -> bool:
         """Whether some layer has values not drawn yet."""
@@ -287,8 +449,11 @@ class HeatmapSet:
 
     def flush(self) -> None:
         """Redraw the layers whose values changed since the last flush."""
-        for gene in list(self._dirty):
-            layer = self.layers.get(gene)
+        for key in list(self._dirty):
+            if isinstance(key, tuple):
+                layer = self.spread_layers.get(key[1])
+            else:
+                layer = self.layers.get(key)
             if layer is not None and layer in self.viewer.layers:
                 layer.refresh(highlight=False, extent=False)
         self._dirty.clear()

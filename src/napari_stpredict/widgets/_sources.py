@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_stpredict.errors import StPredictError
+from napari_stpredict.widgets._common import Failed, notify  # noqa: F401  (re-exported)
 
 #: Name of the tumour Labels layer (per source, see :func:`tumor_layer_name`).
 TUMOR_LAYER_SUFFIX = "tumour (stpredict)"
@@ -53,6 +53,16 @@ class StoreSource:
         return out
 
     @property
+    def visible_genes(self) -> list[str]:
+        """Genes of the visible heatmaps, top-most first (what the user is looking at)."""
+        out = []
+        for lyr in reversed(self.heatmaps):
+            g = (stpredict_meta(lyr) or {}).get("gene")
+            if g and lyr.visible and g not in out:
+                out.append(str(g))
+        return out
+
+    @property
     def reference_layer(self) -> Any:
         """A layer whose ``scale``/``translate`` register a grid-shaped array on the slide."""
         return self.heatmaps[0] if self.heatmaps else self.tumor
@@ -66,9 +76,10 @@ def store_sources(viewer: Any) -> dict[str, StoreSource]:
         if meta is None:
             continue
         src = out.setdefault(meta["store"], StoreSource(meta["store"], meta))
-        if meta.get("kind") == "tumor":
+        kind = meta.get("kind", "heatmap")
+        if kind == "tumor":
             src.tumor = layer
-        else:
+        elif kind == "heatmap":
             src.heatmaps.append(layer)
             if src.meta.get("kind") == "tumor":
                 src.meta = meta
@@ -95,27 +106,3 @@ def open_store(path: str) -> Any:
     from napari_stpredict.inference.store import PredictionStore
 
     return PredictionStore.from_path(path)
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A worker's error, returned as a value.
-
-    superqt re-raises an exception *returned* by a worker into ``errored`` (never
-    ``returned``), so workers wrap theirs in this to reach the ``returned`` handler.
-    """
-
-    error: BaseException
-
-    @property
-    def text(self) -> str:
-        """One line for the widget and the notification."""
-        e = self.error
-        return str(e) if isinstance(e, StPredictError) else f"{type(e).__name__}: {e}"
-
-
-def notify(kind: str, text: str) -> None:
-    """A napari notification: ``kind`` is ``error``, ``warning`` or ``info``."""
-    from napari.utils.notifications import show_error, show_info, show_warning
-
-    {"error": show_error, "warning": show_warning, "info": show_info}[kind](text)

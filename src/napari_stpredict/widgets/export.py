@@ -1,6 +1,7 @@
-"""The "Export" dock widget: write heatmaps, tumour regions and per-cell tables to files.
+"""The "Export" dock widget: write heatmaps, tumour regions and per-tile tables to files.
 
-UI wiring only: the files are written by :mod:`napari_stpredict.export` in a worker thread. The
+A thin Qt view: it reads the dock into a typed :class:`~._state.ExportPlan` on the GUI thread
+and :func:`~._state.run_export_plan` writes the files in a worker thread. The
 prediction store, grid, model and slide come from the heatmap layers' metadata; the tumour mask
 from the tumour Labels layer (so brush corrections a user painted are exported too). Public
 methods (``set_source``, ``set_kinds``, ``set_folder``, ``export``) are what the button calls.
@@ -18,7 +19,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLineEdit,
     QPlainTextEdit,
@@ -29,15 +29,15 @@ from qtpy.QtWidgets import (
 )
 
 from napari_stpredict.errors import StPredictError
+from napari_stpredict.widgets._common import Failed, notify, start_worker, view_rect_px
+from napari_stpredict.widgets._qt import dock_layout, section
 from napari_stpredict.widgets._sources import (
-    Failed,
     StoreSource,
-    notify,
-    open_store,
     slide_layer_of,
     store_sources,
     stpredict_meta,
 )
+from napari_stpredict.widgets._state import ExportPlan, TumorSpec, run_export_plan
 
 if TYPE_CHECKING:
     import napari
@@ -47,8 +47,8 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("ome-tiff", "Heatmaps: pyramidal OME-TIFF (QuPath, any OME reader)"),
     ("geojson", "Tumour regions: QuPath GeoJSON"),
     ("mask-ome-tiff", "Tumour mask: OME-TIFF"),
-    ("h5ad", "Per-cell predictions: AnnData .h5ad (scanpy, squidpy)"),
-    ("csv", "Per-cell predictions: CSV"),
+    ("h5ad", "Per-tile predictions: AnnData .h5ad (scanpy, squidpy)"),
+    ("csv", "Per-tile predictions: CSV"),
     ("png", "Figure of the current view: PNG"),
 )
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
@@ -76,7 +76,7 @@ class ExportWidget(QWidget):
         self.viewer = napari_viewer
         self.results: list[Any] = []
         self.busy = False
-        self._workers: set[Any] = set()
+        self._figure_gene_chosen = False  # the user picked the figure's gene themselves
         self._build_ui()
         self.viewer.layers.events.inserted.connect(self._refresh_sources)
         self.viewer.layers.events.removed.connect(self._refresh_sources)
@@ -84,17 +84,17 @@ class ExportWidget(QWidget):
 
     # =========================================================================== UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
-        box = QGroupBox("Predictions")
+        body = dock_layout(self)
+        box = QWidget()
         form = QFormLayout(box)
         self.source_combo = QComboBox()
         self.source_combo.currentIndexChanged.connect(self._on_source_choice)
         form.addRow("Store", self.source_combo)
         self.all_genes_check = QCheckBox("All genes of the model (else: the genes shown)")
         form.addRow(self.all_genes_check)
-        layout.addWidget(box)
+        body.add(section("Predictions", box))
 
-        box = QGroupBox("What")
+        box = QWidget()
         vbox = QVBoxLayout(box)
         self.kind_checks: dict[str, QCheckBox] = {}
         for kind, text in KINDS:
@@ -104,7 +104,10 @@ class ExportWidget(QWidget):
             vbox.addWidget(cb)
         row = QHBoxLayout()
         self.figure_gene_combo = QComboBox()
-        self.figure_gene_combo.setToolTip("Gene drawn in the figure")
+        self.figure_gene_combo.setToolTip(
+            "Gene drawn in the figure (default: the top visible heatmap)"
+        )
+        self.figure_gene_combo.activated.connect(self._on_figure_gene_picked)
         self.dpi_spin = QSpinBox()
         self.dpi_spin.setRange(30, 1200)
         self.dpi_spin.setValue(150)
@@ -112,9 +115,9 @@ class ExportWidget(QWidget):
         row.addWidget(self.figure_gene_combo, 1)
         row.addWidget(self.dpi_spin)
         vbox.addLayout(row)
-        layout.addWidget(box)
+        body.add(section("What", box))
 
-        box = QGroupBox("Where")
+        box = QWidget()
         form = QFormLayout(box)
         row = QHBoxLayout()
         self.folder_edit = QLineEdit(str(Path.cwd()))
@@ -128,16 +131,18 @@ class ExportWidget(QWidget):
         form.addRow("Name", self.name_edit)
         self.overwrite_check = QCheckBox("Overwrite existing files")
         form.addRow(self.overwrite_check)
-        layout.addWidget(box)
+        body.add(section("Where", box))
 
         self.export_button = QPushButton("Export")
         self.export_button.clicked.connect(lambda: self.export())
-        layout.addWidget(self.export_button)
+        body.add(self.export_button)
         self.report = QPlainTextEdit()
         self.report.setReadOnly(True)
         self.report.setPlaceholderText("what was written appears here")
-        self.report.setMinimumHeight(90)
-        layout.addWidget(self.report, 1)
+        self.report.setMinimumHeight(60)
+        self.report.setMaximumHeight(140)
+        body.add(self.report)
+        body.layout_.addStretch(1)
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export to folder", self.folder_edit.text())
@@ -157,16 +162,35 @@ class ExportWidget(QWidget):
         self.source_combo.blockSignals(False)
         self._on_source_choice(self.source_combo.currentIndex())
 
+    def _figure_genes(self, src: StoreSource | None) -> list[str]:
+        """Genes offered for the figure: visible heatmaps (top-most first), then the others."""
+        if src is None:
+            return []
+        visible = src.visible_genes
+        return visible + [g for g in src.genes_shown if g not in visible]
+
     def _on_source_choice(self, index: int) -> None:
         src = self.source
-        genes = src.genes_shown if src else []
+        genes = self._figure_genes(src)
         current = self.figure_gene_combo.currentText()
         self.figure_gene_combo.clear()
         self.figure_gene_combo.addItems(genes)
-        if current in genes:
+        if self._figure_gene_chosen and current in genes:
             self.figure_gene_combo.setCurrentText(current)
         if src is not None and not self.name_edit.text():
             self.name_edit.setPlaceholderText(Path(str(src.meta.get("slide_path") or "slide")).stem)
+
+    def _on_figure_gene_picked(self, index: int) -> None:
+        self._figure_gene_chosen = index >= 0
+
+    def figure_gene(self) -> str | None:
+        """The gene the figure draws: the user's pick, else the top visible heatmap's gene."""
+        src = self.source
+        genes = self._figure_genes(src)
+        current = self.figure_gene_combo.currentText() or None
+        if self._figure_gene_chosen and current in genes:
+            return current
+        return genes[0] if genes else current
 
     @property
     def source(self) -> StoreSource | None:
@@ -199,94 +223,62 @@ class ExportWidget(QWidget):
         self.folder_edit.setText(str(folder))
 
     # =========================================================================== export
-    def _plan(self) -> dict[str, Any]:
-        """Everything the worker needs, read from the GUI on the GUI thread."""
+    def plan(self) -> ExportPlan:
+        """Everything the worker needs, read from the dock (GUI thread, no file access)."""
         src = self.source
         if src is None:
             raise StPredictError(
                 "export: no prediction store (add heatmaps with the Predict expression widget)"
             )
-        kinds = [k for k, cb in self.kind_checks.items() if cb.isChecked()]
+        kinds = tuple(k for k, cb in self.kind_checks.items() if cb.isChecked())
         if not kinds:
             raise StPredictError("export: tick at least one thing to export")
         folder = Path(self.folder_edit.text().strip()).expanduser()
-        if not folder.is_dir():
-            raise StPredictError(f"{folder}: output folder does not exist")
         genes = None if self.all_genes_check.isChecked() else (src.genes_shown or None)
         tumor = None
-        if any(k in _TUMOR_KINDS for k in kinds) or src.tumor is not None:
-            if src.tumor is None:
-                if any(k in _TUMOR_KINDS for k in kinds):
-                    raise StPredictError(
-                        "export: no tumour layer for this store (use the Tumour localization widget first)"
-                    )
-            else:
-                meta = stpredict_meta(src.tumor) or {}
-                tumor = {
-                    "mask": np.asarray(src.tumor.data) > 0,  # includes the user's brush edits
-                    "genes": dict(
-                        zip(meta.get("genes", []), meta.get("weights", []), strict=False)
-                    ),
-                    "threshold": meta.get("threshold"),
-                    "method": meta.get("threshold_method", "manual"),
-                    "smooth": meta.get("smooth_sigma_cells", 0.0),
-                    "min_size": meta.get("min_size_cells", 0),
-                }
+        if src.tumor is not None:
+            meta = stpredict_meta(src.tumor) or {}
+            tumor = TumorSpec(
+                mask=np.asarray(src.tumor.data) > 0,  # includes the user's brush edits
+                genes=dict(zip(meta.get("genes", []), meta.get("weights", []), strict=False)),
+                threshold=meta.get("threshold"),
+                method=meta.get("threshold_method", "manual"),
+                smooth=float(meta.get("smooth_sigma_cells", 0.0)),
+                min_size=int(meta.get("min_size_cells", 0)),
+            )
+        elif any(k in _TUMOR_KINDS for k in kinds):
+            raise StPredictError(
+                "export: no tumour layer for this store (use the Tumour localization widget first)"
+            )
         region = None
         if "png" in kinds:
-            region = self._view_rect(src)
+            region = view_rect_px(self.viewer, slide_layer_of(self.viewer, src))
         name = self.name_edit.text().strip() or self.name_edit.placeholderText() or "slide"
-        return {
-            "store": src.store,
-            "meta": dict(src.meta),
-            "kinds": kinds,
-            "folder": folder,
-            "name": name,
-            "genes": genes,
-            "tumor": tumor,
-            "region": region,
-            "figure_gene": self.figure_gene_combo.currentText() or None,
-            "dpi": int(self.dpi_spin.value()),
-            "overwrite": self.overwrite_check.isChecked(),
-        }
-
-    def _view_rect(self, src: StoreSource) -> tuple[float, float, float, float] | None:
-        """The canvas' view as a level-0 rectangle (``None``: the whole slide)."""
-        from napari_stpredict.widgets._heatmaps import world_to_level0
-
-        slide_layer = slide_layer_of(self.viewer, src)
-        if slide_layer is None:
-            return None
-        center = np.asarray(self.viewer.camera.center, dtype=float)[-2:]
-        zoom = float(self.viewer.camera.zoom)
-        size = np.asarray(self.viewer.canvas.size, dtype=float)[-2:]
-        if zoom <= 0 or not np.all(size > 0):
-            return None
-        half = size / (2.0 * zoom)
-        a = world_to_level0(slide_layer, center - half)
-        b = world_to_level0(slide_layer, center + half)
-        return (float(a[0]), float(a[1]), float(b[0]), float(b[1]))
+        return ExportPlan(
+            store=src.store,
+            meta=dict(src.meta),
+            kinds=kinds,
+            folder=folder,
+            name=name,
+            genes=genes,
+            tumor=tumor,
+            region=region,
+            figure_gene=self.figure_gene(),
+            dpi=int(self.dpi_spin.value()),
+            overwrite=self.overwrite_check.isChecked(),
+        )
 
     def export(self, *, background: bool = True) -> None:
         """Write the ticked exports (worker thread); results go to the report and ``results``."""
         try:
-            plan = self._plan()
+            plan = self.plan()
         except StPredictError as err:
-            self._done(err)
+            self._done(Failed(err))
             return
         self.busy = True
         self.export_button.setEnabled(False)
         self.report.setPlainText("exporting…")
-        if not background:
-            self._done(_run_plan(plan))
-            return
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(_run_plan, plan, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._done)
-        worker.finished.connect(lambda: self._workers.discard(worker))
-        self._workers.add(worker)
-        worker.start()
+        start_worker(run_export_plan, plan, returned=self._done, inline=not background)
 
     def _done(self, result: Any) -> None:
         self.busy = False
@@ -307,67 +299,6 @@ class ExportWidget(QWidget):
             f"exported {len(lines)} file{'s' if len(lines) != 1 else ''} to {self.results[0].path.parent}",
         )
         self.finished.emit(self.results)
-
-
-def _run_plan(plan: dict[str, Any]) -> Any:
-    """Worker: open the store (and slide), build the tumour map, write the exports."""
-    try:
-        from napari_stpredict.export import export_figure, export_predictions
-        from napari_stpredict.tumor import TumorMap, score_store
-
-        store = open_store(plan["store"])
-        meta = plan["meta"]
-        model = meta.get("model") or None
-        slide = None
-        if any(k in plan["kinds"] for k in ("png", "h5ad")) and meta.get("slide_path"):
-            from napari_stpredict.slide import open_slide
-
-            slide = open_slide(meta["slide_path"], mpp=store.grid.mpp)
-        tumor = None
-        t = plan["tumor"]
-        if t is not None:
-            score = score_store(store, gene_set=t["genes"] or None, model=model)
-            tumor = TumorMap(
-                score,
-                float(t["threshold"] or 0.0),
-                t["mask"],
-                t["method"],
-                float(t["smooth"]),
-                int(t["min_size"]),
-            )
-        kinds = [k for k in plan["kinds"] if k != "png"]
-        results = []
-        if kinds:
-            results = export_predictions(
-                store,
-                plan["folder"],
-                name=plan["name"],
-                kinds=kinds,
-                genes=plan["genes"],
-                slide=slide,
-                model=model,
-                tumor=tumor,
-                overwrite=plan["overwrite"],
-            )
-        if "png" in plan["kinds"]:
-            gene = plan["figure_gene"] or store.genes[0]
-            dst = Path(plan["folder"]) / f"{plan['name']}_{gene}.png"
-            results.append(
-                export_figure(
-                    store,
-                    dst,
-                    gene=gene,
-                    slide=slide,
-                    region=plan["region"],
-                    dpi=plan["dpi"],
-                    tumor=tumor,
-                    model=model,
-                    overwrite=plan["overwrite"],
-                )
-            )
-        return results
-    except Exception as err:  # never let a worker error vanish: report it in the widget
-        return Failed(err)
 
 
 __all__ = ["KINDS", "ExportWidget"]

@@ -1,13 +1,16 @@
-"""The "Tumour localization" dock widget: a thresholded tumour score as a Labels layer.
+"""The "Tumour localization" dock: a thresholded tumour score, drawn as outlines.
 
-UI wiring only. The score is computed once from the prediction store (a worker thread reads the
-gene planes; no model call) and kept; moving the threshold slider, the smoothing or the minimum
-region size recomputes the mask from that kept score on the GUI thread (grid-sized arrays:
-instant). The Labels layer (tumour = 1) is registered like the heatmaps and carries
-``metadata["stpredict"]`` with ``kind="tumor"``, ``threshold`` and ``genes`` so the Export widget
-and the GeoJSON writer find everything through it. Public methods (``set_source``,
-``set_gene_set``, ``compute``, ``set_threshold``, ``auto_threshold``, ``set_smoothing``,
-``set_min_size``) are what the buttons call.
+A thin Qt view over :class:`~._state.TumorState`. The score is computed once from the
+prediction store in a worker (no model call) and kept; the threshold slider, smoothing and
+minimum region recompute the mask from it (grid-sized arrays: instant, GUI thread).
+
+Two layers per store:
+
+- a Labels layer (tumour = 1; ``metadata["stpredict"]`` with ``kind="tumor"``, ``threshold`` and
+  ``genes``) — the mask the Export dock and the GeoJSON writer use; hidden by default (turn it on
+  to correct it with napari's brush: the outline follows the edits);
+- a Shapes layer of the regions' outlines (exact tile edges, thin cyan lines) on top, with a
+  legend on the canvas: readable over any heatmap, and the heatmaps stay visible under it.
 """
 
 from __future__ import annotations
@@ -20,69 +23,54 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
     QSlider,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_stpredict.errors import StPredictError
-from napari_stpredict.tumor import (
-    DEFAULT_TUMOR_GENES,
-    Signature,
-    TumorArea,
-    TumorMap,
-    TumorScore,
-    otsu_threshold,
-    parse_gene_set,
-    score_store,
-    smooth_score,
-    tumor_area,
-    tumor_mask,
-)
+from napari_stpredict.tumor import DEFAULT_TUMOR_GENES, Signature, parse_gene_set, score_store
+from napari_stpredict.widgets._common import Failed, notify, start_worker
+from napari_stpredict.widgets._heatmaps import level0_to_world
+from napari_stpredict.widgets._qt import dock_layout, section
 from napari_stpredict.widgets._sources import (
-    Failed,
     StoreSource,
-    notify,
     open_store,
+    slide_layer_of,
     store_sources,
     tumor_layer_name,
 )
+from napari_stpredict.widgets._state import TumorState
 
 if TYPE_CHECKING:
     import napari
 
 #: Steps of the threshold slider over the score range.
 SLIDER_STEPS = 1000
-#: Colour of tumour cells (RGBA) and layer opacity.
-TUMOR_RGBA = (0.9, 0.1, 0.1, 1.0)
-OPACITY = 0.4
+#: Colour of tumour outlines and of the Labels layer (RGBA).
+TUMOR_RGBA = (0.0, 0.95, 1.0, 1.0)
+#: Opacity of the Labels layer when the user turns it on.
+OPACITY = 0.35
+#: Outline width as a fraction of a tile's side.
+OUTLINE_WIDTH = 0.08
+OUTLINE_SUFFIX = " outline"
 
 
 class TumorWidget(QWidget):
     """Dock widget "Tumour localization".
 
-    Parameters
-    ----------
-    napari_viewer
-        The viewer (npe2 passes it).
-
     Attributes
     ----------
-    score
-        The kept raw :class:`~napari_stpredict.tumor.TumorScore` (``None`` before
-        :meth:`compute`).
-    threshold
-        The current threshold.
-    mask
-        The current (gh, gw) bool tumour mask.
+    state
+        The Qt-free :class:`~._state.TumorState` (score, threshold, mask, area).
     layer
         The Labels layer (tumour = 1).
+    outline
+        The Shapes layer of the region outlines.
     """
 
     #: Emitted after a new score is in place (GUI thread).
@@ -93,16 +81,11 @@ class TumorWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.score: TumorScore | None = None
-        self.threshold: float | None = None
-        self.threshold_method = "otsu"
-        self.mask: np.ndarray | None = None
-        self.area: TumorArea | None = None
+        self.state = TumorState()
+        self.state.events.connect("mask", self._on_mask)
         self.layer: Any = None
+        self.outline: Any = None
         self._source: StoreSource | None = None
-        self._grid: Any = None
-        self._smoothed: np.ndarray | None = None
-        self._range = (0.0, 1.0)
         self._workers: set[Any] = set()
         self._seq = 0
         self._build_ui()
@@ -110,19 +93,22 @@ class TumorWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._refresh_sources()
 
+    # -- state mirrors (public names kept for scripts) ---------------------------------------
+    score = property(lambda self: self.state.score)
+    threshold = property(lambda self: self.state.threshold)
+    threshold_method = property(lambda self: self.state.method)
+    mask = property(lambda self: self.state.mask)
+    area = property(lambda self: self.state.area)
+
     # =========================================================================== UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
-        box = QGroupBox("Predictions")
+        body = dock_layout(self)
+        box = QWidget()
         form = QFormLayout(box)
         self.source_combo = QComboBox()
         self.source_combo.setToolTip("The prediction store behind the heatmap layers")
         self.source_combo.currentIndexChanged.connect(self._on_source_choice)
         form.addRow("Store", self.source_combo)
-        layout.addWidget(box)
-
-        box = QGroupBox("Tumour score")
-        form = QFormLayout(box)
         self.genes_edit = QLineEdit(", ".join(DEFAULT_TUMOR_GENES))
         self.genes_edit.setToolTip(
             "Genes of the signature, separated by commas; GENE:WEIGHT for a weight "
@@ -133,25 +119,25 @@ class TumorWidget(QWidget):
         form.addRow("Genes", self.genes_edit)
         row = QHBoxLayout()
         self.default_button = QPushButton("Default")
-        self.default_button.setToolTip("ERBB2, KRT19, EPCAM, KRT8, KRT18, CDH1 (see docs)")
+        self.default_button.setToolTip(", ".join(DEFAULT_TUMOR_GENES))
         self.default_button.clicked.connect(lambda: self.set_gene_set(None))
         self.compute_button = QPushButton("Compute score")
-        self.compute_button.setToolTip("Read the predictions (no model call) and score every cell")
-        self.compute_button.clicked.connect(self.compute)
+        self.compute_button.setToolTip("Read the predictions (no model call) and score every tile")
+        self.compute_button.clicked.connect(lambda: self.compute())
         row.addWidget(self.default_button)
         row.addWidget(self.compute_button, 1)
         form.addRow(row)
         self.genes_info = QLabel("")
         self.genes_info.setWordWrap(True)
         form.addRow(self.genes_info)
-        layout.addWidget(box)
+        body.add(section("Tumour score", box))
 
-        box = QGroupBox("Threshold")
+        box = QWidget()
         form = QFormLayout(box)
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setDecimals(3)
         self.threshold_spin.setSingleStep(0.05)
-        self.threshold_spin.setToolTip("Cells whose score is at least this are tumour")
+        self.threshold_spin.setToolTip("Tiles whose score is at least this are tumour")
         self.threshold_spin.valueChanged.connect(self._on_spin)
         form.addRow("Score ≥", self.threshold_spin)
         self.slider = QSlider(Qt.Orientation.Horizontal)
@@ -160,31 +146,29 @@ class TumorWidget(QWidget):
         self.slider.valueChanged.connect(self._on_slider)
         form.addRow(self.slider)
         self.auto_button = QPushButton("Auto (Otsu)")
-        self.auto_button.setToolTip("Otsu's threshold of the scores of the predicted tissue cells")
+        self.auto_button.setToolTip("Otsu's threshold of the scores of the predicted tissue tiles")
         self.auto_button.clicked.connect(self.auto_threshold)
         form.addRow(self.auto_button)
         self.smooth_spin = QDoubleSpinBox()
         self.smooth_spin.setRange(0.0, 20.0)
         self.smooth_spin.setSingleStep(0.5)
-        self.smooth_spin.setSuffix(" cells")
-        self.smooth_spin.setToolTip(
-            "Gaussian smoothing of the score before thresholding (σ in grid cells)"
-        )
+        self.smooth_spin.setSuffix(" tiles")
+        self.smooth_spin.setToolTip("Gaussian smoothing of the score before thresholding (σ)")
         self.smooth_spin.valueChanged.connect(self.set_smoothing)
         form.addRow("Smoothing", self.smooth_spin)
         self.min_size_spin = QSpinBox()
         self.min_size_spin.setRange(0, 1_000_000)
-        self.min_size_spin.setSuffix(" cells")
-        self.min_size_spin.setToolTip("Drop tumour regions smaller than this many grid cells")
+        self.min_size_spin.setSuffix(" tiles")
+        self.min_size_spin.setToolTip("Drop tumour regions smaller than this many tiles")
         self.min_size_spin.valueChanged.connect(self.set_min_size)
         form.addRow("Min. region", self.min_size_spin)
-        layout.addWidget(box)
+        body.add(section("Threshold", box))
 
         self.readout = QLabel("pick a prediction store and compute the score")
         self.readout.setWordWrap(True)
         self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.readout)
-        layout.addStretch(1)
+        body.add(self.readout)
+        body.layout_.addStretch(1)
         self._set_threshold_enabled(False)
 
     def _set_threshold_enabled(self, on: bool) -> None:
@@ -218,16 +202,17 @@ class TumorWidget(QWidget):
     def _on_layer_removed(self, event: Any) -> None:
         if event.value is self.layer:
             self.layer = None
+        if event.value is self.outline:
+            self.outline = None
         self._refresh_sources()
 
     def _on_source_choice(self, index: int) -> None:
         path = self.source_combo.itemData(index) if index >= 0 else None
-        sources = store_sources(self.viewer)
-        src = sources.get(path) if path else None
+        src = store_sources(self.viewer).get(path) if path else None
         changed = (src.store if src else None) != (self._source.store if self._source else None)
         self._source = src
         if changed:
-            self.score = None
+            self.state.clear()
             self._set_threshold_enabled(False)
             if src is not None and src.tumor is not None:
                 self.layer = src.tumor
@@ -261,7 +246,7 @@ class TumorWidget(QWidget):
         return parse_gene_set(text)
 
     def compute(self, *, background: bool = True) -> None:
-        """Score every predicted cell of the store (worker thread; no model call).
+        """Score every predicted tile of the store (worker thread; no model call).
 
         Errors (empty gene set, genes the model does not predict, nothing predicted yet) go to a
         notification and the readout.
@@ -281,35 +266,23 @@ class TumorWidget(QWidget):
         self.readout.setText("computing the tumour score…")
 
         def work() -> Any:
-            try:
-                store = open_store(store_path)
-                return store.grid, score_store(store, gene_set=sig, model=model or None)
-            except Exception as err:  # reported in the widget, never lost in the thread
-                return Failed(err)
+            store = open_store(store_path)
+            return store.grid, score_store(store, gene_set=sig, model=model or None)
 
-        if not background:
-            self._on_score(seq, src, work())
-            return
-        from napari.qt.threading import create_worker
+        start_worker(
+            work,
+            returned=lambda result: self._on_score(seq, result),
+            workers=None,
+            inline=not background,
+        )
 
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda result: self._on_score(seq, src, result))
-        worker.finished.connect(lambda: self._workers.discard(worker))
-        self._workers.add(worker)
-        worker.start()
-
-    def _on_score(self, seq: int, src: StoreSource, result: Any) -> None:
+    def _on_score(self, seq: int, result: Any) -> None:
         if seq != self._seq:
             return
         if isinstance(result, Failed):
             self._fail(result.text)
             return
         grid, score = result
-        if not score.predicted.any():
-            self._fail("nothing is predicted yet: let the heatmaps fill in first")
-            return
-        self._grid = grid
-        self.score = score
         used = ", ".join(
             f"{g}" if w == 1 else f"{g}:{w:g}"
             for g, w in zip(score.genes, score.weights, strict=True)
@@ -319,17 +292,17 @@ class TumorWidget(QWidget):
             info += f"; not in the model: {', '.join(score.missing)}"
         self.genes_info.setText(info)
         self.genes_info.setStyleSheet("color: #e8a33d;" if score.missing else "")
-        self._smoothed = smooth_score(score.score, self.smooth_spin.value())
-        lo, hi = score.range()
-        self._range = (lo, hi if hi > lo else lo + 1e-6)
+        try:
+            self.state.set_score(grid, score)
+        except StPredictError as err:
+            self._fail(str(err))
+            return
+        lo, hi = self.state.range
         self.threshold_spin.blockSignals(True)
-        self.threshold_spin.setRange(lo, self._range[1])
+        self.threshold_spin.setRange(lo, hi)
         self.threshold_spin.blockSignals(False)
         self._set_threshold_enabled(True)
-        if self.threshold is None or not lo <= self.threshold <= hi:
-            self.auto_threshold()
-        else:
-            self.set_threshold(self.threshold, method=self.threshold_method)
+        self._sync_threshold()
         self.score_ready.emit(score)
 
     def _fail(self, text: str) -> None:
@@ -338,16 +311,14 @@ class TumorWidget(QWidget):
 
     # =========================================================================== threshold
     def auto_threshold(self) -> float | None:
-        """Set Otsu's threshold of the (smoothed) scores of the predicted cells."""
-        if self.score is None or self._smoothed is None:
-            return None
+        """Set Otsu's threshold of the (smoothed) scores of the predicted tiles."""
         try:
-            thr = otsu_threshold(self._smoothed)
+            value = self.state.auto_threshold()
         except StPredictError as err:
             self._fail(str(err))
             return None
-        self.set_threshold(min(max(thr, self._range[0]), self._range[1]), method="otsu")
-        return self.threshold
+        self._sync_threshold()
+        return value
 
     def set_threshold(self, value: float, *, method: str = "manual") -> None:
         """Set the threshold (within the score range) and update the mask at once.
@@ -357,125 +328,174 @@ class TumorWidget(QWidget):
         StPredictError
             Before a score exists, or outside the score range.
         """
-        if self.score is None:
-            raise StPredictError("tumour threshold: compute the score first")
-        lo, hi = self._range
-        value = float(value)
-        if not lo - 1e-9 <= value <= hi + 1e-9:
-            raise StPredictError(
-                f"threshold {value:.4g}: outside the score range [{lo:.4g}, {hi:.4g}]"
-            )
-        self.threshold = value
-        self.threshold_method = method
+        self.state.set_threshold(value, method=method)
+        self._sync_threshold()
+
+    def _sync_threshold(self) -> None:
+        value = self.state.threshold
+        if value is None:
+            return
+        lo, hi = self.state.range
         self.slider.blockSignals(True)
         self.threshold_spin.blockSignals(True)
         self.slider.setValue(round((value - lo) / (hi - lo) * SLIDER_STEPS))
         self.threshold_spin.setValue(value)
         self.slider.blockSignals(False)
         self.threshold_spin.blockSignals(False)
-        self._apply()
 
     def _on_slider(self, step: int) -> None:
-        if self.score is None:
-            return
-        lo, hi = self._range
-        self.set_threshold(lo + (hi - lo) * step / SLIDER_STEPS)
+        if self.state.score is not None:
+            lo, hi = self.state.range
+            self.set_threshold(lo + (hi - lo) * step / SLIDER_STEPS)
 
     def _on_spin(self, value: float) -> None:
-        if self.score is not None:
+        if self.state.score is not None:
             self.set_threshold(value)
 
     def set_smoothing(self, sigma: float) -> None:
-        """Gaussian smoothing of the kept score (σ in cells) before the threshold."""
+        """Gaussian smoothing of the kept score (σ in tiles) before the threshold."""
         if self.smooth_spin.value() != sigma:
-            self.smooth_spin.setValue(sigma)
+            self.smooth_spin.setValue(sigma)  # re-enters through valueChanged
             return
-        if self.score is not None:
-            self._smoothed = smooth_score(self.score.score, float(sigma))
-            self._apply()
+        self.state.set_smoothing(float(sigma))
 
-    def set_min_size(self, cells: int) -> None:
-        """Drop tumour regions smaller than ``cells`` grid cells."""
-        if self.min_size_spin.value() != cells:
-            self.min_size_spin.setValue(int(cells))
+    def set_min_size(self, tiles: int) -> None:
+        """Drop tumour regions smaller than ``tiles`` grid tiles."""
+        if self.min_size_spin.value() != tiles:
+            self.min_size_spin.setValue(int(tiles))
             return
-        if self.score is not None:
-            self._apply()
+        self.state.set_min_size(int(tiles))
 
-    def _apply(self) -> None:
-        """Mask from the kept (smoothed) score: no store read, no model call."""
-        assert self.score is not None and self._smoothed is not None and self.threshold is not None
-        self.mask = tumor_mask(
-            self._smoothed, self.threshold, min_size=self.min_size_spin.value(), check_range=False
-        )
-        self.area = tumor_area(self.mask, self._grid, tissue=self.score.predicted)
-        self._update_layer()
-        self.readout.setText(f"{self.area.text()} ({self.area.tissue_cells} predicted cells)")
-        self.mask_changed.emit(self.area)
+    def _on_mask(self, area: Any) -> None:
+        self._update_layers()
+        self.readout.setText(f"{area.text()} ({area.tissue_cells} predicted tiles)")
+        self.mask_changed.emit(area)
 
-    # =========================================================================== layer
+    # =========================================================================== layers
     def layer_metadata(self) -> dict[str, Any]:
         """``metadata["stpredict"]`` of the Labels layer (``kind="tumor"``)."""
-        assert self._source is not None and self.score is not None
+        assert self._source is not None and self.state.score is not None
         base = {k: v for k, v in self._source.meta.items() if k != "gene"}
+        s = self.state
         return {
             **base,
             "kind": "tumor",
-            "threshold": float(self.threshold or 0.0),
-            "threshold_method": self.threshold_method,
-            "genes": list(self.score.genes),
-            "weights": list(self.score.weights),
-            "smooth_sigma_cells": float(self.smooth_spin.value()),
-            "min_size_cells": int(self.min_size_spin.value()),
+            "threshold": float(s.threshold or 0.0),
+            "threshold_method": s.method,
+            "genes": list(s.score.genes),
+            "weights": list(s.score.weights),
+            "smooth_sigma_cells": float(s.sigma),
+            "min_size_cells": int(s.min_size),
         }
 
-    def _update_layer(self) -> None:
-        assert self.mask is not None and self._source is not None
-        data = self.mask.astype(np.uint8)
+    def _placement(self) -> dict[str, Any]:
+        ref = self._source.reference_layer if self._source is not None else None
+        if ref is None:
+            return {}
+        kwargs: dict[str, Any] = {
+            "scale": tuple(ref.scale)[-2:],
+            "translate": tuple(ref.translate)[-2:],
+        }
+        units = getattr(ref, "units", None)
+        if units is not None:  # same units as heatmaps and slide, else napari drops them all
+            kwargs["units"] = tuple(str(u) for u in units)[-2:]
+        return kwargs
+
+    def _update_layers(self) -> None:
+        mask = self.state.mask
+        assert mask is not None and self._source is not None
+        data = mask.astype(np.uint8)
         meta = {"stpredict": self.layer_metadata()}
-        if (
-            self.layer is not None
-            and self.layer in self.viewer.layers
-            and self.layer.data.shape == data.shape
-        ):
-            self.layer.data[...] = data
-            self.layer.metadata = meta
-            self.layer.refresh()
+        layer = self.layer
+        if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
+            layer.data[...] = data
+            layer.metadata = meta
+            layer.refresh()
+        else:
+            from napari.utils.colormaps import DirectLabelColormap
+
+            cmap = DirectLabelColormap(
+                color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: TUMOR_RGBA}
+            )
+            active = self.viewer.layers.selection.active
+            self.layer = self.viewer.add_labels(
+                data,
+                name=tumor_layer_name(self._source),
+                opacity=OPACITY,
+                metadata=meta,
+                colormap=cmap,
+                visible=False,  # the outline shows it; turn on to paint corrections
+                **self._placement(),
+            )
+            self.layer.events.paint.connect(lambda *_: self._draw_outline(self.layer.data > 0))
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active  # the heatmap stays selected
+        self._draw_outline(mask)
+
+    def _draw_outline(self, mask: np.ndarray) -> None:
+        """Thin outlines of the regions (exact tile edges) in a Shapes layer on top."""
+        from napari_stpredict.tumor import mask_to_polygons
+
+        src = self._source
+        if src is None or self.state.grid is None:
             return
-        from napari.utils.colormaps import DirectLabelColormap
-
-        ref = self._source.reference_layer
-        kwargs = {}
-        if ref is not None:
-            kwargs = {"scale": tuple(ref.scale)[-2:], "translate": tuple(ref.translate)[-2:]}
-            units = getattr(ref, "units", None)
+        grid = self.state.grid
+        slide_layer = slide_layer_of(self.viewer, src)
+        rings: list[np.ndarray] = []
+        for poly in mask_to_polygons(np.asarray(mask, dtype=bool), grid):
+            for part in getattr(poly, "geoms", [poly]):
+                for ring in (part.exterior, *part.interiors):
+                    xy = np.asarray(ring.coords, dtype=float)[:-1]
+                    yx = xy[:, ::-1]
+                    if slide_layer is not None:
+                        yx = level0_to_world(slide_layer, yx)
+                    rings.append(yx)
+        stride_world = float(self._placement().get("scale", (grid.stride_px,))[0])
+        width = OUTLINE_WIDTH * stride_world
+        name = tumor_layer_name(src) + OUTLINE_SUFFIX
+        outline = self.outline
+        if outline is None or outline not in self.viewer.layers:
+            active = self.viewer.layers.selection.active
+            kwargs: dict[str, Any] = {}
+            units = self._placement().get("units")
             if units is not None:
-                # same units as the heatmaps and the slide, else napari drops units for all
-                kwargs["units"] = tuple(str(u) for u in units)[-2:]
-        cmap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: TUMOR_RGBA})
-        self.layer = self.viewer.add_labels(
-            data,
-            name=tumor_layer_name(self._source),
-            opacity=OPACITY,
-            metadata=meta,
-            colormap=cmap,
-            **kwargs,
-        )
+                kwargs["units"] = units
+            outline = self.viewer.add_shapes(
+                name=name,
+                edge_color=[TUMOR_RGBA],
+                face_color=[(0, 0, 0, 0)],
+                edge_width=width,
+                metadata={"stpredict_outline": {"store": src.store}},
+                **kwargs,
+            )
+            self.outline = outline
+            if active is not None and active in self.viewer.layers:
+                self.viewer.layers.selection.active = active
+        outline.data = []
+        if rings:
+            outline.add_polygons(
+                rings, edge_width=width, edge_color=TUMOR_RGBA, face_color=(0, 0, 0, 0)
+            )
+        self._legend(len(rings))
 
-    def tumor_map(self) -> TumorMap:
-        """The current state as a :class:`~napari_stpredict.tumor.TumorMap` (for exports)."""
-        if self.score is None or self.mask is None or self.threshold is None:
-            raise StPredictError("tumour map: compute the score first")
-        return TumorMap(
-            self.score,
-            self.threshold,
-            self.mask.copy(),
-            self.threshold_method,
-            float(self.smooth_spin.value()),
-            int(self.min_size_spin.value()),
+    def _legend(self, n_rings: int) -> None:
+        """A canvas legend for the outlines (napari's text overlay)."""
+        overlay = self.viewer.canvas.overlays.text if hasattr(self.viewer, "canvas") else None
+        if overlay is None:
+            return
+        s = self.state
+        overlay.text = (
+            f"▭ tumour regions (score ≥ {s.threshold:.2f}, {s.method})" if s.threshold else ""
         )
+        overlay.color = TUMOR_RGBA
+        overlay.position = "bottom_left"
+        overlay.box = True
+        overlay.visible = True
+
+    def tumor_map(self) -> Any:
+        """The current state as a :class:`~napari_stpredict.tumor.TumorMap` (for exports)."""
+        return self.state.tumor_map()
 
     def closeEvent(self, event: Any) -> None:
-        for w in list(self._workers):
-            w.quit()
+        self._seq += 1  # a score still being computed is dropped
         super().closeEvent(event)

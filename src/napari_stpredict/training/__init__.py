@@ -1,0 +1,404 @@
+"""Training: a dataset manifest → a model file (CMRCNet, BLEEP or direct regression).
+
+Plain PyTorch, read top to bottom in :func:`train`:
+
+* :mod:`.config` — :class:`TrainConfig` (every option) and :class:`TrainResult`;
+* :mod:`.data` — sections read and checked before anything trains (one-line
+  :class:`~napari_stpredict.errors.DatasetError` otherwise), the gene panel, normalised
+  expression, the train/validation split, and uint8 patches read ahead in threads through the
+  engine's reader (:func:`napari_stpredict.slide.patches.read_patches`), kept in memory when
+  they fit;
+* :mod:`.auto` — what ``train_backbone="auto"`` becomes (``all`` on CUDA; ``last`` or
+  ``none`` on a CPU by measured cost) and the time per epoch, printed before the first epoch;
+* :mod:`.features` — frozen-backbone features, computed once per spot (``none``);
+* :mod:`.loop` — one epoch of training, one validation pass (the evaluation's Pearson r);
+* :mod:`.state` — the resumable state file, rewritten atomically after every epoch;
+* :mod:`.bank` — the reference bank (training spots only) and the model file's metadata.
+
+Pixels become encoder input only through :func:`napari_stpredict.model.preprocess.encoder_input`
+with the backbone's own mean/std (recorded in the model file as ``metadata["input"]``), the
+same function the Predictor and the engine use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_stpredict.errors import StPredictError
+from napari_stpredict.model.preprocess import InputSpec, backbone_mean_std
+from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
+from napari_stpredict.training.config import TrainConfig, TrainResult, method_kwargs
+from napari_stpredict.training.data import PatchSource, TrainData, prepare_data
+from napari_stpredict.training.state import (
+    EpochTracker,
+    check_resumable,
+    load_state,
+    restore_state,
+    save_state,
+    state_path_for,
+)
+
+__all__ = ["TrainConfig", "TrainResult", "state_path_for", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    manifest,
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike,
+    sections: Sequence[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train a model on the sections of a dataset manifest and write the model file.
+
+    Parameters
+    ----------
+    manifest
+        A :class:`~napari_stpredict.st.Manifest` or the path of a manifest YAML.
+    config
+        The run's options (default :class:`TrainConfig`).
+    out
+        The model file to write (``.safetensors``). A resumable state file
+        (:func:`state_path_for`) lives next to it while training runs and is removed at the end.
+    sections
+        Training sections (default: all sections that are not validation sections). Other
+        sections never enter training nor the reference bank.
+    resume
+        Continue from the state file of an interrupted run with the same options.
+    overwrite
+        Replace an existing ``out``.
+    progress
+        Called per step as ``progress(step_in_epoch, steps_in_epoch, "epoch E/N loss L")``;
+        also during data loading, feature extraction and bank building.
+    cancel
+        Checked between steps; the state of the last finished epoch stays on disk.
+    on_epoch
+        Called with each epoch's history entry.
+    log
+        Called with one-line notes for the user (what ``auto`` chose and why, the estimated
+        time per epoch); default: this module's logger.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    StPredictError
+        Bad options or data (before any training starts); ``Cancelled`` when cancelled.
+    """
+    from napari_stpredict.io_utils import check_target
+    from napari_stpredict.model.predictor import resolve_device
+
+    config = config or TrainConfig()
+    config.validate()
+    method_kwargs(config)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise StPredictError(f"{out}: the model file must end in .safetensors")
+    check_target(out, overwrite=overwrite)
+    state_path = state_path_for(out)
+    device = resolve_device(config.device)
+    saved = _saved_state(state_path, config) if resume else None
+    say = log or logger.info
+
+    data = prepare_data(manifest, config, sections, progress=progress, cancel=cancel)
+    if saved is not None and saved[1]["genes"] != data.genes:
+        raise StPredictError(f"{state_path}: the gene panel changed since the interrupted run")
+    torch.manual_seed(config.seed)
+    model, spec = _build_model(config, data, device)
+    source = _patch_source(config, data, spec)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if getattr(model, "closed_form", False):  # --method ridge (B): no epochs, no optimizer
+            return _fit_closed_form(config, data, spec, model, device, source, out, say,
+                                    overwrite=overwrite or resume, progress=progress,
+                                    cancel=cancel)  # fmt: skip
+        plan = _plan(config, model, source, data, spec, device, saved)
+        say(f"train_backbone={plan['train_backbone']}: {plan['reason']}")
+        run = _make_run(config, data, spec, model, device, source, plan)
+        tracker = EpochTracker(frozen=run.train_backbone == "none")
+        if saved is not None:
+            best = restore_state(
+                state_path, *saved, model=model, optimizer=run.optimizer, scaler=run.scaler,
+                gen=run.gen,
+            )  # fmt: skip
+            tracker.resume(saved[1], best)
+        if run.train_backbone == "none":
+            _build_features(run, progress=progress, cancel=cancel)
+        plan["est_epoch_s"] = _announce_epoch_time(run, say)
+
+        for epoch in range(tracker.start_epoch, config.epochs):
+            if tracker.global_step >= run.total_steps:
+                break
+            t0 = time.perf_counter()
+            entry, tracker.global_step = _epoch(run, epoch, tracker, progress, cancel)
+            val, gene_pcc = validate(run, cancel=cancel)
+            entry.update(val)
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            tracker.update(entry, model, gene_pcc)
+            save_state(
+                state_path, model=model, best_state=tracker.best_state, optimizer=run.optimizer,
+                scaler=run.scaler, gen=run.gen, info=tracker.info(data.genes, config, plan),
+            )  # fmt: skip
+            if on_epoch is not None:
+                on_epoch(entry)
+        return _finish(run, tracker, plan, out, overwrite=overwrite or resume, progress=progress,
+                       cancel=cancel)  # fmt: skip
+    finally:
+        source.close()
+        with contextlib.suppress(Exception):
+            data.dataset.close()  # decoded JPEG/PNG sections can be large
+        torch.use_deterministic_algorithms(prev_det)
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+def _saved_state(state_path: Path, config: TrainConfig):
+    """``(tensors, info)`` of the interrupted run, checked against ``config``; ``None`` if absent."""
+    if not state_path.is_file():
+        warnings.warn(f"--resume: no state file {state_path}; starting from scratch", stacklevel=3)
+        return None
+    tensors, info = load_state(state_path)
+    check_resumable(state_path, info, config)
+    return tensors, info
+
+
+def input_spec_for(config: TrainConfig, data: TrainData, encoder) -> InputSpec:
+    """The model's :class:`InputSpec`: patch geometry, the backbone's own mean/std, context, tta."""
+    mean, std = backbone_mean_std(encoder)
+    return InputSpec(
+        patch_um=data.patch_um,
+        patch_px=data.patch_px,
+        mean=mean,
+        std=std,
+        context=config.context,
+        tta=config.tta,
+    )
+
+
+def _build_model(config: TrainConfig, data: TrainData, device: torch.device):
+    from napari_stpredict.model.methods import build_model
+
+    extra = {"n_fields": 2} if config.context else {}
+    model = build_model(
+        config.method,
+        n_genes=len(data.genes),
+        backbone=config.backbone,
+        pretrained=config.pretrained,
+        **method_kwargs(config),
+        **extra,
+    )
+    spec = input_spec_for(config, data, model.encoder)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, spec
+
+
+def _patch_source(config: TrainConfig, data: TrainData, spec: InputSpec) -> PatchSource:
+    n_items = data.expr.shape[0]
+    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    patch_bytes = n_items * data.patch_px * data.patch_px * 3 * len(spec.scales)
+    use_cache = config.cache == "memory" or (
+        config.cache == "auto" and patch_bytes <= config.cache_max_gb * 2**30
+    )
+    return PatchSource(
+        data.dataset, n_items, data.patch_px, cache=use_cache, workers=workers, scales=spec.scales
+    )
+
+
+def _plan(config, model, source, data, spec, device, saved) -> dict[str, Any]:
+    """Resolve the ``auto`` options (a resumed run keeps the interrupted run's choices)."""
+    from napari_stpredict.training.auto import choose_train_backbone
+    from napari_stpredict.training.loop import schedule
+
+    if saved is not None and saved[1].get("plan"):
+        plan = dict(saved[1]["plan"])
+        plan["reason"] = f"as in the interrupted run ({plan.get('reason', '')})"
+        return plan
+    if config.train_backbone != "auto":
+        plan = {"train_backbone": config.train_backbone, "reason": "given"}
+    else:
+        bs, _, total_steps, _ = schedule(config, len(data.train_idx))
+        idx = data.train_idx[:bs]
+        plan = choose_train_backbone(
+            model=model, device=device, u8=source.read(idx), expr=data.expr[idx], spec=spec,
+            total_steps=total_steps, n_items=data.expr.shape[0],
+        )  # fmt: skip
+    frozen = plan["train_backbone"] == "none"
+    stain = config.stain_augment
+    if stain == "auto":
+        stain = "none" if frozen else "hed"
+    elif frozen and stain != "none":
+        warnings.warn(
+            f"stain_augment={stain!r} has no effect with a frozen backbone (features are "
+            "computed once per spot)",
+            stacklevel=3,
+        )
+        stain = "none"
+    plan["stain_augment"] = stain
+    return plan
+
+
+def _make_run(config, data, spec, model, device, source, plan):
+    from napari_stpredict.model.predictor import amp_dtype
+    from napari_stpredict.training.loop import Run, build_optimizer, schedule
+
+    model.encoder.set_trainable(plan["train_backbone"])
+    adt = amp_dtype(device)
+    bs, steps_per_epoch, total_steps, warmup = schedule(config, len(data.train_idx))
+    return Run(
+        config=config,
+        data=data,
+        spec=spec,
+        model=model,
+        optimizer=build_optimizer(model, config),
+        scaler=torch.amp.GradScaler("cuda") if adt == torch.float16 else None,
+        device=device,
+        amp_dtype=adt,
+        source=source,
+        gen=torch.Generator().manual_seed(config.seed),
+        train_backbone=plan["train_backbone"],
+        stain=plan["stain_augment"],
+        batch_size=bs,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=warmup,
+    )
+
+
+def _build_features(run, *, progress, cancel) -> None:
+    from napari_stpredict.training.features import FeatureStore
+
+    run.features = FeatureStore(
+        run.model, run.source, run.data, run.config, run.spec, run.device,
+        need_tokens=run.config.method == "cmrc",
+    )  # fmt: skip
+    run.features.build(progress=progress, cancel=cancel, amp=run.amp)
+
+
+def _announce_epoch_time(run, say) -> float | None:
+    """Time two real steps (nothing changes) and say the estimated seconds per epoch."""
+    from napari_stpredict.training.auto import _fmt, estimate_epoch_seconds, time_steps
+    from napari_stpredict.training.loop import _val_batches, batches_of, compute_loss
+
+    idx = run.data.train_idx[: run.batch_size]
+    ((_, inputs, expr),) = list(batches_of(run, [idx], train=False))
+    step_s = time_steps(run.model, lambda: compute_loss(run, inputs, expr)["loss"], n=2)
+    n_val = len(_val_batches(run)) if len(run.data.val_idx) else 0
+    est = estimate_epoch_seconds(step_s, run.steps_per_epoch, n_val)
+    first = "" if run.features is not None else " (the first epoch also reads every patch)"
+    say(
+        f"estimated time per epoch: ~{_fmt(est)} ({run.steps_per_epoch} steps × {step_s:.2f} s "
+        f"measured{first})"
+    )
+    return round(est, 2)
+
+
+def _fit_closed_form(config, data, spec, model, device, source, out, say, *, overwrite, progress,
+                     cancel):  # fmt: skip
+    """``--method ridge``: frozen features of every spot, then PCA + ridge in closed form
+    (:func:`napari_stpredict.model.ridge.fit_closed_form`); the backbone never trains."""
+    from napari_stpredict.model.ridge import fit_closed_form
+
+    plan = {
+        "train_backbone": "none",
+        "reason": f"{config.method} is fitted in closed form on frozen backbone features",
+        "stain_augment": "none",
+    }
+    say(f"train_backbone=none: {plan['reason']}")
+    run = _make_run(config, data, spec, model, device, source, plan)
+    tracker = EpochTracker(frozen=True)
+    _build_features(run, progress=progress, cancel=cancel)
+    check_cancel(cancel, "training")
+    info = fit_closed_form(run, tracker)
+    say(
+        f"ridge: {info['n_components']} PCA components ({info['explained_variance']:.0%} of the "
+        f"feature variance), alpha {info['alpha']:.3g} by {info['cv']['scheme']} inner CV"
+    )
+    return _finish(run, tracker, plan, out, overwrite=overwrite, progress=progress, cancel=cancel)
+
+
+# ------------------------------------------------------------------------------------ loop + end
+
+
+def _epoch(run, epoch: int, tracker: EpochTracker, progress, cancel):
+    from napari_stpredict.training.loop import train_one_epoch
+
+    return train_one_epoch(run, epoch, tracker.global_step, progress=progress, cancel=cancel)
+
+
+def validate(run, *, cancel=None):
+    """:func:`napari_stpredict.training.loop.validate` (validation losses, Pearson r)."""
+    from napari_stpredict.training.loop import validate as _validate
+
+    return _validate(run, cancel=cancel)
+
+
+def _finish(run, tracker: EpochTracker, plan, out: Path, *, overwrite: bool, progress, cancel):
+    """Best weights → reference bank → metadata → model file; the state file goes."""
+    from napari_stpredict.model.checkpoint import load_model_file, save_model_file
+    from napari_stpredict.training.bank import build_metadata, encode_expr_chunked
+
+    model, data, config = run.model, run.data, run.config
+    if tracker.best_state is not None:
+        model.load_state_dict(tracker.best_state, strict=not tracker.frozen)
+    model.eval()
+    check_cancel(cancel, "training")
+    report(progress, 0, 1, "building reference bank")
+    bank_expr = data.expr[data.train_idx]
+    bank_emb = encode_expr_chunked(model, bank_expr) if model.retrieval else None
+    report(progress, 1, 1, "building reference bank")
+    if model.retrieval and len(data.train_idx) < config.top_k:
+        warnings.warn(
+            f"top_k={config.top_k} exceeds the {len(data.train_idx)} bank spots; all are used",
+            stacklevel=3,
+        )
+    gene_pcc = None if tracker.best_gene_pcc is None else np.asarray(tracker.best_gene_pcc)
+    metadata = build_metadata(
+        data=data, config=config, spec=run.spec, model=model, history=tracker.history,
+        best_epoch=tracker.best_epoch, best_val=tracker.best_val,
+        global_step=tracker.global_step, gene_pcc=gene_pcc, plan=plan,
+    )  # fmt: skip
+    if getattr(model, "fit_info", None) is not None:  # ridge: PCA size, alpha, inner CV scores
+        metadata["ridge"] = model.fit_info
+    save_model_file(
+        out,
+        model.to("cpu").to(memory_format=torch.contiguous_format),
+        bank_embeddings=bank_emb,
+        bank_expression=bank_expr if model.retrieval else None,
+        bank_section_index=data.section_index[data.train_idx],
+        metadata=metadata,
+        overwrite=overwrite,
+    )
+    with contextlib.suppress(FileNotFoundError):
+        state_path_for(out).unlink()
+    return TrainResult(
+        model_path=out,
+        history=tracker.history,
+        best_epoch=tracker.best_epoch,
+        metadata=load_model_file(out, verify=False).metadata,
+        resumed_from=tracker.resumed_from,
+        plan=plan,
+    )

@@ -1,0 +1,63 @@
+"""Qt building blocks shared by the docks: a scrolling body and collapsible sections.
+
+Every dock puts its sections in a :class:`DockBody` (a scroll area): the three docks then fit a
+1920 × 1080 screen together, each scrolling instead of growing the window.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+
+#: Most height a dock asks for (its contents scroll beyond it).
+MAX_HINT_HEIGHT = 420
+#: Least height a dock needs.
+MIN_HEIGHT = 120
+
+
+class DockBody(QScrollArea):
+    """A vertical scroll area holding a dock's sections; small size hints by design."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.inner = QWidget()
+        self.layout_ = QVBoxLayout(self.inner)
+        self.layout_.setContentsMargins(4, 4, 4, 4)
+        self.setWidget(self.inner)
+
+    def add(self, widget: QWidget, stretch: int = 0) -> QWidget:
+        self.layout_.addWidget(widget, stretch)
+        return widget
+
+    def sizeHint(self) -> QSize:
+        hint = self.inner.sizeHint()
+        return QSize(hint.width() + 16, min(hint.height() + 8, MAX_HINT_HEIGHT))
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(min(self.inner.minimumSizeHint().width() + 16, 360), MIN_HEIGHT)
+
+
+def section(title: str, content: QWidget, *, expanded: bool = True) -> QWidget:
+    """A collapsible section (superqt's QCollapsible) around ``content``."""
+    from superqt import QCollapsible
+
+    box = QCollapsible(title)
+    box.addWidget(content)
+    box.layout().setContentsMargins(0, 0, 0, 0)
+    if expanded:
+        box.expand(animate=False)
+    else:
+        box.collapse(animate=False)
+    return box
+
+
+def dock_layout(widget: QWidget) -> DockBody:
+    """Give ``widget`` a scrolling body and return it."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    body = DockBody(widget)
+    outer.addWidget(body)
+    return body
