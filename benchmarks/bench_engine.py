@@ -1,25 +1,33 @@
-"""Inference engine throughput vs the raw model forward, and peak memory of whole-slide runs.
+"""Inference engine: engine ÷ raw model, feed rate vs decode limit, store writes, memory.
+
+Everything is measured in one run, on the same slide and the same tiles:
 
 1. Builds mosaic pyramids of the HER2ST section C2 (``../shared/data/her2st/images/C2.jpg``)
-   with :func:`napari_stpredict.slide.write_ome_tiff` into a temporary folder (never the
-   repository): ``4×4`` copies (≈ 39.6k × 37.1k px, JPEG tiles, full pyramid) and ``1×1``. mpp = 0.689 µm/px, from C2's 200 µm spot grid.
-2. Throughput, same run, same device, same batch size, interleaved repeats:
-
-   - *raw*: ``Predictor.predict_tensor`` on batches already normalised and on the device
-     (the model's own limit: no decode, no resize, no store);
-   - *engine*: :meth:`Engine.run` on the same number of tissue cells of the 4×4 mosaic, from a
-     fresh cache (decode + resize in reader threads, predict, store writes).
-
-   ratio = engine cells/s ÷ raw cells/s (goal ≥ 0.9).
-3. Peak RSS of :meth:`Engine.predict_all_tissue` (automatic tissue mask included) on the 1×1
-   and 4×4 mosaics (16× the area and the cells), each in its own process, sampled every 20 ms.
+   with :func:`napari_stpredict.slide.write_ome_tiff` (``--workdir``, reused when present):
+   ``4×4`` copies (≈ 39.6k × 37.1k px, 512-px JPEG tiles, full pyramid) and ``1×1``;
+   mpp 0.689 µm/px from C2's 200 µm spot grid.
+2. *decode limit*: every slide tile that the N tissue cells nearest the centre touch, decoded
+   once, on ``--read-workers`` threads (tiles/s, and cells/s = N ÷ that time).
+3. *feed*: :meth:`Engine.run` on the same N cells with a model that costs nothing (returns
+   zeros): patch reads + resize + store writes only. Goal: feed ≥ 0.3 × decode limit.
+4. *store*: write cost of the engine's buffered whole-block writes, and the read time of one
+   gene's map for display, for several chunk layouts (``--layouts``).
+5. *engine ÷ raw*: ``Predictor.predict`` on the same tiles' patches already in memory (raw)
+   vs :meth:`Engine.run` on fresh cells (decode, resize, predict, store), interleaved repeats,
+   for each ``--read-workers`` × ``--torch-threads`` budget and each ``--batch-sizes``.
+   Goal: ≥ 0.9.
+6. *full tissue map* of the 4×4 mosaic with the zero-cost model (feed-limited) and, in fresh
+   processes, peak RSS of :meth:`Engine.predict_all_tissue` on the 1×1 and 4×4 mosaics with
+   ``--rss-model`` (flat in slide size = bounded memory).
 
 The model: ``--model FILE``, or by default a CMRCNet with random weights in the paper's setting
 (``tf_efficientnet_lite0``, 224 px per 112 µm patch, 785 genes, 2,000-spot bank): weights do
-not change speed.
+not change speed. ``--device cuda`` runs the model parts on the GPU (bf16 autocast, pinned
+host buffers); the CPU parts (decode, feed) are the same.
 
-    /work/venv/bin/python benchmarks/bench_engine.py [--model M] [--device auto] [--cells 768]
-        [--batch-size B] [--repeats 2] [--rss-sizes 1,4] [--rss-model fast] [--workdir DIR] [--json OUT]
+    python benchmarks/bench_engine.py [--device cpu|cuda] [--cells 256] [--repeats 2]
+        [--read-workers 2] [--torch-threads 0] [--batch-sizes 32] [--layouts 32x32,...]
+        [--rss-sizes 1,4] [--rss-model fast|same|FILE] [--workdir DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -114,111 +122,300 @@ def make_model(path: Path, *, genes: int = 785, bank: int = 2000, patch_px: int 
     return path
 
 
-# --------------------------------------------------------------------------- throughput
-def throughput(args: argparse.Namespace, slide_path: Path, model: Path, mpp: float) -> dict:
-    import torch
+# --------------------------------------------------------------------------- helpers
+class ZeroModel:
+    """A model that costs nothing: the engine's feed rate (reads, resize, store) alone."""
 
-    from napari_stpredict.inference import Engine, PredictionStore, TileGrid
-    from napari_stpredict.model import Predictor
-    from napari_stpredict.slide import open_slide, tissue_mask
+    def __init__(self, genes: list[str], patch_px: int, patch_um: float) -> None:
+        self.genes = list(genes)
+        self.patch_px = patch_px
+        self.patch_um = patch_um
+        self.metadata = {"content_sha256": f"zero-{len(genes)}-{patch_px}-{patch_um}"}
+        self.path = Path("zero.safetensors")
+        self.device = "cpu"
+        self.batch_size = None
+        self._out: dict[int, np.ndarray] = {}
 
-    pred = Predictor(model, device=args.device, batch_size=args.batch_size)
-    bs = pred.batch_size
-    slide = open_slide(slide_path, mpp=mpp)
-    grid = TileGrid.for_slide(slide, pred)
-    t0 = time.perf_counter()
-    tissue = grid.tissue_cells(tissue_mask(slide), 0.2)
-    t_mask = time.perf_counter() - t0
-    # the N tissue cells nearest the slide centre, in blocks per repeat (no cache reuse)
-    centre = (slide.shape[0] / 2, slide.shape[1] / 2)
+    def predict(self, x) -> np.ndarray:
+        n = len(x)
+        out = self._out.get(n)
+        if out is None:
+            out = self._out[n] = np.zeros((n, len(self.genes)), np.float32)
+        return out
+
+
+def _open_session(slide, predictor, tissue, cache, **kw):
+    from napari_stpredict.inference.session import open_session
+
+    return open_session(
+        slide=slide, predictor=predictor, tissue=tissue, cache_dir=cache, verify_store=False, **kw
+    )
+
+
+def decode_limit(slide, grid, cells: np.ndarray, workers: int) -> dict:
+    """Decode once every slide tile the cells' patches touch, on ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    level = slide.best_level(grid.cell_px / grid.patch_px)
+    ds = slide.downsamples[level]
+    th, tw = (int(v) for v in slide.levels[level].chunksize[:2])
+    lh, lw = slide.level_shapes[level]
+    rects = grid.cell_rects_px(cells) / ds
+    tiles = set()
+    for y0, x0, y1, x1 in rects:
+        for ty in range(max(int(y0) - 3, 0) // th, min(int(y1) + 3, lh - 1) // th + 1):
+            for tx in range(max(int(x0) - 3, 0) // tw, min(int(x1) + 3, lw - 1) // tw + 1):
+                tiles.add((ty, tx))
+
+    def read(t):
+        ty, tx = t
+        y, x = ty * th, tx * tw
+        slide.read_region(level, y, x, min(th, lh - y), min(tw, lw - x))
+
+    best = None
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in range(2):  # the second pass: page cache warm, like the engine runs
+            t = time.perf_counter()
+            list(pool.map(read, sorted(tiles)))
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+    return {
+        "level": level,
+        "tile": [th, tw],
+        "tiles": len(tiles),
+        "tiles_per_s": round(len(tiles) / best, 1),
+        "cells_per_s": round(len(cells) / best, 1),
+        "workers": workers,
+    }
+
+
+def engine_run(slide, predictor, grid, tissue, cells, *, workers, bs, center) -> tuple[float, dict]:
+    """One engine run over ``cells`` into a fresh store; ``(cells/s, breakdown)``."""
+    with (
+        tempfile.TemporaryDirectory(prefix="stpredict-bench-cache-") as cache,
+        _open_session(
+            slide, predictor, tissue, cache, read_workers=workers, batch_size=bs
+        ) as session,
+    ):
+        engine = session.engine
+        t = time.perf_counter()
+        for _ in engine.run(cells, center=center):
+            pass
+        dt = time.perf_counter() - t
+        st = engine.stats
+        assert st.cells_predicted == len(cells), (st.cells_predicted, len(cells))
+        return len(cells) / dt, {
+            "total_s": round(dt, 3),
+            "wait_s": round(st.wait_s, 3),
+            "predict_s": round(st.predict_s, 3),
+            "read_s_summed": round(st.read_s, 3),
+            "write_s": round(st.write_s, 3),
+            "tiles_decoded": st.tiles_decoded,
+            "tiles_reused": st.tiles_reused,
+            "tile_cache_peak_mb": round(st.tile_cache_peak_bytes / 2**20, 1),
+            "write_buffer_peak_mb": round(st.write_buffer_peak_bytes / 2**20, 1),
+        }
+
+
+def _cells(slide, grid, tissue, n: int, sets: int) -> tuple[list[np.ndarray], tuple]:
+    """``sets`` disjoint sets of ``n`` tissue cells, nearest the slide centre first."""
     from napari_stpredict.inference import order_cells
 
+    centre = (slide.shape[0] / 2, slide.shape[1] / 2)
     ordered = order_cells(np.argwhere(tissue), grid, centre)
-    n = min(args.cells, len(ordered) // (args.repeats + 1))
-    n -= n % bs
-    sets = [ordered[k * n : (k + 1) * n] for k in range(args.repeats + 1)]
+    n = min(n, len(ordered) // sets)
+    return [ordered[k * n : (k + 1) * n] for k in range(sets)], centre
 
-    # raw: real patches of the same slide, normalised and on the device once
-    patches = np.stack(
-        [
-            slide.read_resampled(
-                *grid.cell_rect_px(i, j)[:2],
-                grid.cell_px,
-                grid.cell_px,
-                out_shape=(grid.patch_px, grid.patch_px),
+
+# --------------------------------------------------------------------------- feed + decode
+def feed(args, slide, grid, tissue, genes: list[str]) -> dict:
+    zero = ZeroModel(genes, grid.patch_px, grid.patch_um)
+    n = args.feed_cells
+    (cells, warm), centre = _cells(slide, grid, tissue, n, 2)
+    out = {"cells": len(cells), "genes": len(genes), "runs": []}
+    for workers in args.read_workers:
+        engine_run(slide, zero, grid, tissue, warm[:256], workers=workers, bs=64, center=centre)
+        dec = decode_limit(slide, grid, cells, workers)
+        rates = []
+        details = []
+        for _ in range(2):
+            rate, detail = engine_run(
+                slide, zero, grid, tissue, cells, workers=workers, bs=64, center=centre
             )
-            for i, j in sets[0][:bs]
-        ]
-    )
-    x = pred.preprocess(patches)
+            rates.append(rate)
+            details.append(detail)
+        row = {
+            "read_workers": workers,
+            "decode_limit": dec,
+            "feed_cells_per_s": [round(r, 1) for r in rates],
+            "feed_over_decode": round(max(rates) / dec["cells_per_s"], 3),
+            "breakdown": details,
+        }
+        print(f"  feed {row}", flush=True)
+        out["runs"].append(row)
+    return out
 
-    def sync() -> None:
-        if pred.device.type == "cuda":
-            torch.cuda.synchronize()
 
-    def raw_rate() -> float:
-        sync()
-        t = time.perf_counter()
-        for _ in range(n // bs):
-            pred.predict_tensor(x)
-        sync()
-        return n / (time.perf_counter() - t)
+# --------------------------------------------------------------------------- store layouts
+def store_layouts(args, grid, n_genes: int) -> list[dict]:
+    """Buffered whole-block writes and one-gene reads for several chunk layouts."""
+    from napari_stpredict.inference import store as store_mod
+    from napari_stpredict.inference.engine import order_cells
+    from napari_stpredict.inference.store import PredictionStore, WriteBuffer
 
-    def engine_rate(cells: np.ndarray) -> tuple[float, dict]:
-        with tempfile.TemporaryDirectory(prefix="stpredict-bench-cache-") as cache:
-            store = PredictionStore.for_slide(slide, pred, grid, cache_dir=cache)
-            with Engine(slide, pred, grid, store, tissue=tissue, batch_size=bs) as engine:
+    genes = [f"G{k}" for k in range(n_genes)]
+    gh, gw = grid.shape
+    ii, jj = np.mgrid[0:gh, 0:gw]
+    cells = np.stack([ii.ravel(), jj.ravel()], 1)[: args.layout_cells * 4]
+    rows = []
+    saved = (store_mod.GENE_CHUNK, store_mod.CELL_CHUNK)
+    try:
+        for spec in args.layouts:
+            g, c = (int(v) for v in spec.split("x"))
+            store_mod.GENE_CHUNK, store_mod.CELL_CHUNK = g, c
+            with tempfile.TemporaryDirectory(prefix="stpredict-bench-store-") as root:
+                st = PredictionStore.open(root, key="layout", genes=genes, grid=grid)
+                todo = order_cells(cells, grid, None, block=st.block_shape)[: args.layout_cells]
+                vals = np.random.default_rng(0).random((len(todo), n_genes), np.float32)
+                # the engine's way: batches of 64 into a WriteBuffer, whole blocks written
+                buf = WriteBuffer(st, todo)
                 t = time.perf_counter()
-                for _ in engine.run(cells, center=centre):
-                    pass
-                dt = time.perf_counter() - t
-                assert engine.stats.cells_predicted == len(cells)
-                st = engine.stats
-                return len(cells) / dt, {
-                    "wait_s": round(st.wait_s, 2),
-                    "predict_s": round(st.predict_s, 2),
-                    "read_s_summed": round(st.read_s, 2),
-                    "write_s": round(st.write_s, 2),
-                    "total_s": round(dt, 2),
-                }
+                for k in range(0, len(todo), 64):
+                    buf.add(todo[k : k + 64], vals[k : k + 64])
+                buf.flush()
+                t_buf = time.perf_counter() - t
+                # batch by batch, no buffer (each batch rewrites the chunks it touches)
+                st2 = PredictionStore.open(root, key="layout2", genes=genes, grid=grid)
+                t = time.perf_counter()
+                for k in range(0, len(todo), 64):
+                    st2.write(todo[k : k + 64], vals[k : k + 64])
+                t_direct = time.perf_counter() - t
+                reads = []
+                for gi in (0, n_genes // 2, n_genes - 1):
+                    t = time.perf_counter()
+                    st.read(gi)
+                    reads.append(time.perf_counter() - t)
+                rows.append(
+                    {
+                        "layout": f"{g} genes × {c}×{c} cells",
+                        "cells": len(todo),
+                        "buffered_ms_per_1000_cells": round(1000 * t_buf / len(todo) * 1000, 1),
+                        "per_batch_ms_per_1000_cells": round(1000 * t_direct / len(todo) * 1000, 1),
+                        "read_one_gene_ms": round(1000 * statistics.median(reads), 1),
+                        "grid": [gh, gw],
+                    }
+                )
+                print(f"  store {rows[-1]}", flush=True)
+    finally:
+        store_mod.GENE_CHUNK, store_mod.CELL_CHUNK = saved
+    return rows
 
-    # warm-up (allocator, autotuning, page cache) outside the timed runs
-    pred.predict_tensor(x)
-    engine_rate(sets[-1][: 2 * bs])
-    raw, eng, parts = [], [], []
-    for r in range(args.repeats):
-        raw.append(raw_rate())
-        rate, detail = engine_rate(sets[r])
-        eng.append(rate)
-        parts.append(detail)
-        print(
-            f"  repeat {r}: raw {raw[-1]:.1f} cells/s, engine {eng[-1]:.1f} cells/s {detail}",
-            flush=True,
-        )
-    ratios = [e / r for e, r in zip(eng, raw, strict=True)]
+
+# --------------------------------------------------------------------------- engine ÷ raw
+def throughput(args: argparse.Namespace, slide, grid, tissue, model: Path) -> list[dict]:
+    import torch
+
+    from napari_stpredict.model import Predictor
+
+    results = []
+    for threads in args.torch_threads:
+        if threads:
+            torch.set_num_threads(threads)
+        for bs in args.batch_sizes:
+            pred = Predictor(model, device=args.device, batch_size=bs or None)
+            bs = pred.batch_size
+            sets, centre = _cells(slide, grid, tissue, args.cells, args.repeats + 1)
+            n = len(sets[0]) - len(sets[0]) % bs or len(sets[0])
+            sets = [c[:n] for c in sets]
+            rects = grid.cell_rects_px(sets[0][:bs])
+            patches = np.stack(
+                [
+                    slide.read_resampled(
+                        y0, x0, y1 - y0, x1 - x0, out_shape=(grid.patch_px, grid.patch_px)
+                    )
+                    for y0, x0, y1, x1 in rects
+                ]
+            )
+
+            def sync(pred=pred) -> None:
+                if pred.device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            def raw_rate(pred=pred, patches=patches, n=n, bs=bs, sync=sync) -> float:
+                sync()
+                t = time.perf_counter()
+                for _ in range(max(n // bs, 1)):
+                    pred.predict(patches)
+                sync()
+                return max(n // bs, 1) * len(patches) / (time.perf_counter() - t)
+
+            pred.predict(patches)  # warm-up: allocator, autotuning, page cache
+            for workers in args.read_workers:
+                engine_run(
+                    slide,
+                    pred,
+                    grid,
+                    tissue,
+                    sets[-1][: 2 * bs],
+                    workers=workers,
+                    bs=bs,
+                    center=centre,
+                )
+                raw, eng, parts = [], [], []
+                for r in range(args.repeats):
+                    raw.append(raw_rate())
+                    rate, detail = engine_run(
+                        slide, pred, grid, tissue, sets[r], workers=workers, bs=bs, center=centre
+                    )
+                    eng.append(rate)
+                    parts.append(detail)
+                    print(
+                        f"  threads {torch.get_num_threads()} readers {workers} bs {bs} "
+                        f"repeat {r}: raw {raw[-1]:.2f}/s engine {eng[-1]:.2f}/s {detail}",
+                        flush=True,
+                    )
+                ratio_total = (sum(eng) / len(eng)) / (sum(raw) / len(raw))
+                results.append(
+                    {
+                        "device": str(pred.device),
+                        "device_name": torch.cuda.get_device_name(pred.device)
+                        if pred.device.type == "cuda"
+                        else platform.processor() or platform.machine(),
+                        "amp": str(getattr(pred, "_amp", None)),
+                        "torch_threads": torch.get_num_threads(),
+                        "read_workers": workers,
+                        "batch_size": bs,
+                        "cells_per_repeat": n,
+                        "raw_cells_per_s": [round(v, 2) for v in raw],
+                        "engine_cells_per_s": [round(v, 2) for v in eng],
+                        "ratio": [round(e / r, 3) for e, r in zip(eng, raw, strict=True)],
+                        "ratio_of_means": round(ratio_total, 3),
+                        "engine_breakdown": parts,
+                    }
+                )
+            del pred
+    return results
+
+
+def full_map(args, slide, grid, tissue, genes) -> dict:
+    """Time to the full tissue map of the slide with the zero-cost model (feed-limited)."""
+    zero = ZeroModel(genes, grid.patch_px, grid.patch_um)
+    with (
+        tempfile.TemporaryDirectory(prefix="stpredict-bench-cache-") as cache,
+        _open_session(
+            slide, zero, tissue, cache, read_workers=max(args.read_workers), batch_size=64
+        ) as session,
+    ):
+        summary = session.engine.predict_all_tissue()
+        st = session.engine.stats
     return {
-        "slide": slide_path.name,
-        "slide_shape": list(slide.shape),
-        "levels": len(slide.levels),
-        "grid": list(grid.shape),
-        "tissue_cells": int(tissue.sum()),
-        "tissue_mask_s": round(t_mask, 2),
-        "device": str(pred.device),
-        "device_name": torch.cuda.get_device_name(pred.device)
-        if pred.device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "amp": str(getattr(pred, "_amp", None)),
-        "batch_size": bs,
-        "cells_per_repeat": n,
-        "patch_px": grid.patch_px,
-        "cell_px": round(grid.cell_px, 2),
-        "genes": len(pred.genes),
-        "raw_cells_per_s": [round(v, 2) for v in raw],
-        "engine_cells_per_s": [round(v, 2) for v in eng],
-        "ratio": [round(v, 3) for v in ratios],
-        "ratio_median": round(statistics.median(ratios), 3),
-        "engine_breakdown": parts,
-        "torch_threads": torch.get_num_threads(),
+        "model": f"zero-cost, {len(genes)} genes",
+        "tissue_cells": summary.tissue,
+        "seconds": round(summary.seconds, 1),
+        "cells_per_s": round(summary.predicted / summary.seconds, 1),
+        "tiles_decoded": st.tiles_decoded,
+        "tiles_reused": st.tiles_reused,
+        "write_s": round(st.write_s, 1),
     }
 
 
@@ -227,14 +424,11 @@ def rss_child(slide_path: str, model: str, mpp: float, device: str, batch_size: 
     """Run in a fresh process: whole-slide tissue prediction, peak RSS sampled every 20 ms."""
     import psutil
 
-    from napari_stpredict.inference import Engine, PredictionStore, TileGrid
+    from napari_stpredict.inference.session import open_session
     from napari_stpredict.model import Predictor
-    from napari_stpredict.slide import open_slide
 
     proc = psutil.Process()
     pred = Predictor(model, device=device, batch_size=batch_size)
-    slide = open_slide(slide_path, mpp=mpp)
-    grid = TileGrid.for_slide(slide, pred)
     peak = [0]
     stop = threading.Event()
 
@@ -244,28 +438,32 @@ def rss_child(slide_path: str, model: str, mpp: float, device: str, batch_size: 
             time.sleep(0.02)
 
     with tempfile.TemporaryDirectory(prefix="stpredict-bench-cache-") as cache:
-        store = PredictionStore.for_slide(slide, pred, grid, cache_dir=cache)
-        with Engine(slide, pred, grid, store) as engine:
-            before = proc.memory_info().rss
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            t0 = time.perf_counter()
-            _ = engine.tissue  # the automatic tissue mask (bounded: at most 2048 px a side)
-            t_mask = time.perf_counter() - t0
-            after_mask = proc.memory_info().rss
-            summary = engine.predict_all_tissue()
-            stop.set()
-            sampler.join()
+        before = proc.memory_info().rss
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        # slide + automatic tissue mask (bounded: at most 2048 px a side) + store + engine
+        session = open_session(slide_path=slide_path, predictor=pred, mpp=mpp, cache_dir=cache)
+        t_mask = time.perf_counter() - t0
+        after_mask = proc.memory_info().rss
+        with session:
+            summary = session.predict_all_tissue()
+            stats = session.engine.stats
+            shape, grid_shape = session.slide.shape, session.grid.shape
+        stop.set()
+        sampler.join()
     return {
         "slide": Path(slide_path).name,
-        "slide_shape": list(slide.shape),
-        "grid": list(grid.shape),
+        "slide_shape": list(shape),
+        "grid": list(grid_shape),
         "tissue_cells": summary.tissue,
         "predicted": summary.predicted,
-        "tissue_mask_s": round(t_mask, 1),
-        "rss_after_mask_mb": round(after_mask / 2**20),
+        "open_session_s": round(t_mask, 1),
+        "rss_after_open_mb": round(after_mask / 2**20),
         "seconds": round(summary.seconds, 1),
         "cells_per_s": round(summary.predicted / summary.seconds, 2),
+        "tile_cache_peak_mb": round(stats.tile_cache_peak_bytes / 2**20),
+        "write_buffer_peak_mb": round(stats.write_buffer_peak_bytes / 2**20),
         "rss_before_mb": round(before / 2**20),
         "rss_peak_mb": round(peak[0] / 2**20),
         "rss_growth_mb": round((peak[0] - before) / 2**20),
@@ -298,6 +496,10 @@ def memory(
 
 
 # --------------------------------------------------------------------------- main
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_rss":
@@ -313,27 +515,51 @@ def main(argv: list[str] | None = None) -> None:
         "weights, lite0, 64 px per 112 µm, 250 genes — memory is about the slide, not the model)",
     )
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the Predictor's")
+    ap.add_argument(
+        "--batch-sizes", type=_ints, default=[0], help="engine ÷ raw batch sizes (0 = default)"
+    )
     ap.add_argument("--rss-batch-size", type=int, default=None)
-    ap.add_argument("--cells", type=int, default=768, help="cells per timed engine run")
+    ap.add_argument("--cells", type=int, default=256, help="cells per timed engine ÷ raw run")
+    ap.add_argument("--feed-cells", type=int, default=2048, help="cells per feed run")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--read-workers", type=_ints, default=[os.cpu_count() or 1], help="reader threads, e.g. 1,2"
+    )
+    ap.add_argument(
+        "--torch-threads", type=_ints, default=[0], help="torch threads, e.g. 1,2 (0 = default)"
+    )
+    ap.add_argument(
+        "--layouts",
+        type=lambda t: [v for v in t.split(",") if v],
+        default=["8x32", "32x16", "32x32", "32x64", "128x32"],
+        help="store chunk layouts GENESxCELLS to measure ('' = skip)",
+    )
+    ap.add_argument("--layout-genes", type=_ints, default=[785, 3400])
+    ap.add_argument("--layout-cells", type=int, default=4096)
     ap.add_argument(
         "--rss-sizes", default="1,4", help="mosaic sizes for the memory runs ('' = skip)"
     )
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip", default="", help="parts to skip: feed,store,ratio,fullmap")
     ap.add_argument("--workdir", type=Path, help="where mosaics go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
+    skip = {v.strip() for v in args.skip.split(",") if v.strip()}
     if not C2.exists():
         raise SystemExit(f"{C2}: real data not found (set STPREDICT_SHARED_DATA)")
+
+    import torch
+
+    from napari_stpredict.inference import TileGrid
+    from napari_stpredict.model import Predictor
+    from napari_stpredict.slide import open_slide, tissue_mask
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="stpredict-bench-engine-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         mpp = her2st_mpp()
         rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
-        sizes = sorted(set(rss_sizes) | ({4} if not args.skip_throughput else set()))
+        sizes = sorted(set(rss_sizes) | {4})
         print(f"building mosaics {sizes} in {workdir} (mpp {mpp:.4f})", flush=True)
         slides = build_mosaics(workdir, sizes, mpp)
         model = args.model or workdir / "paper_setting_random.safetensors"
@@ -344,16 +570,47 @@ def main(argv: list[str] | None = None) -> None:
             "machine": {
                 "load_avg_at_start": [round(v, 1) for v in os.getloadavg()],
                 "cpu_count": os.cpu_count(),
+                "nice": os.nice(0),
                 "platform": platform.platform(),
                 "python": platform.python_version(),
+                "torch": torch.__version__,
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             },
             "model": str(
                 model if args.model else "random-weight CMRCNet, lite0, 224 px / 112 µm, 785 genes"
             ),
         }
-        if not args.skip_throughput:
-            print("throughput (4x4 mosaic)", flush=True)
-            result["throughput"] = throughput(args, slides[4], model, mpp)
+        probe = Predictor(model, device="cpu")
+        genes, meta = list(probe.genes), probe
+        with open_slide(slides[4], mpp=mpp) as slide:
+            grid = TileGrid.for_slide(slide, meta)
+            t0 = time.perf_counter()
+            tissue = grid.tissue_cells(tissue_mask(slide), 0.2)
+            result["slide"] = {
+                "name": slides[4].name,
+                "shape": list(slide.shape),
+                "grid": list(grid.shape),
+                "tissue_cells": int(tissue.sum()),
+                "tissue_mask_s": round(time.perf_counter() - t0, 2),
+                "cell_px": round(grid.cell_px, 2),
+                "patch_px": grid.patch_px,
+            }
+            del probe, meta
+            if "feed" not in skip:
+                print("feed rate (zero-cost model) and decode limit, same cells", flush=True)
+                result["feed"] = feed(args, slide, grid, tissue, genes)
+            if "store" not in skip and args.layouts:
+                print("store chunk layouts: buffered writes and one-gene reads", flush=True)
+                result["store"] = [
+                    row for g in args.layout_genes for row in store_layouts(args, grid, g)
+                ]
+            if "ratio" not in skip:
+                print("engine ÷ raw model", flush=True)
+                result["throughput"] = throughput(args, slide, grid, tissue, model)
+            if "fullmap" not in skip:
+                print("full tissue map, zero-cost model", flush=True)
+                result["full_map"] = full_map(args, slide, grid, tissue, genes)
+                print(f"  {result['full_map']}", flush=True)
         if rss_sizes:
             print("peak memory of whole-slide tissue prediction", flush=True)
             if args.rss_model == "same":

@@ -7,7 +7,11 @@
 # seed 0, top-k 50 for the retrieval methods. Threads: OMP_NUM_THREADS=1 is much faster than 2
 # threads on a shared 2-core machine (thread hand-offs stall under load); drop it on your own box.
 #
-# Usage: benchmarks/run_evaluation.sh [her2st-loso|her2st-lopo|mob|seeds|tune|all]  (repo root)
+# Every comparison includes ridge (frozen features → PCA 256 → ridge, alpha by inner CV on the
+# training sections; closed form, the same features). EXTRA="--tta 8 --context 3" adds options
+# to every run (and NAME_SUFFIX names the outputs), e.g. the TTA/context arms.
+#
+# Usage: benchmarks/run_evaluation.sh [her2st-loso|her2st-lopo|mob|seeds|tune|study|all]  (repo root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +24,14 @@ BUDGET=(--pretrained offline --train-backbone none --patch-px 112 --epochs 20
         --steps-per-epoch 15 --batch-size 64 --device cpu --feature-cache "$CACHE")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 NICE=(nice -n 10)
+METHODS=${METHODS:-cmrc,bleep,regression,ridge}
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+SUFFIX=${NAME_SUFFIX:-}
 
 run() {  # name, manifest, extra options... (seed 0, with a report)
-  local name=$1 manifest=$2
+  local name=$1$SUFFIX manifest=$2
   shift 2
-  "${NICE[@]}" "$STPREDICT" evaluate "$manifest" --methods cmrc,bleep,regression "$@" "${BUDGET[@]}" \
+  "${NICE[@]}" "$STPREDICT" evaluate "$manifest" --methods "$METHODS" "$@" "${BUDGET[@]}" "${EXTRA_ARGS[@]}" \
     --seed 0 --work-dir "$WORK/$name" --out "docs/results/$name.json" --report "docs/results/$name" \
     --overwrite
 }
@@ -45,7 +52,7 @@ if [[ $what == seeds || $what == all ]]; then
   # the same leave-one-section-out run with two more seeds (numbers only): how much of a
   # difference between methods is just the random initialisation and data order?
   for seed in 1 2; do
-    "${NICE[@]}" "$STPREDICT" evaluate benchmarks/data/her2st.yaml --methods cmrc,bleep,regression \
+    "${NICE[@]}" "$STPREDICT" evaluate benchmarks/data/her2st.yaml --methods "$METHODS" \
       --cv leave-one-section-out --genes "$PANEL" "${BUDGET[@]}" --seed "$seed" \
       --work-dir "$WORK/her2st_loso_seed$seed" --out "docs/results/her2st_loso_seed$seed.json" --overwrite
   done
@@ -54,4 +61,10 @@ if [[ $what == tune || $what == all ]]; then
   # nested, validation-only tuning of CMRCNet and BLEEP (see benchmarks/tune_retrieval.py)
   "${NICE[@]}" "${PYTHON:-python}" benchmarks/tune_retrieval.py benchmarks/data/her2st.yaml --genes "$PANEL" \
     --feature-cache "$CACHE" --work "$WORK/tune" --out docs/results/tune_her2st.json
+fi
+if [[ $what == study || $what == all ]]; then
+  # ± TTA, ± context for all four methods on the same cached frozen features, retrieval k and
+  # weighting chosen on validation sections only (see benchmarks/study_accuracy.py)
+  "${NICE[@]}" "${PYTHON:-python}" benchmarks/study_accuracy.py benchmarks/data/her2st.yaml --genes "$PANEL" \
+    --cache /tmp/stpredict-study --out docs/results/study_her2st.json
 fi

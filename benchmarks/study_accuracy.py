@@ -226,6 +226,12 @@ def main() -> None:
     ap.add_argument("--methods", default="ridge,regression,bleep,cmrc")
     ap.add_argument("--cv", default="leave-one-section-out,leave-one-patient-out")
     ap.add_argument("--arms", default="1:0,8:0,1:1,8:1", help="tta:context pairs")
+    ap.add_argument(
+        "--tune",
+        default="all",
+        help="arms (tta:context, comma-separated) whose retrieval k/weighting is chosen on "
+        "validation sections ('all', or '' for none)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     m = load_manifest(args.manifest)
@@ -260,16 +266,15 @@ def main() -> None:
                     test = list(fold.test)
                     settings = [("mean", None, 50)]
                     chosen = "mean:None:50"
-                    if method in ("bleep", "cmrc") and len(train) >= 2:
+                    tune = args.tune == "all" or f"{tta}:{ctx}" in args.tune.split(",")
+                    if tune and method in ("bleep", "cmrc") and len(train) >= 2:
                         # validation-only choice of (weighting, T, k)
                         val = train[(names.index(train[-1]) + 1) % len(train)]
                         inner = [n for n in train if n != val]
                         vp, _ = fit_predict(
                             method, secs, inner, [val], tta=tta, ctx=ctx, settings=RETRIEVAL_GRID
                         )
-                        vs = {
-                            key: score(secs, [val], p, genes)["pcc_heg"] for key, p in vp.items()
-                        }
+                        vs = {key: score(secs, [val], p, genes)["pcc_heg"] for key, p in vp.items()}
                         chosen = max(vs, key=vs.get)
                         w, t, k = chosen.split(":")
                         settings = [
@@ -282,13 +287,13 @@ def main() -> None:
                     row = {"test": test, **extra}
                     key0 = "-" if method in ("ridge", "regression") else "mean:None:50"
                     row["default"] = score(secs, test, preds[key0], genes)
-                    if method in ("bleep", "cmrc"):
+                    if len(settings) > 1:
                         row["tuned_setting"] = chosen
                         row["tuned"] = score(secs, test, preds[chosen], genes)
                     per_fold.append(row)
                 summ = {}
                 for which in ("default", "tuned"):
-                    if which in per_fold[0]:
+                    if all(which in f for f in per_fold):
                         ks = per_fold[0][which].keys()
                         summ[which] = {
                             k: [

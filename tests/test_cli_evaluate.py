@@ -60,7 +60,7 @@ def test_cli_evaluate_outputs(cli_run, capsys):
     code, out = cli_run
     assert code == 1  # a failed fold is reported with exit code 1, the rest is written
     d = json.loads((out / "r.json").read_text())
-    assert set(d["methods"]) == {"cmrc", "bleep", "regression"}
+    assert set(d["methods"]) == {"cmrc", "bleep", "regression", "ridge"}  # ridge: B, issue 11
     assert d["config"]["cv"] == "test-sections"
     assert d["config"]["folds"] == [{"train": ["C3"], "test": ["C2"]}]
     assert d["config"]["train"]["backbone"] == "test_efficientnet"

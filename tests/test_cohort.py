@@ -345,3 +345,27 @@ def test_existing_cluster_by_address(tmp_path, wsi_dir, tiny_model_file):
         connect("tcp://127.0.0.1:9", timeout_s=1),
     ):
         pass
+
+
+def test_folder_takes_only_what_open_slide_reads_and_names_are_safe(tmp_path, wsi_dir):
+    from napari_stpredict.slide.opener import SLIDE_SUFFIXES
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.mrxs", "b.scn", "c.bif", "notes.txt"):
+        (folder / name).write_text("not a slide we read\n")
+    (folder / "C3 (HE).svs").write_bytes((wsi_dir / "small.svs").read_bytes())
+    pairs = collect_slides([folder])
+    assert [p.name for p, _ in pairs] == ["C3 (HE).svs"]
+    assert [n for _, n in pairs] == ["C3_HE"]
+    assert ".mrxs" not in SLIDE_SUFFIXES
+
+
+def test_rows_are_typed_and_read_as_mappings(tmp_path):
+    from napari_stpredict.cohort import SlideJob, SlideRow
+
+    job = SlideJob("s.svs", "s", "m.safetensors", "0" * 64, str(tmp_path))
+    row = SlideRow.failed(job, StPredictError("s.svs: corrupt\nmore"), 0.5)
+    assert row.status == row["status"] == "failed" and row["error"] == "s.svs: corrupt"
+    assert json.loads(json.dumps(row.to_dict()))["export_errors"] == {}
+    assert dict(row)["name"] == "s" and SlideRow.cancelled(job)["status"] == "cancelled"

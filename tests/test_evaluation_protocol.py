@@ -237,17 +237,24 @@ def evaluated(two_sections, tmp_path_factory):
 
 def test_evaluate_end_to_end(evaluated):
     res, _, calls = evaluated
-    assert list(res.methods) == ["cmrc", "bleep", "regression"]
+    assert list(res.methods) == ["cmrc", "bleep", "regression", "ridge"]
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
-    for name in ("cmrc", "bleep", "regression"):
+    for name in ("cmrc", "bleep", "regression", "ridge"):
         m = d["methods"][name]
         assert [f["test"] for f in m["folds"]] == [["C2"], ["C3"]]
         assert all("error" not in f for f in m["folds"]), m["folds"]
         for k in ("pcc_heg", "pcc_hvg", "pcc_all", "mse", "mae", "gene_gene_corr"):
             assert isinstance(m["mean"][k], float)
         assert -1 <= m["mean"]["pcc_all"] <= 1 and m["mean"]["mse"] > 0
-        assert all(f["training"]["steps"] == 2 for f in m["folds"])  # the same budget for all
-    assert calls[-1][:2] == (6, 6)  # 2 folds × 3 methods
+        # the same budget for all; ridge is solved in closed form (no gradient steps)
+        steps = 0 if name == "ridge" else 2
+        assert all(f["training"]["steps"] == steps for f in m["folds"])
+        # pcc_mg says how many markers it averaged and which (none of 40 HVGs may be one)
+        assert m["pcc_mg_n"] == len(m["pcc_mg_genes"])
+        for f in m["folds"]:
+            for sec in f["sections"].values():
+                assert sec["n_mg"] == len(sec["mg_genes"])
+    assert calls[-1][:2] == (8, 8)  # 2 folds × 4 methods
     # identical data and budget: same panel within a fold, same training sections
     for i, test in enumerate(("C2", "C3")):
         panels = {tuple(res.methods[m].folds[i].sections[0].genes) for m in res.methods}
@@ -277,7 +284,7 @@ def test_no_leakage_in_fold_models(evaluated):
                 bank = {names[i] for i in mf.bank_section_index.tolist()}
                 assert bank == set(f.train), (name, bank)
             else:
-                assert name == "regression"
+                assert name in ("regression", "ridge")
 
 
 def test_score_model_matches_fold_and_refuses_leaks(evaluated, two_sections):
@@ -334,3 +341,58 @@ def test_validation_sections_stay_inside_the_fold(tmp_path):
     assert cfg.val_sections is None and "A2" not in train_sections
     with pytest.raises(StPredictError, match="validation"):
         _fold_config(TrainConfig(val_sections=["B4"]), "cmrc", make_folds(SPECS[:2])[1], tmp_path)
+
+
+def test_ridge_fold_model_records_its_fit(evaluated):
+    """The ridge fold model is a normal model file: PCA + ridge tensors, the fit in metadata,
+    alpha chosen on the training section only (one training section: random inner folds)."""
+    from napari_stpredict.model import Predictor, load_model_file
+
+    res, _, _ = evaluated
+    fold = res.methods["ridge"].folds[0]
+    mf = load_model_file(fold.model_path)
+    meta = mf.metadata
+    assert meta["method"] == "ridge" and mf.bank_embeddings is None
+    assert {"pca_mean", "pca_components", "coef", "intercept"} <= set(mf.state_dict)
+    info = meta["ridge"]
+    assert info["n_components"] == mf.state_dict["pca_components"].shape[0]
+    assert info["cv"]["scheme"].endswith("random") and len(info["cv"]["scores"]) == len(
+        info["cv"]["alphas_relative"]
+    )
+    assert meta["training_sections"] == fold.train
+    p = Predictor(fold.model_path, device="cpu")
+    assert p.top_k is None and p.method == "ridge"
+
+
+def test_scoring_overrides_tta_and_weighting(evaluated, two_sections):
+    """score_model's predictor options change the scoring, are recorded, and are checked."""
+    from napari_stpredict.evaluation import score_model
+
+    res, _, _ = evaluated
+    fold = res.methods["bleep"].folds[0]
+    opts = {"tta": 2, "weighting": "softmax", "temperature": 0.05}
+    again = score_model(
+        fold.model_path, two_sections, test_sections=["C2"], device="cpu", predictor_options=opts
+    )
+    assert again.config["predictor"] == opts
+    got = again.methods["bleep"].folds[0].metrics
+    assert got["pcc_all"] != pytest.approx(fold.metrics["pcc_all"], abs=1e-9)
+    with pytest.raises(StPredictError, match="tta"):
+        score_model(fold.model_path, two_sections, test_sections=["C2"],
+                    predictor_options={"tta": 3})  # fmt: skip
+
+
+def test_cli_unknown_gene_fails_before_training(two_sections, tmp_path, capsys):
+    """`evaluate --genes NOTAGENE`: one line on stderr, exit 2, no fold trained (14.6)."""
+    from napari_stpredict.cli import main
+
+    work = tmp_path / "work"
+    code = main(["evaluate", str(two_sections), "--genes", "NOTAGENE", "--work-dir", str(work),
+                 "--out", str(tmp_path / "r.json"), "--device", "cpu"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    err = captured.err.strip()
+    assert err.startswith("stpredict: error:") and "NOTAGENE" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+    assert not list(work.glob("fold*/*.safetensors"))

@@ -195,6 +195,7 @@ def test_ome_zarr_slide_at_store_path_is_refused_not_deleted(tmp_path, her2st_di
     from napari_stpredict.slide import open_slide, write_ome_zarr
 
     target = tmp_path / "out" / "predictions.zarr"
+    target.parent.mkdir()
     with open_slide(her2st_dir / "images" / "C3.jpg", mpp=0.6) as src:
         write_ome_zarr(src, target, tile=512)
     before = sorted(p.name for p in target.iterdir())

@@ -335,7 +335,7 @@ def test_context_field_concatenates_pooled_features(batch):
     assert model.config["n_fields"] == 2 and model.feature_dim == 2 * model.encoder.num_features
     two = torch.stack([images, images.flip(-1)], 1)  # (B, 2, 3, P, P)
     with torch.no_grad():
-        tokens, pooled = model.encode_fields(two)
+        _, pooled = model.encode_fields(two)
         _, p0 = model.encoder(images)
         _, p1 = model.encoder(images.flip(-1))
         assert torch.allclose(pooled, torch.cat([p0, p1], 1), atol=1e-5)

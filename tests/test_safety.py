@@ -535,7 +535,7 @@ def test_an_export_that_cannot_be_made_never_fails_the_slide(
     assert row["export_errors"] == {"geojson": "tumour signature: too few genes"}
 
 
-def test_export_message_is_partial_only_when_tissue_tiles_are_missing(real_store, tmp_path):
+def test_export_is_partial_only_when_tissue_tiles_are_missing(real_store, tmp_path):
     from napari_stpredict.export import export_csv
     from napari_stpredict.export._predictions import as_predictions
 
@@ -544,7 +544,7 @@ def test_export_message_is_partial_only_when_tissue_tiles_are_missing(real_store
     done = pred.predicted()
     pred.set_tissue(done)  # the tissue is exactly what was predicted
     res = export_csv(pred, tmp_path / "a.csv")
-    assert not res.partial and "partial" not in res.message()
+    assert not res.partial and "; partial:" not in res.message()
     tissue = done.copy()
     tissue[0, 0] = True  # one tissue tile not predicted
     pred.set_tissue(tissue)

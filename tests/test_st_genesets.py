@@ -172,3 +172,51 @@ def test_gene_stats_both_layouts():
     np.testing.assert_allclose(s["mean"], [1, 2])
     np.testing.assert_allclose(s["std"], [0.5, 1.0])
     assert header_gene_stats({"genes": ["A"]}) is None
+
+
+# ----------------------------------------------------------------------------- training
+def test_train_with_defaults_has_the_markers_and_says_so(
+    her2st_dir, benchmarks_data_dir, tmp_path, capsys
+):
+    """`stpredict train` on her2st.yaml with default genes (frozen backbone, one step, 32 px):
+    the model predicts the markers a pathologist looks for, and the run says what it has."""
+    from napari_stpredict.cli import main
+
+    manifest = benchmarks_data_dir / "her2st.yaml"
+    out = tmp_path / "default.safetensors"
+    args = ["train", str(manifest), "--out", str(out), "--quiet", "--device", "cpu"]
+    args += ["--train-backbone", "none", "--pretrained", "none", "--epochs", "1"]
+    args += ["--max-steps", "1", "--patch-px", "32", "--add-genes", "CDCA1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    meta = read_model_header(out)
+    genes = set(meta["genes"])
+    for g in (*MUST_HAVE, "NUF2"):  # the --add-genes alias resolved
+        assert g in genes, g
+    adatas = read_sections(manifest, check_image=False)
+    measured = set.intersection(*(set(a.var_names) for a in adatas))
+    assert {g for g in DEFAULT_TUMOR_GENES if g in measured} <= genes
+    assert meta["tumor_signature"] == [g for g in DEFAULT_TUMOR_GENES if g in measured]
+    rec = meta["markers"]
+    assert rec["set"] == "breast" and rec["panel"] == "default"
+    assert set(rec["in_panel"]) <= genes and not set(rec["missing"]) & genes
+    assert set(rec["missing"]) == {g for g in BREAST_CANCER_MARKERS if g not in measured}
+    assert meta["genes"][: len(rec["in_panel"])] == rec["in_panel"]  # markers first
+    assert f"markers (breast): {len(rec['in_panel'])} of " in text
+    assert "tumour signature: ERBB2, GRB7, KRT19, EPCAM, KRT8, KRT18, CDH1" in text
+    if rec["missing"]:
+        assert "requested but not measured in every section" in text
+    assert tumour_support(meta) == (True, "")
+
+
+def test_bad_marker_set_is_refused_before_training(
+    her2st_dir, benchmarks_data_dir, tmp_path, capsys
+):
+    from napari_stpredict.cli import main
+
+    out = tmp_path / "never.safetensors"
+    manifest = benchmarks_data_dir / "her2st.yaml"
+    assert main(["train", str(manifest), "--out", str(out), "--markers", "brest", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "markers 'brest'" in err[0] and "pan-cancer" in err[0]
+    assert not out.exists()

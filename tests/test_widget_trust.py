@@ -486,9 +486,12 @@ def test_no_file_zarr_or_join_on_the_gui_thread(
     qtbot.waitUntil(lambda: not ew.busy, timeout=WAIT_MS)
     assert "error" not in ew.report.toPlainText(), ew.report.toPlainText()
     # clear the cache, change µm/px (retires the session: its reader pool is joined)
+    before = widget.session
     widget.clear_cache()
-    qtbot.waitUntil(lambda: "cache cleared" in widget.status_label.text(), timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: widget.session is not None, timeout=WAIT_MS)
+    qtbot.waitUntil(
+        lambda: widget.session is not None and widget.session is not before, timeout=WAIT_MS
+    )
+    assert widget.n_done == 0, "the cache was cleared: the new session starts empty"
     widget.set_mpp(mpp * 1.01)
     qtbot.waitUntil(lambda: widget.session is not None, timeout=WAIT_MS)
     assert rec.counts["off"] > 0, "the patched calls ran (in workers)"

@@ -684,9 +684,8 @@ def run_demo(
         on_stage=on_stage,
     )
 
-    from napari_stpredict.inference import Engine, PredictionStore, TileGrid
+    from napari_stpredict.inference.session import open_session
     from napari_stpredict.model import Predictor
-    from napari_stpredict.slide import open_slide, tissue_mask
 
     if on_stage is not None:
         on_stage(f"predicting {inputs.slide.name}")
@@ -701,21 +700,23 @@ def run_demo(
         markers = [known[g.upper()] for g in genes]
     else:
         markers = pick_markers(predictor.genes, config.markers)
-    with open_slide(inputs.slide, mpp=inputs.mpp) as sl:
-        grid = TileGrid.for_slide(sl, predictor)
-        tissue = grid.tissue_cells(tissue_mask(sl))
-        cells = np.argwhere(tissue)
+    with open_session(
+        slide_path=inputs.slide,
+        predictor=predictor,
+        mpp=inputs.mpp,
+        cache_dir=cache / "predictions",
+    ) as session:
+        tissue, store = session.tissue, session.store
+        cells = session.tissue_cell_list()
         if config.max_cells is not None and len(cells) > config.max_cells:
             # the cells nearest the tissue's centre: the part a viewer would show first
             centre = cells.mean(axis=0)
             order = np.argsort(((cells - centre) ** 2).sum(axis=1), kind="stable")
             cells = cells[np.sort(order[: config.max_cells])]
-        store = PredictionStore.for_slide(sl, predictor, grid, cache_dir=cache / "predictions")
         before = int(store.is_done(cells).sum()) if len(cells) else 0
-        with Engine(sl, predictor, grid, store, tissue=tissue) as engine:
-            for _ in engine.run(cells, cancel=cancel, progress=progress):
-                pass
-        mpp = sl.mpp
+        for _ in session.engine.run(cells, cancel=cancel, progress=progress):
+            pass
+        mpp = session.slide.mpp
     values = store.read_cells(cells, markers) if len(cells) else np.empty((0, len(markers)))
     means = {
         g: (float(np.nanmean(values[:, k])) if np.isfinite(values[:, k]).any() else None)

@@ -114,7 +114,7 @@ def demo(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="A tiny budget (seconds): a few training steps on one section, few cells. "
+        help="A tiny budget (seconds): a few training steps on one section, few tiles. "
         "For smoke tests; the model is not meant to be looked at.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -272,10 +272,10 @@ def _tumor_when_view_is_predicted(widget, tumor_widget, predictor) -> None:
     """Compute the tumour layer once the first view is predicted (if the model has markers)."""
     from qtpy.QtCore import QTimer
 
-    from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
+    from napari_stpredict.st.genesets import tumour_support
 
-    if not set(DEFAULT_TUMOR_GENES) & set(predictor.genes):
-        return  # a score from no marker would only raise an error notification
+    if not tumour_support(predictor)[0]:
+        return  # a score from too few signature genes would only raise an error notification
     timer = QTimer(tumor_widget)
     timer.setInterval(300)
 
@@ -297,7 +297,7 @@ def _print_summary(console, s: dict[str, Any]) -> None:
     table.add_row("model", f"{s['model']} ({'trained now' if s['trained'] else 'cached'})")
     table.add_row("slide", f"{s['slide']} ({s['mpp']:.3f} µm/px)" if s["mpp"] else s["slide"])
     table.add_row("genes", str(s["genes"]))
-    table.add_row("tissue cells", str(s["cells"]))
+    table.add_row("tissue tiles", str(s["cells"]))
     table.add_row("predicted now", f"{s['predicted']} of {s['requested']} requested")
     for g, v in s["marker_means"].items():
         table.add_row(f"mean {g}", "—" if v is None else f"{v:.3f}")

@@ -16,7 +16,10 @@ def _row_line(row) -> str:
     """One printed line per finished slide (status, tiles, error, exports not made)."""
     extra = f": {row['error']}" if row.get("error") else ""
     tiles = f" ({row['cells']} tiles)" if row.get("cells") is not None else ""
-    text = f"{status_markup(row['status']):>8} {row['name']}{tiles}{extra}"
+    pad = " " * max(0, 8 - len(row["status"]))
+    text = f"{pad}{status_markup(row['status'])} {row['name']}{tiles}{extra}"
+    for note in row.get("notes") or []:
+        text += f"\n         [yellow]note[/yellow]: {note}"
     for kind, reason in (row.get("export_errors") or {}).items():
         text += f"\n         [yellow]export {kind} not written[/yellow]: {reason}"
     return text

@@ -67,9 +67,8 @@ def info(
         else "unknown (use --mpp)"
     )
     console.print(f"[bold]{doc['path']}[/bold]")
-    console.print(
-        f"format: {doc['format']}   mpp: {mpp_text}   size: {doc['shape'][0]} x {doc['shape'][1]} px"
-    )
+    h, w = doc["shape"]
+    console.print(f"format: {doc['format']}   mpp: {mpp_text}   size: {w} × {h} px (w × h)")
     table = Table("level", "shape (h, w, c)", "downsample", "chunks", "stored")
     for i, lv in enumerate(doc["levels"]):
         table.add_row(
@@ -80,6 +79,11 @@ def info(
             "yes" if lv["stored"] else "lazy",
         )
     console.print(table)
+    if doc["metadata"].get("decoded") == "on first read":
+        console.print(
+            "[yellow]note:[/yellow] large JPEG/PNG: it cannot be read tile by tile; convert it "
+            "to a tiled pyramid once (stpredict convert SRC DST.ome.tif --mpp X)"
+        )
     if doc["metadata"].get("mpp_suspect"):
         console.print(f"[yellow]warning:[/yellow] {doc['metadata']['mpp_suspect']} (--mpp)")
 
@@ -138,7 +142,9 @@ def convert(
         check_replaceable(dst)
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    with open_slide(src, mpp=mpp) as slide:
+    with open_slide(
+        src, mpp=mpp, max_image_pixels=None
+    ) as slide:  # big JPEG/PNG: convert is the cure
         if slide.mpp is None:
             console.print(
                 f"[yellow]note:[/yellow] {src} has no resolution; writing without µm/px (pass --mpp)"

@@ -15,39 +15,19 @@ from napari_stpredict.errors import StPredictError
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)")
 
 
-class _RichProgress:
-    """Adapts ``progress(done, total, msg)`` to rich: one bar per epoch, one for other phases."""
+def _train_progress(bars):
+    """``progress(done, total, msg)`` → one bar per epoch (``"epoch E/N loss L"``) and one per
+    other phase (keyed by its first word: reading, extracting, building)."""
 
-    def __init__(self, progress) -> None:
-        self.progress = progress
-        self.epoch_tasks: dict[str, int] = {}
-        self.phase_task: int | None = None
-        self.phase_msg = ""
-
-    def __call__(self, done: int, total: int | None, message: str = "") -> None:
+    def progress(done: int, total: int | None, message: str = "") -> None:
         m = _EPOCH.match(message)
         if m:
-            key = m.group(0)
-            if key not in self.epoch_tasks:
-                self._finish_phase()
-                self.epoch_tasks[key] = self.progress.add_task(key, total=total)
-            loss = message[len(key) :].strip()
-            self.progress.update(
-                self.epoch_tasks[key], completed=done, total=total, description=f"{key} {loss}"
-            )
-            return
-        if self.phase_task is None or message.split(" ")[0] != self.phase_msg.split(" ")[0]:
-            self._finish_phase()
-            self.phase_task = self.progress.add_task(message or "working", total=total)
-        self.phase_msg = message
-        self.progress.update(self.phase_task, completed=done, total=total, description=message)
+            bars.update(m.group(0), done, total, message[m.end() :].strip())
+        else:
+            key = message.split(" ")[0] or "working"
+            bars.update(key, done, total, "", label=message or "working")
 
-    def _finish_phase(self) -> None:
-        if self.phase_task is not None:
-            task = self.progress.tasks[self.phase_task]
-            if task.total:
-                self.progress.update(self.phase_task, completed=task.total)
-            self.phase_task = None
+    return progress
 
 
 def _section_list(value: str | None) -> list[str] | None:
@@ -82,6 +62,15 @@ def train_command(
     ),
     n_top_genes: int = typer.Option(
         1000, "--n-top-genes", help="Without --genes: top-N HVGs per section."
+    ),
+    markers: str = typer.Option(
+        "breast",
+        "--markers",
+        help="Marker genes always in the default panel: breast, pan-cancer, none, or a gene "
+        "list file.",
+    ),
+    add_genes: str | None = typer.Option(
+        None, "--add-genes", help="More genes for the panel, comma-separated (e.g. FASN,SCD)."
     ),
     patch_um: float = typer.Option(112.0, "--patch-um", help="Patch side in µm."),
     patch_px: int | None = typer.Option(
@@ -144,104 +133,88 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model on sections with paired spatial transcriptomics and write a model file."""
-    from napari_stpredict.training import TrainConfig, train
+    from napari_stpredict.cli._progress import Bars
+    from napari_stpredict.training import train
 
-    kwargs_dict: dict = {}
-    if model_kwargs:
-        try:
-            kwargs_dict = json.loads(model_kwargs)
-        except json.JSONDecodeError as err:
-            raise StPredictError(f"--model-kwargs: not valid JSON ({err.msg})") from None
-        if not isinstance(kwargs_dict, dict):
-            raise StPredictError("--model-kwargs: expected a JSON object")
-    config = TrainConfig(
-        method=method,
-        backbone=backbone,
-        pretrained=pretrained,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        genes=str(genes) if genes is not None else None,
-        n_top_genes=n_top_genes,
-        patch_um=patch_um,
-        patch_px=patch_px,
-        val_sections=_section_list(val_sections),
-        val_fraction=val_fraction,
-        device=device,
-        seed=seed,
-        max_steps=max_steps,
-        steps_per_epoch=steps_per_epoch,
-        train_backbone=train_backbone,
-        stain_augment=stain_augment,
-        context=context,
-        tta=tta,
-        top_k=top_k,
-        num_workers=num_workers,
-        feature_cache_dir=str(feature_cache) if feature_cache is not None else None,
-        model_kwargs=kwargs_dict,
-    )
-    config.validate()
+    config = _make_config(dict(locals()))
     if genes is not None and not genes.exists():
         raise StPredictError(f"{genes}: gene list not found")
 
-    from rich.console import Console
+    with Bars(enabled=not quiet) as bars:
 
-    console = Console(stderr=True)
-    lines: list[str] = []
+        def note(message: str) -> None:
+            if not quiet:
+                bars.progress.console.print(message, markup=False, highlight=False)
 
-    def on_epoch(entry: dict) -> None:
-        parts = [f"epoch {entry['epoch']}", f"train loss {entry['train_loss']:.4f}"]
-        if "val_loss" in entry:
-            parts.append(f"val loss {entry['val_loss']:.4f}")
-        if entry.get("val_pcc") is not None:
-            parts.append(f"val PCC {entry['val_pcc']:.3f}")
-        parts.append(f"{entry.get('patches_per_s') or 0:.1f} patches/s")
-        lines.append(" · ".join(parts))
-        if not quiet:
-            console.print(lines[-1])
-
-    def note(message: str) -> None:
-        if not quiet:
-            console.print(message, markup=False, highlight=False)
-
-    kwargs = dict(
-        out=out,
-        log=note,
-        sections=_section_list(sections),
-        resume=resume,
-        overwrite=overwrite,
-        on_epoch=on_epoch,
-    )
-    if quiet:
-        result = train(manifest, config, **kwargs)
-    else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
+        result = train(
+            manifest,
+            config,
+            out=out,
+            sections=_section_list(sections),
+            resume=resume,
+            overwrite=overwrite,
+            progress=_train_progress(bars),
+            on_epoch=lambda entry: note(_epoch_line(entry)),
+            log=note,
         )
+    _print_summary(result, as_json=as_json)
 
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
-            result = train(manifest, config, progress=_RichProgress(bar), **kwargs)
+
+def _make_config(options: dict):
+    """The :class:`TrainConfig` of the command's options (checked, one line on bad values)."""
+    from napari_stpredict.training import TrainConfig
+
+    kwargs: dict = {}
+    if options["model_kwargs"]:
+        try:
+            kwargs = json.loads(options["model_kwargs"])
+        except json.JSONDecodeError as err:
+            raise StPredictError(f"--model-kwargs: not valid JSON ({err.msg})") from None
+        if not isinstance(kwargs, dict):
+            raise StPredictError("--model-kwargs: expected a JSON object")
+    same = [
+        "method", "backbone", "pretrained", "epochs", "batch_size", "lr", "n_top_genes",
+        "patch_um", "patch_px", "val_fraction", "device", "seed", "max_steps", "steps_per_epoch",
+        "train_backbone", "stain_augment", "context", "tta", "top_k", "num_workers",
+    ]  # fmt: skip
+    genes, cache = options["genes"], options["feature_cache"]
+    config = TrainConfig(
+        **{k: options[k] for k in same},
+        genes=str(genes) if genes is not None else None,
+        val_sections=_section_list(options["val_sections"]),
+        markers=options["markers"],
+        add_genes=[g.strip() for g in (options["add_genes"] or "").split(",") if g.strip()] or None,
+        feature_cache_dir=str(cache) if cache is not None else None,
+        model_kwargs=kwargs,
+    )
+    config.validate()
+    return config
+
+
+def _epoch_line(entry: dict) -> str:
+    parts = [f"epoch {entry['epoch']}", f"train loss {entry['train_loss']:.4f}"]
+    if "val_loss" in entry:
+        parts.append(f"val loss {entry['val_loss']:.4f}")
+    if entry.get("val_pcc") is not None:
+        parts.append(f"val PCC {entry['val_pcc']:.3f}")
+    parts.append(f"{entry.get('patches_per_s') or 0:.1f} patches/s")
+    return " · ".join(parts)
+
+
+def _print_summary(result, *, as_json: bool) -> None:
+    meta = result.metadata
     summary = {
         "model": str(result.model_path),
-        "method": result.metadata["method"],
-        "backbone": result.metadata["backbone"],
-        "genes": len(result.metadata["genes"]),
-        "training_sections": result.metadata["training_sections"],
-        "n_bank": result.metadata["n_bank"],
+        "method": meta["method"],
+        "backbone": meta["backbone"],
+        "genes": len(meta["genes"]),
+        "training_sections": meta["training_sections"],
+        "n_bank": meta["n_bank"],
         "best_epoch": result.best_epoch,
         "resumed_from": result.resumed_from,
         "plan": result.plan,
+        "markers": meta.get("markers"),
+        "tumor_signature": meta.get("tumor_signature"),
         "history": result.history,
     }
     if as_json:
@@ -249,7 +222,11 @@ def train_command(
         return
     resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
     typer.echo(
-        f"wrote {result.model_path}: {summary['method']} / {summary['backbone']}, {summary['genes']} genes, "
-        f"{summary['n_bank']} reference spots from {', '.join(summary['training_sections'])}; "
-        f"best epoch {result.best_epoch}{resumed}"
+        f"wrote {result.model_path}: {summary['method']} / {summary['backbone']}, "
+        f"{summary['genes']} genes, {summary['n_bank']} reference spots from "
+        f"{', '.join(summary['training_sections'])}; best epoch {result.best_epoch}{resumed}"
     )
+    from napari_stpredict.st.genesets import marker_report
+
+    for line in marker_report(meta):
+        typer.echo(line)

@@ -1,6 +1,6 @@
 """``stpredict view``: open a slide in napari with the "Predict expression" widget docked and set.
 
-With ``--screenshot`` it waits until every visible tissue cell is predicted and drawn, saves the
+With ``--screenshot`` it waits until every visible tissue tile is predicted and drawn, saves the
 canvas (slide + heatmaps) and exits: scripted figures, and a headless check of the whole
 product under ``xvfb-run``.
 """
@@ -71,11 +71,14 @@ def view(
         None, "--stride-um", help="Grid stride in µm (default: the model's patch size)."
     ),
     mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel, overriding the file."),
+    smooth: bool = typer.Option(
+        False, "--smooth", help="Interpolate heatmaps between tile centres (display only)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     screenshot: Path | None = typer.Option(
         None,
         "--screenshot",
-        help="Save the canvas to this PNG once the visible cells are predicted, then exit.",
+        help="Save the canvas to this PNG once the visible tiles are predicted, then exit.",
     ),
     window: bool = typer.Option(
         False, "--window", help="With --screenshot: save the whole window, panels included."
@@ -128,6 +131,7 @@ def view(
         stride_um=stride_um,
         mpp=mpp,
         slide_mpp=slide_mpp,
+        smooth=smooth,
         device=device,
         screenshot=screenshot,
         whole_window=window,
@@ -149,6 +153,7 @@ def _run_viewer(
     stride_um: float | None,
     mpp: float | None,
     slide_mpp: float | None,
+    smooth: bool,
     device: str,
     screenshot: Path | None,
     whole_window: bool,
@@ -172,6 +177,7 @@ def _run_viewer(
         stride_um=stride_um,
         device=device,
     )
+    widget.set_smooth(smooth)
 
     # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
     # at the model's scale: convert the µm options to layer units

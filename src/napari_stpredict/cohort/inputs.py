@@ -18,7 +18,7 @@ from napari_stpredict.errors import ModelFileError, SlideError, StPredictError
 from napari_stpredict.io_utils import check_not_inside, confined, safe_name
 
 #: export names accepted by ``--export`` (:data:`napari_stpredict.export.EXPORT_KINDS`)
-EXPORT_FORMATS = ("h5ad", "csv", "ome-tiff", "geojson", "mask-ome-tiff", "png")
+EXPORT_FORMATS = ("h5ad", "csv", "ome-tiff", "geojson", "mask-ome-tiff", "png", "spatialdata")
 #: exports that need the tumour layer (a model that can score the tumour signature)
 TUMOR_EXPORTS = ("geojson", "mask-ome-tiff")
 _MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
@@ -62,6 +62,11 @@ def parse_exports(value: str | Iterable[str] | None) -> tuple[str, ...]:
             )
         if name not in out:
             out.append(name)
+    if "spatialdata" in out:
+        from napari_stpredict.export.spatialdata import have_spatialdata, missing_extra_message
+
+        if not have_spatialdata():
+            raise StPredictError(missing_extra_message("--export spatialdata"))
     return tuple(out)
 
 

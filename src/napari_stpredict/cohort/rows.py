@@ -112,6 +112,9 @@ class SlideRow(Mapping[str, Any]):
         ``{export: file name}`` written.
     export_errors
         ``{export: reason}`` of exports that could not be made (the slide is still done).
+    notes
+        Things the user should know that did not stop the slide (a store healed: tiles
+        predicted again).
     """
 
     slide: str
@@ -125,6 +128,7 @@ class SlideRow(Mapping[str, Any]):
     export_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     worker: str | None = None
     model_cached: bool | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     # ---------------------------------------------------------------- the one place rows are made
     @classmethod
@@ -138,6 +142,7 @@ class SlideRow(Mapping[str, Any]):
         outputs: Mapping[str, str],
         export_errors: Mapping[str, str],
         model_cached: bool | None,
+        notes: list[str] | None = None,
     ) -> SlideRow:
         """A slide predicted (and exported) by this run."""
         return cls(
@@ -152,6 +157,7 @@ class SlideRow(Mapping[str, Any]):
             dict(export_errors),
             worker_name(),
             model_cached,
+            list(notes or []),
         )
 
     @classmethod
@@ -213,12 +219,13 @@ def write_error_log(job: SlideJob, err: BaseException) -> None:
 
     Written atomically: a symlink planted at ``error.log`` is replaced, never followed.
     """
-    from napari_stpredict.io_utils import confined, is_ours
+    from napari_stpredict.io_utils import confined, is_ours, mark_ours
 
     try:
         folder = confined(job.out, job.name)
         if not folder.is_dir() or folder.is_symlink():
             folder.mkdir(parents=False, exist_ok=False)
+            mark_ours(folder, slide=job.slide)
         elif not is_ours(folder) and not (folder / DONE_FILE).exists():
             return  # not our folder: write nothing into it
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))

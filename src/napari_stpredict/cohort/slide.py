@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,11 @@ def _claim_folder(job: SlideJob, folder: Path) -> None:
     if folder.exists():
         if not folder.is_dir():
             raise StPredictError(f"{folder}: exists and is not a folder (refusing to replace it)")
-        legacy = (folder / DONE_FILE).is_file() or is_ours(store_path(job))
+        legacy = (  # written by a version without the marker
+            (folder / DONE_FILE).is_file()
+            or (folder / ERROR_FILE).is_file()
+            or is_ours(store_path(job))
+        )
         if not is_ours(folder) and not legacy and any(folder.iterdir()):
             raise StPredictError(
                 f"{folder}: exists and was not written by stpredict predict "
@@ -200,7 +205,14 @@ def _session(job: SlideJob, slide: Any, predictor: Any):
         batch_size=job.batch_size,
         read_workers=worker_threads(),
     )
-    return open_session(store_path=store_path(job), store_attrs=attrs, **common)
+    with warnings.catch_warnings(record=True) as caught:  # notes go to the row, not stderr
+        warnings.simplefilter("always", RuntimeWarning)
+        session = open_session(store_path=store_path(job), store_attrs=attrs, **common)
+    for w in caught:
+        text = str(w.message)
+        if text not in session.warnings:
+            session.warnings.append(text)
+    return session
 
 
 def _predict_open_slide(
@@ -218,6 +230,7 @@ def _predict_open_slide(
         tissue = session.tissue
         total = int(np.count_nonzero(tissue))
         already = int(np.count_nonzero(session.done_mask()[tissue]))
+        notes = list(session.warnings)
         report(progress, already, total, "predicting")
 
         def _progress(done_now: int, _total: int | None, msg: str = "") -> None:
@@ -239,6 +252,7 @@ def _predict_open_slide(
         outputs=outputs,
         export_errors=export_errors,
         model_cached=model_cached,
+        notes=notes,
     )
     marker = {
         **row.to_dict(),

@@ -467,9 +467,7 @@ def _check_predictor_options(options: dict[str, Any] | None) -> dict[str, Any]:
     if "top_k" in opts and int(opts["top_k"]) < 1:
         raise StPredictError(f"--top-k {opts['top_k']}: must be ≥ 1")
     if "weighting" in opts and opts["weighting"] not in WEIGHTINGS:
-        raise StPredictError(
-            f"--weighting {opts['weighting']}: choose {' or '.join(WEIGHTINGS)}"
-        )
+        raise StPredictError(f"--weighting {opts['weighting']}: choose {' or '.join(WEIGHTINGS)}")
     if "temperature" in opts and not float(opts["temperature"]) > 0:
         raise StPredictError(f"--temperature {opts['temperature']}: must be > 0")
     return opts

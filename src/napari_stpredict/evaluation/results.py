@@ -89,7 +89,7 @@ class FoldResult:
                 "n_spots": int(s.true.shape[0]),
                 **{k: _num(v) for k, v in s.metrics.items()},
                 # which markers pcc_mg averaged on this section (10.4)
-                "n_mg": int(len(s.mg)),
+                "n_mg": len(s.mg),
                 "mg_genes": [s.genes[int(i)] for i in s.mg],
             }
             for s in self.sections

@@ -23,6 +23,7 @@ EXPORT_KINDS: dict[str, str] = {
     "geojson": "{name}_tumor.geojson",
     "mask-ome-tiff": "{name}_tumor_mask.ome.tif",
     "png": "{name}_{gene}.png",
+    "spatialdata": "{name}_spatialdata.zarr",
 }
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
 
@@ -308,6 +309,19 @@ def _one(
     if kind == "mask-ome-tiff":
         return ex.export_tumor_mask_ome_tiff(
             tumor, dst, grid=pred.grid, overwrite=overwrite, cancel=cancel
+        )
+    if kind == "spatialdata":
+        from napari_stpredict.export.spatialdata import export_spatialdata
+
+        return export_spatialdata(
+            pred,
+            dst,
+            genes=genes,
+            slide=slide,
+            model=model,
+            tumor=tumor if tumor is not None else "auto",
+            overwrite=overwrite,
+            cancel=cancel,
         )
     return ex.export_figure(
         pred, dst, gene=gene, slide=slide, tumor=tumor, model=model, dpi=dpi, overwrite=overwrite

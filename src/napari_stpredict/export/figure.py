@@ -1,5 +1,9 @@
 """A publication figure of a slide region: H&E, a heatmap, a colour bar and a scale bar.
 
+The colour bar is the legend: gene name and unit (``ln(1 + counts per 10,000)``), with limits
+fixed by default to the gene's 1st–99th percentile in the model's training data (as in the
+napari viewer), so the same colour means the same value in every figure of every slide.
+
 Rendered with matplotlib's Agg canvas (no pyplot, no GUI backend: safe in worker threads and
 on headless servers). The slide is read at the figure's own resolution
 (:meth:`Slide.read_resampled`), so memory is bounded by the figure, not the slide.
@@ -33,6 +37,25 @@ def nice_length(span: float) -> float:
         if m * 10**k <= target:
             return float(m * 10**k)
     return float(10**k)
+
+
+def training_limits(model: Any, gene: str, pred: Any = None) -> tuple[float, float] | None:
+    """The gene's ``(p01, p99)`` in the model's training data, or ``None`` when unknown."""
+    from napari_stpredict.model.header import model_info
+
+    fallback = getattr(pred, "model_path", None) if pred is not None else None
+    try:
+        info = model_info(model, fallback=fallback, best_effort=True)
+        stats, genes = info.gene_stats(), info.genes
+    except Exception:  # provenance is best effort: fall back to the figure's own values
+        return None
+    if not stats or gene not in genes or "p01" not in stats or "p99" not in stats:
+        return None
+    i = genes.index(gene)
+    lo, hi = float(stats["p01"][i]), float(stats["p99"][i])
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return None
+    return lo, hi
 
 
 def _region(
@@ -86,7 +109,8 @@ def export_figure(
     dpi, width_in
         Output resolution and figure width in inches.
     cmap, alpha, vmin, vmax
-        Heatmap colours (default limits: 1st–99th percentile of the predicted cells shown).
+        Heatmap colours (default limits: the gene's 1st–99th percentile in the model's training
+        data; without those, of the predicted tiles shown).
     tumor
         Optional :class:`~napari_stpredict.tumor.TumorMap` or bool mask: regions outlined in
         cyan.
@@ -124,8 +148,11 @@ def export_figure(
     heat = np.asarray(pred.values[g, i0:i1, j0:j1], dtype=np.float32)
     heat = np.where(done[i0:i1, j0:j1], heat, np.nan)
     finite = heat[np.isfinite(heat)]
-    lo = float(np.percentile(finite, 1)) if vmin is None else float(vmin)
-    hi = float(np.percentile(finite, 99)) if vmax is None else float(vmax)
+    fixed = training_limits(model, gene, pred) if vmin is None or vmax is None else None
+    if fixed is None:
+        fixed = (float(np.percentile(finite, 1)), float(np.percentile(finite, 99)))
+    lo = fixed[0] if vmin is None else float(vmin)
+    hi = fixed[1] if vmax is None else float(vmax)
     if hi <= lo:
         hi = lo + 1e-6
 
@@ -169,6 +196,8 @@ def export_figure(
                 for ring in (part.exterior, *part.interiors):
                     xy = np.asarray(ring.coords) * k
                     ax.plot(xy[:, 0], xy[:, 1], color="cyan", linewidth=1.2)
+        ax.plot([], [], color="cyan", linewidth=1.2, label="tumour regions")
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.7)
     ax.set_xlim(x0 * k, x1 * k)
     ax.set_ylim(y1 * k, y0 * k)
     ax.set_xticks([])

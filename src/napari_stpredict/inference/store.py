@@ -396,7 +396,9 @@ def _acquire_output_lock(path: Path, timeout: float | None) -> Any:
         lock = FileLock(lock_path, thread_local=False, is_singleton=False)
         lock.acquire(timeout=max(float(timeout), 0.0))
     except Timeout:
-        raise StPredictError(
+        from napari_stpredict.io_utils import OutputBusyError
+
+        raise OutputBusyError(
             f"{path}: in use by another stpredict process (lock {lock_path.name}); wait for "
             "it to finish or choose another output folder"
         ) from None

@@ -237,7 +237,7 @@ class Predictor:
 
         if x.ndim == 4:
             x = x[:, None]
-        b, f = x.shape[:2]
+        b = x.shape[0]
         views = [dihedral(x, k) for k in TTA_ORDER[: self.tta]]
         stacked = torch.stack(views).flatten(0, 2)  # (V·B·F, 3, P, P)
         if self.device.type == "cuda":

@@ -6,7 +6,15 @@ import torch
 
 from napari_stpredict.errors import StPredictError
 
-__all__ = ["WEIGHTINGS", "neighbour_weights", "retrieve_topk", "topk_mean_expression"]
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_WEIGHTING",
+    "WEIGHTINGS",
+    "default_retrieval",
+    "neighbour_weights",
+    "retrieve_topk",
+    "topk_mean_expression",
+]
 
 
 def retrieve_topk(
@@ -57,6 +65,15 @@ def retrieve_topk(
 
 
 WEIGHTINGS = ("mean", "softmax")
+#: What new model files store under ``metadata["retrieval"]`` (chosen on validation sections
+#: only: docs/benchmarks.md, section "evaluation"); files without the key use the plain mean.
+DEFAULT_WEIGHTING = "mean"
+DEFAULT_TEMPERATURE = 0.05
+
+
+def default_retrieval(top_k: int) -> dict:
+    """``metadata["retrieval"]`` of a newly trained retrieval model."""
+    return {"top_k": int(top_k), "weighting": DEFAULT_WEIGHTING, "temperature": DEFAULT_TEMPERATURE}
 
 
 def neighbour_weights(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from napari_stpredict.errors import SlideError
 from napari_stpredict.slide.base import Slide
-from napari_stpredict.slide.opener import open_slide
+from napari_stpredict.slide.opener import SLIDE_SUFFIXES, is_slide_path, open_slide
 
 __all__ = [
+    "SLIDE_SUFFIXES",
     "Slide",
     "SlideError",
     "TissueMask",
+    "is_slide_path",
     "open_slide",
     "tissue_mask",
     "write_ome_tiff",

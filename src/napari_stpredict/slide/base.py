@@ -234,6 +234,10 @@ def _fingerprint_path(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
+def _from_array(array: np.ndarray, mpp: float | None, name: str, meta: dict) -> Slide:
+    return Slide.from_array(array, mpp=mpp, name=name, metadata=meta)
+
+
 def _reopen(path: str, mpp: float | None) -> Slide:
     from napari_stpredict.slide.opener import open_slide
 
@@ -243,14 +247,16 @@ def _reopen(path: str, mpp: float | None) -> Slide:
 class Slide:
     """A whole-slide image: a lazy multiscale pyramid plus its physical scale.
 
-    Do not construct directly; use :func:`napari_stpredict.slide.open_slide`.
+    Do not construct directly; use :func:`napari_stpredict.slide.open_slide` (files) or
+    :meth:`Slide.from_array` (an image in memory).
 
     Attributes
     ----------
     path : pathlib.Path
         The file (or store folder).
     format : str
-        ``"svs"``, ``"ndpi"``, ``"tiff"``, ``"ome-tiff"``, ``"ome-zarr"`` or ``"image"``.
+        ``"svs"``, ``"ndpi"``, ``"tiff"``, ``"ome-tiff"``, ``"ome-zarr"``, ``"image"``, or
+        ``"array"`` (:meth:`from_array`).
     levels : list of dask.array.Array
         ``(h, w, 3) uint8`` levels, level 0 first, chunked on the native tiles. Levels after
         the stored ones (see ``metadata["stored_levels"]``) are computed on read.
@@ -310,6 +316,50 @@ class Slide:
         self._lock = threading.Lock()
         self.levels: list[da.Array] = self._make_levels()
 
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        *,
+        mpp: float | None = None,
+        name: str = "array",
+        metadata: dict[str, Any] | None = None,
+    ) -> Slide:
+        """A slide over an in-memory image (tests, synthetic data; no file needed).
+
+        Like TIAToolbox's ``VirtualWSIReader``: the array is level 0 and lazy 2× levels are
+        added below it, so every reading method behaves as for a file.
+
+        Parameters
+        ----------
+        array
+            ``(h, w)``, ``(h, w, 1..4)`` uint8 (grey and alpha converted as for files).
+        mpp
+            Micrometres per pixel, or ``None`` when unknown.
+        name
+            Stands in for the file name in messages and ``Slide.path``.
+        metadata
+            Extra entries for :attr:`metadata`.
+
+        Raises
+        ------
+        SlideError
+            For non-uint8 data, bad channel counts or an empty array.
+        """
+        arr = np.asarray(array)
+        if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise SlideError(f"{name}: expected a non-empty (h, w[, c]) image, got {arr.shape}")
+        check_pixel_type(name, arr.dtype, 1 if arr.ndim == 2 else arr.shape[2])
+        if mpp is not None and not (isinstance(mpp, (int, float)) and 0 < mpp < math.inf):
+            raise SlideError(f"{name}: mpp must be a positive number, got {mpp!r}")
+        meta = {"vendor": "array", "mpp_source": "user" if mpp is not None else None}
+        meta.update(metadata or {})
+        rgb = np.ascontiguousarray(to_rgb(arr))
+        return cls(
+            Path(name), format="array", sources=[ArraySource(rgb)],
+            mpp=None if mpp is None else float(mpp), metadata=meta, mpp_override=mpp,
+        )  # fmt: skip
+
     def _make_levels(self) -> list[da.Array]:
         token = hashlib.sha1(f"{self.path.resolve()}|{id(self)}".encode()).hexdigest()[:16]
         return [src.to_dask(f"stpredict-slide-{token}-{i}") for i, src in enumerate(self._sources)]
@@ -333,7 +383,13 @@ class Slide:
     def fingerprint(self) -> str:
         """A content key for caches: hash of the file size and its first and last MiB."""
         if self._fingerprint is None:
-            self._fingerprint = _fingerprint_path(self.path)
+            if self.format == "array":  # the pixels themselves
+                arr = self._sources[0].array  # type: ignore[attr-defined]
+                h = hashlib.sha256(str(arr.shape).encode())
+                h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                self._fingerprint = h.hexdigest()[:32]
+            else:
+                self._fingerprint = _fingerprint_path(self.path)
         return self._fingerprint
 
     # ----------------------------------------------------------------- reading
@@ -484,6 +540,10 @@ class Slide:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self.format == "array":  # no file: the pixels travel
+            src = self._sources[0]
+            assert isinstance(src, ArraySource)
+            return (_from_array, (src.array, self.mpp, str(self.path), self.metadata))
         # file handles do not travel: a copy in another process re-opens the file
         return (_reopen, (str(self.path), self._mpp_override))
 

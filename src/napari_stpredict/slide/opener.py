@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from napari_stpredict.errors import SlideError
 from napari_stpredict.slide.base import Slide
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-#: Extensions we claim (the napari reader accepts these); other files are "unknown format".
+#: The one list of extensions :func:`open_slide` reads (the napari reader, cohort folder scans
+#: and the CLI use it); other files are "unknown format". ``.ome.tif``, ``.ome.tiff`` and
+#: ``.ome.zarr`` end in one of these.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".zarr", ".jpg", ".jpeg", ".png")
 
 
-def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
+def is_slide_path(path: str | os.PathLike) -> bool:
+    """True when ``path``'s extension is one :func:`open_slide` reads (case-insensitive)."""
+    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+
+
+def open_slide(
+    path: str | os.PathLike,
+    *,
+    mpp: float | None = None,
+    max_image_pixels: int | None | Literal["default"] = "default",
+) -> Slide:
     """Open a whole-slide image lazily.
 
     Parameters
@@ -23,6 +36,11 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
         The format is recognised from the content, not the extension.
     mpp
         Micrometres per level-0 pixel; overrides what the file says (or supplies it).
+    max_image_pixels
+        JPEG/PNG only (they cannot be read tile by tile): reading pixels of a larger image
+        raises a :class:`SlideError` advising ``stpredict convert``. ``"default"`` =
+        :data:`napari_stpredict.slide.image.MAX_PIXELS`; ``None`` = no limit (``convert``).
+        Opening parses the header only, so ``info`` works on any size.
 
     Returns
     -------
@@ -61,7 +79,10 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
             from napari_stpredict.slide.image import JPEG_MAGIC, PNG_MAGIC, open_image
 
             if head.startswith(JPEG_MAGIC) or head.startswith(PNG_MAGIC):
-                parts = open_image(p, head)
+                if max_image_pixels == "default":
+                    parts = open_image(p, head)
+                else:
+                    parts = open_image(p, head, max_pixels=max_image_pixels)
             elif p.suffix.lower() in SLIDE_SUFFIXES:
                 raise SlideError(
                     f"{p}: corrupt or not a {p.suffix.lstrip('.').upper()} file "

@@ -354,6 +354,30 @@ def _probe(level: TiffLevel, path: Path, index: int) -> None:
             return
 
 
+def _check_complete(levels: list[TiffLevel], path: Path) -> None:
+    """Refuse a truncated file: every tile of every level must lie inside the file.
+
+    An interrupted copy or download keeps its header (so the file opens and the first tiles
+    decode) but loses the data at the end; without this check it would be reported whole.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return
+    for index, level in enumerate(levels):
+        for plane in level.planes:
+            present = (plane.offsets > 0) & (plane.counts > 0)
+            if not present.any():
+                continue
+            end = int((plane.offsets[present] + plane.counts[present]).max())
+            if end > size:
+                missing = int(((plane.offsets + plane.counts > size) & present).sum())
+                raise SlideError(
+                    f"{path}: truncated file: {missing} tile(s) of level {index} lie past its "
+                    f"end ({size} of {end} bytes present; an incomplete copy or download?)"
+                )
+
+
 def open_tiff(path: Path) -> dict[str, Any]:
     """Open a TIFF-family slide; return the pieces :class:`~.base.Slide` is built from.
 
@@ -408,6 +432,7 @@ def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     if exact is not None:
         for lv, ds in zip(sources, exact, strict=True):
             lv.downsample = ds
+    _check_complete(sources, path)
     _probe(sources[0], path, 0)
     if len(sources) > 1:
         _probe(sources[-1], path, len(sources) - 1)

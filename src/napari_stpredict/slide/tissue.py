@@ -143,7 +143,7 @@ def _glass_colour(rgb: np.ndarray, usable: np.ndarray) -> np.ndarray:
 
 
 def _scores(rgb: np.ndarray, mpp_work: float) -> tuple[np.ndarray, ...]:
-    """``(od, texture, ink, dark)`` per pixel of a low-resolution RGB view."""
+    """``(od, od_fine, texture, ink, dark)`` per pixel of a low-resolution RGB view."""
     from scipy import ndimage
 
     rgbf = rgb.astype(np.float32)
@@ -156,13 +156,14 @@ def _scores(rgb: np.ndarray, mpp_work: float) -> tuple[np.ndarray, ...]:
     size = max(3, int(round(TEXTURE_UM / mpp_work)) | 1)
     texture = ndimage.uniform_filter(grad, size=size)
     od_s = ndimage.uniform_filter(od, size=size)
+    od_fine = ndimage.uniform_filter(od, size=max(1, round(8 / mpp_work)))
     r, g, b = od_c[..., 0], od_c[..., 1], od_c[..., 2]
     green_ink = (g < INK_RATIO * r) & (g < INK_RATIO * b) & (od > INK_MIN_OD)
     # black marker: dark over ≈ 20 µm (clusters of dark nuclei are not that dark on average)
     black_ink = ndimage.uniform_filter(rgbf.max(axis=2), size=max(1, round(20 / mpp_work))) < BLACK_INK
     # the texture and OD windows straddle an ink stroke's edge: exclude that margin too
     ink = ndimage.maximum_filter(green_ink | black_ink, size=size + 2)
-    return od_s, texture, ink, dark
+    return od_s, od_fine, texture, ink, dark
 
 
 def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
@@ -192,7 +193,7 @@ def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
     d = max(h / mh, w / mw)
     rgb = slide.read_resampled(0, 0, mh * d, mw * d, out_shape=(mh, mw))
     mpp_work = (slide.mpp or DEFAULT_MPP) * d
-    od, texture, ink, dark = _scores(rgb, mpp_work)
+    od, od_fine, texture, ink, dark = _scores(rgb, mpp_work)
     usable = ~dark & ~ink & (od > MIN_OD)
     # the texture threshold follows the glass's own noise (JPEG blocks, dust, the array's
     # printed spots): its 99th percentile, kept within [MIN_TEXTURE, MAX_TEXTURE]
@@ -212,7 +213,9 @@ def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
     st = ndimage.generate_binary_structure(2, 1)
     r_close = max(1, round(px(CLOSE_UM)))
     mask = ndimage.binary_closing(mask, structure=st, iterations=r_close, border_value=0)
-    # fill holes up to HOLE_UM2 (lumens, fat), keep larger empty areas open
+    # the windows blur the border outwards: trim to pixels that absorb (≈ 8 µm scale) ...
+    mask &= od_fine > MIN_OD
+    # ... then fill holes up to HOLE_UM2 (lumens, fat), keep larger empty areas open
     holes = ndimage.binary_fill_holes(mask) & ~mask
     if holes.any():
         hl, nh = ndimage.label(holes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,11 @@ class RawSection:
         tissue or not in the matrix), when the reader has it; more reliable than the kept spots.
     n_dropped
         Rows of the counts/matrix that had no position.
+    image
+        The image the positions refer to, when the reader finds it itself (a SpatialData
+        image element); ``None`` = the manifest's ``image``.
+    mpp
+        µm per pixel of that image when the data says (Visium HD, Xenium), else ``None``.
     """
 
     X: sp.csr_matrix
@@ -45,3 +51,5 @@ class RawSection:
     labels: pd.Series | None = None
     spot_pitch_px: float | None = None
     n_dropped: int = 0
+    image: Path | None = None
+    mpp: float | None = None

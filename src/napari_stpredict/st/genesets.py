@@ -48,8 +48,10 @@ __all__ = [
     "build_panel",
     "describe_panel",
     "highly_expressed_genes",
+    "marker_report",
     "marker_set",
     "match_genes",
+    "model_signature",
     "resolve_signature",
     "tumour_support",
 ]
@@ -386,6 +388,9 @@ class Panel:
     counts
         ``{"markers", "heg", "hvg"}``: genes each source contributed (a gene counts once, for
         the first source that brought it).
+    source
+        ``"default"`` (built by :func:`build_panel`) or ``"gene list"`` (given; the markers
+        are only reported).
     """
 
     genes: list[str]
@@ -395,6 +400,7 @@ class Panel:
     missing: tuple[str, ...]
     tumor_signature: tuple[str, ...]
     counts: Mapping[str, int] = field(default_factory=dict)
+    source: str = "default"
 
     def metadata(self) -> dict[str, Any]:
         """The model-file metadata keys ``markers`` and ``tumor_signature``."""
@@ -403,30 +409,48 @@ class Panel:
                 "set": self.marker_set,
                 "in_panel": list(self.in_panel),
                 "missing": list(self.missing),
+                "panel": self.source,
             },
             "tumor_signature": list(self.tumor_signature),
         }
 
     def summary(self) -> list[str]:
-        """Lines for the end of ``stpredict train``."""
-        lines = [
-            f"markers ({self.marker_set}): {len(self.in_panel)} of {len(self.requested)} in the "
-            f"{len(self.genes)}-gene panel"
-            + (f": {', '.join(self.in_panel)}" if self.in_panel else "")
-        ]
-        if self.missing:
-            lines.append(
-                f"markers requested but not measured in the training sections ({len(self.missing)}): "
-                + ", ".join(self.missing)
-            )
-        if self.tumor_signature:
-            lines.append(f"tumour signature: {', '.join(self.tumor_signature)}")
-        else:
-            lines.append(
-                f"tumour signature: fewer than {MIN_SIGNATURE_GENES} signature genes in the "
-                "panel: this model cannot make the default tumour layer"
-            )
-        return lines
+        """Lines for the end of ``stpredict train`` (see :func:`marker_report`)."""
+        return marker_report({"genes": self.genes, **self.metadata()})
+
+
+def marker_report(metadata: Mapping[str, Any]) -> list[str]:
+    """What a model can and cannot do, from its metadata: markers in the panel, markers asked
+    for but not measured, the tumour signature (printed at the end of ``stpredict train``).
+
+    Old model files without ``markers`` give one line saying so.
+    """
+    genes = metadata.get("genes") or []
+    rec = metadata.get("markers")
+    if not isinstance(rec, Mapping):
+        return [f"markers: not recorded in this model file ({len(genes)} genes)"]
+    in_panel = [str(g) for g in rec.get("in_panel") or []]
+    missing = [str(g) for g in rec.get("missing") or []]
+    lines = [
+        f"markers ({rec.get('set', '?')}): {len(in_panel)} of {len(in_panel) + len(missing)} "
+        f"in the {len(genes)}-gene panel" + (f": {', '.join(in_panel)}" if in_panel else "")
+    ]
+    if missing:
+        why = (
+            "not in the given gene list"
+            if rec.get("panel") == "gene list"
+            else "not measured in every section"
+        )
+        lines.append(f"markers requested but {why} ({len(missing)}): {', '.join(missing)}")
+    sig = _signature_genes(metadata.get("tumor_signature"))
+    if sig:
+        lines.append(f"tumour signature: {', '.join(sig)}")
+    else:
+        lines.append(
+            f"tumour signature: fewer than {MIN_SIGNATURE_GENES} signature genes in the panel: "
+            "this model cannot make the default tumour layer"
+        )
+    return lines
 
 
 def highly_expressed_genes(
@@ -463,6 +487,7 @@ def describe_panel(
     *,
     add_genes: Iterable[str] | None = None,
     counts: Mapping[str, int] | None = None,
+    source: str = "gene list",
 ) -> Panel:
     """The marker report of a given panel (e.g. one from a ``--genes`` file)."""
     from napari_stpredict.st.genes import resolve_aliases
@@ -477,7 +502,14 @@ def describe_panel(
     except SignatureError:
         sig = []
     return Panel(
-        list(genes), ms.name, requested, in_panel, tuple(missing), tuple(sig), dict(counts or {})
+        list(genes),
+        ms.name,
+        requested,
+        in_panel,
+        tuple(missing),
+        tuple(sig),
+        dict(counts or {}),
+        source,
     )
 
 
@@ -541,7 +573,7 @@ def build_panel(
     n_mark = len(marker_genes)
     n_heg_new = len(set(heg) - set(marker_genes))
     counts = {"markers": n_mark, "heg": n_heg_new, "hvg": len(panel) - n_mark - n_heg_new}
-    return describe_panel(panel, ms, add_genes=extra, counts=counts)
+    return describe_panel(panel, ms, add_genes=extra, counts=counts, source="default")
 
 
 def _detected(adatas: Sequence, genes: Sequence[str]) -> set[str]:

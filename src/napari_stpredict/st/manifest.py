@@ -19,7 +19,9 @@ import yaml
 
 from napari_stpredict.errors import DatasetError
 
-SectionKind = Literal["table", "visium", "h5ad"]
+SectionKind = Literal["table", "visium", "h5ad", "spatialdata", "visium_hd", "xenium"]
+#: data-source keys of a section, one per kind (the "table" kind's key is ``counts``)
+SOURCE_KEYS = ("counts", "visium", "h5ad", "spatialdata", "visium_hd", "xenium")
 
 #: Named scales for Space Ranger / squidpy coordinates (resolved from the scale factors).
 NAMED_SCALES = ("fullres", "hires", "lowres")
@@ -39,6 +41,16 @@ class CoordinateTable:
     spot_id: str = "{x}x{y}"
     pixel_columns: tuple[str, str] = ("pixel_x", "pixel_y")
     scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpatialDataElements:
+    """Element names inside a SpatialData store (``None`` = the only one of its kind)."""
+
+    table: str | None = None
+    image: str | None = None
+    shapes: str | None = None
+    coordinate_system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,12 @@ class SectionSpec:
     layer: str | None = None
     spatial_key: str = "spatial"
     gene_column: str | None = None
+    # spatialdata / visium_hd / xenium sections (st/spatialdata.py)
+    spatialdata: Path | None = None
+    visium_hd: Path | None = None
+    xenium: Path | None = None
+    elements: SpatialDataElements | None = None
+    bin_size: int | None = None
     # all kinds
     scale: float | str | None = None
     labels: Path | None = None
@@ -96,7 +114,14 @@ class SectionSpec:
     @property
     def source(self) -> Path:
         """The main data file or folder (counts table, Space Ranger folder or .h5ad)."""
-        src = {"table": self.counts, "visium": self.visium, "h5ad": self.h5ad}[self.kind]
+        src = {
+            "table": self.counts,
+            "visium": self.visium,
+            "h5ad": self.h5ad,
+            "spatialdata": self.spatialdata,
+            "visium_hd": self.visium_hd,
+            "xenium": self.xenium,
+        }[self.kind]
         assert src is not None
         return src
 
@@ -114,6 +139,8 @@ class SectionSpec:
                     "pixel_columns": list(v.pixel_columns),
                     "scale": v.scale,
                 }
+            elif isinstance(v, SpatialDataElements):
+                v = {k: getattr(v, k) for k in _ELEMENT_KEYS}
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
@@ -196,6 +223,8 @@ class _Ctx:
 
 _SECTION_KEYS = {f.name for f in fields(SectionSpec)} - {"kind", "manifest"}
 _COORD_KEYS = {"table", "spot_id", "pixel_columns", "scale"}
+_ELEMENT_KEYS = ("table", "image", "shapes", "coordinate_system")
+_SPATIALDATA_KINDS = ("spatialdata", "visium_hd", "xenium")
 
 
 def _suggest(key: str, allowed: set[str]) -> str:
@@ -306,10 +335,14 @@ def _parse_section(
     ctx.section = name
     _check_keys(ctx, raw, _SECTION_KEYS, "section")
 
-    sources = [k for k in ("counts", "visium", "h5ad") if raw.get(k) is not None]
+    sources = [k for k in SOURCE_KEYS if raw.get(k) is not None]
     if len(sources) != 1:
         got = f"got {', '.join(sources)}" if sources else "got none"
-        raise ctx.fail(None, f"give exactly one of counts (+ spots), visium, h5ad; {got}")
+        raise ctx.fail(
+            None,
+            "give exactly one of counts (+ spots), visium, h5ad, spatialdata, visium_hd, "
+            f"xenium; {got}",
+        )
     kind: SectionKind = "table" if sources[0] == "counts" else sources[0]  # type: ignore[assignment]
 
     table_only = (
@@ -329,8 +362,14 @@ def _parse_section(
         bad = [k for k in other_only if k in raw]
     else:
         bad = [k for k in table_only if k in raw]
-        if kind == "visium" and "spatial_key" in raw:
+        if kind in ("visium", *_SPATIALDATA_KINDS) and "spatial_key" in raw:
             bad.append("spatial_key")
+        if kind != "spatialdata" and "elements" in raw:
+            bad.append("elements")
+        if kind != "visium_hd" and "bin_size" in raw:
+            bad.append("bin_size")
+    if kind == "table":
+        bad += [k for k in ("elements", "bin_size") if k in raw]
     if bad:
         raise ctx.fail(bad[0], f"does not apply to a {kind} section")
 
@@ -359,6 +398,28 @@ def _parse_section(
             scale=_positive(cctx, c, "scale") or 1.0,
         )
 
+    elements = None
+    if raw.get("elements") is not None:
+        e = raw["elements"]
+        ectx = _Ctx(manifest, name)
+        if not isinstance(e, dict):
+            raise ectx.fail(
+                "elements", f"expected a mapping with {', '.join(_ELEMENT_KEYS)} (element names)"
+            )
+        for k in e:
+            if k not in _ELEMENT_KEYS:
+                raise ectx.fail(
+                    f"elements.{k}", f"unknown key{_suggest(str(k), set(_ELEMENT_KEYS))}"
+                )
+        elements = SpatialDataElements(**{k: _str(ectx, e, k) for k in _ELEMENT_KEYS})
+    bin_size = raw.get("bin_size")
+    if bin_size is not None and (
+        isinstance(bin_size, bool) or not isinstance(bin_size, int) or bin_size <= 0
+    ):
+        raise ctx.fail(
+            "bin_size", f"expected a positive whole number of µm (2, 8, 16), got {bin_size!r}"
+        )
+
     label_column = _str(ctx, raw, "label_column", "label") or "label"
     labels = _path(ctx, raw, "labels", base, check=check)
     if labels is None and "labels_spot_id" in raw:
@@ -382,6 +443,11 @@ def _parse_section(
         layer=_str(ctx, raw, "layer"),
         spatial_key=_str(ctx, raw, "spatial_key", "spatial") or "spatial",
         gene_column=_str(ctx, raw, "gene_column"),
+        spatialdata=_path(ctx, raw, "spatialdata", base, check=check, folder=True),
+        visium_hd=_path(ctx, raw, "visium_hd", base, check=check, folder=True),
+        xenium=_path(ctx, raw, "xenium", base, check=check, folder=True),
+        elements=elements,
+        bin_size=bin_size,
         scale=_scale(ctx, raw, "scale", kind),
         labels=labels,
         label_column=label_column,
@@ -394,6 +460,14 @@ def _parse_section(
         from napari_stpredict.st.visium import check_visium_folder
 
         check_visium_folder(spec)
+    if check and spec.kind == "spatialdata":
+        from napari_stpredict.st.spatialdata import check_spatialdata_store
+
+        check_spatialdata_store(spec)
+    elif check and spec.kind in ("visium_hd", "xenium"):
+        from napari_stpredict.st.spatialdata import check_platform_folder
+
+        check_platform_folder(spec)
     return spec
 
 

@@ -38,7 +38,14 @@ from napari_stpredict.st.pitch import estimate_spot_pitch
 VISIUM_PITCH_UM = 100.0
 #: Spot diameter / pitch when neither the data nor the manifest gives a diameter
 #: (legacy ST: 100 µm spots on a 200 µm grid; Visium: 55 on 100).
-DIAMETER_PER_PITCH = {"table": 0.5, "h5ad": 0.55, "visium": 0.55}
+DIAMETER_PER_PITCH = {
+    "table": 0.5,
+    "h5ad": 0.55,
+    "visium": 0.55,
+    "spatialdata": 0.55,
+    "visium_hd": 0.55,
+    "xenium": 0.55,
+}
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,12 +99,23 @@ def _read_raw(spec: SectionSpec) -> RawSection:
         from napari_stpredict.st.visium import read_visium_section
 
         return read_visium_section(spec)
+    if spec.kind in ("spatialdata", "visium_hd", "xenium"):
+        from napari_stpredict.st.spatialdata import read_spatialdata_section
+
+        return read_spatialdata_section(spec)
     from napari_stpredict.st.h5ad import read_h5ad_section
 
     return read_h5ad_section(spec)
 
 
 def _image_path(spec: SectionSpec) -> Path | None:
+    if spec.image is None and spec.kind == "spatialdata":
+        from napari_stpredict.st.spatialdata import image_element_path
+
+        return image_element_path(spec)
+    if spec.image is None and spec.kind == "visium_hd":
+        hires = spec.source / "spatial" / "tissue_hires_image.png"
+        return hires if hires.exists() else None
     if spec.image is not None or spec.kind != "visium":
         return spec.image
     from napari_stpredict.st.visium import default_image
@@ -197,7 +215,7 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
     check_unique(ids, where=spec.where, what="section")
     xy = np.asarray(raw.xy, dtype=np.float64)
 
-    image = _image_path(spec)
+    image = raw.image or _image_path(spec)
     shape: tuple[int, int] | None = None
     file_mpp: float | None = None
     if image is not None and check_image:
@@ -208,6 +226,8 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
     pitch_um = spec.spot_pitch_um or (VISIUM_PITCH_UM if spec.kind == "visium" else None)
     if spec.mpp is not None:
         mpp, mpp_source = spec.mpp, "manifest"
+    elif raw.mpp:
+        mpp, mpp_source = float(raw.mpp), "data"
     elif file_mpp:
         mpp, mpp_source = float(file_mpp), "image"
     elif pitch_um is not None and pitch_px:

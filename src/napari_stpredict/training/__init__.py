@@ -241,10 +241,10 @@ def _plan(config, model, source, data, spec, device, saved) -> dict[str, Any]:
         plan = {"train_backbone": config.train_backbone, "reason": "given"}
     else:
         bs, _, total_steps, _ = schedule(config, len(data.train_idx))
-        idx = data.train_idx[:bs]
+        idx = data.train_idx[: min(bs, 16)]  # timed on a few spots, scaled to the batch
         plan = choose_train_backbone(
             model=model, device=device, u8=source.read(idx), expr=data.expr[idx], spec=spec,
-            total_steps=total_steps, n_items=data.expr.shape[0],
+            total_steps=total_steps, n_items=data.expr.shape[0], batch_size=bs,
         )  # fmt: skip
     frozen = plan["train_backbone"] == "none"
     stain = config.stain_augment
@@ -303,9 +303,10 @@ def _announce_epoch_time(run, say) -> float | None:
     from napari_stpredict.training.auto import _fmt, estimate_epoch_seconds, time_steps
     from napari_stpredict.training.loop import _val_batches, batches_of, compute_loss
 
-    idx = run.data.train_idx[: run.batch_size]
+    idx = run.data.train_idx[: min(run.batch_size, 16)]  # a few spots, scaled to the batch
     ((_, inputs, expr),) = list(batches_of(run, [idx], train=False))
     step_s = time_steps(run.model, lambda: compute_loss(run, inputs, expr)["loss"], n=2)
+    step_s *= run.batch_size / len(idx)
     n_val = len(_val_batches(run)) if len(run.data.val_idx) else 0
     est = estimate_epoch_seconds(step_s, run.steps_per_epoch, n_val)
     first = "" if run.features is not None else " (the first epoch also reads every patch)"
@@ -383,6 +384,10 @@ def _finish(run, tracker: EpochTracker, plan, out: Path, *, overwrite: bool, pro
     )  # fmt: skip
     if getattr(model, "fit_info", None) is not None:  # ridge: PCA size, alpha, inner CV scores
         metadata["ridge"] = model.fit_info
+    if model.retrieval:  # k and the neighbour weighting the Predictor uses (B)
+        from napari_stpredict.model.retrieval import default_retrieval
+
+        metadata["retrieval"] = default_retrieval(config.top_k)
     save_model_file(
         out,
         model.to("cpu").to(memory_format=torch.contiguous_format),

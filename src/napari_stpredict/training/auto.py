@@ -67,11 +67,13 @@ def choose_train_backbone(
     spec,
     total_steps: int,
     n_items: int,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Resolve ``train_backbone="auto"``: ``{"train_backbone", "reason", ...}``.
 
-    ``u8``/``expr`` are one real training batch; ``total_steps`` the run's optimizer steps and
-    ``n_items`` the spots whose frozen features ``none`` would extract.
+    ``u8``/``expr`` are real training spots (at most a batch; the measured time is scaled
+    linearly to ``batch_size``); ``total_steps`` the run's optimizer steps and ``n_items`` the
+    spots whose frozen features ``none`` would extract.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -79,7 +81,8 @@ def choose_train_backbone(
     x = encoder_input(u8, spec, device=device)
     e = torch.from_numpy(expr).to(device)
     model.encoder.set_trainable("last")
-    step_s = time_steps(model, lambda: model.loss(x, e)["loss"], n=2)
+    scale = (batch_size or len(u8)) / len(u8)
+    step_s = time_steps(model, lambda: model.loss(x, e)["loss"], n=2) * scale
     model.encoder.set_trainable("none")
     with torch.no_grad():
         fwd_s = time_steps(model, lambda: model.encode_fields(x)[1], n=1, backward=False)

@@ -35,7 +35,13 @@ class TrainConfig:
         warm-up then cosine decay per step; gradient norm clipped at ``grad_clip``).
     genes, n_top_genes
         Gene panel: a list of names or a gene list file; else the manifest's ``genes:`` file;
-        else the union of each section's top ``n_top_genes`` highly variable genes.
+        else the default panel (:func:`napari_stpredict.st.genesets.build_panel`): the markers
+        ∪ the top ``n_heg_genes`` highly expressed genes ∪ the union of each training section's
+        top ``n_top_genes`` highly variable genes, each measured in every section.
+    markers, add_genes, n_heg_genes
+        Marker set of the default panel (``breast``, ``pan-cancer``, ``none`` or a gene list
+        file; its tumour signature comes with it), extra genes (also added to a given list),
+        and the number of highly expressed genes (0 = none).
     missing_genes
         Genes of the list not measured in every section: ``"error"`` (default) or ``"drop"``.
     patch_um, patch_px
@@ -97,6 +103,9 @@ class TrainConfig:
     genes: list[str] | str | None = None
     n_top_genes: int = 1000
     missing_genes: str = "error"
+    markers: str = "breast"
+    add_genes: list[str] | None = None
+    n_heg_genes: int = 250
     patch_um: float | None = 112.0
     patch_px: int | None = None
     val_sections: list[str] | None = None
@@ -153,6 +162,9 @@ class TrainConfig:
             )
         if self.missing_genes not in ("error", "drop"):
             raise StPredictError(f"missing_genes={self.missing_genes!r}: choose error or drop")
+        from napari_stpredict.st.genesets import marker_set
+
+        marker_set(self.markers)  # a known name or an existing gene list file, else one line
         if self.cache not in ("auto", "memory", "none"):
             raise StPredictError(f"cache={self.cache!r}: choose auto, memory or none")
         checks = [
@@ -161,6 +173,7 @@ class TrainConfig:
             ("lr", self.lr, self.lr > 0),
             ("top_k", self.top_k, self.top_k >= 1),
             ("n_top_genes", self.n_top_genes, self.n_top_genes >= 1),
+            ("n_heg_genes", self.n_heg_genes, self.n_heg_genes >= 0),
             ("val_fraction", self.val_fraction, 0.0 <= self.val_fraction < 1.0),
             ("patch_um", self.patch_um, self.patch_um is None or self.patch_um > 0),
             ("patch_px", self.patch_px, self.patch_px is None or self.patch_px >= 16),

@@ -39,6 +39,7 @@ class TrainData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     spot_keys: list[str] = field(default_factory=list)
+    panel: Any = None  # st.genesets.Panel: the genes and what they say about the markers
 
 
 def load_manifest_any(manifest):
@@ -132,7 +133,8 @@ def prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) -
     adatas = _read_sections_cached(m, all_names, progress=progress, cancel=cancel)
     train_adatas = adatas[: len(train_names)]
 
-    genes = _select_panel(adatas, train_adatas, config, m.genes, has_val=bool(val_names))
+    panel = _select_panel(adatas, train_adatas, config, m.genes)
+    genes = panel.genes
     patch_um, patch_px = _resolve_patch(adatas, config)
     norm = Normalization.from_dict(config.normalization)
     from napari_stpredict.st import PatchDataset
@@ -169,26 +171,35 @@ def prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) -
         train_idx=train_idx,
         val_idx=val_idx,
         spot_keys=[_spot_key(a) for a in adatas],
+        panel=panel,
     )
 
 
-def _select_panel(adatas, train_adatas, config: TrainConfig, manifest_genes, *, has_val: bool):
-    from napari_stpredict.st import select_genes
+def _select_panel(adatas, train_adatas, config: TrainConfig, manifest_genes):
+    """The panel (an ``st.genesets.Panel``): a given gene list, else the default panel —
+    markers ∪ HEG ∪ HVG chosen by the training sections and measured in every section."""
+    from napari_stpredict.st import load_gene_list, select_genes
+    from napari_stpredict.st.genesets import build_panel, describe_panel
 
     gene_source = config.genes if config.genes is not None else manifest_genes
-    if gene_source is not None:
-        return select_genes(adatas, gene_list=gene_source, missing=config.missing_genes)
-    if not has_val:
-        return select_genes(adatas, n_top=config.n_top_genes)
-    # validation sections must not pick the panel: use the training sections, keep shared genes
-    genes = select_genes(train_adatas, n_top=config.n_top_genes)
-    shared = set.intersection(*(set(a.var_names) for a in adatas))
-    genes = [g for g in genes if g in shared]
-    if not genes:
-        raise DatasetError(
-            "no highly variable gene of the training sections is in the validation sections"
+    if gene_source is None:
+        return build_panel(
+            train_adatas,
+            markers=config.markers,
+            add_genes=config.add_genes,
+            n_heg=config.n_heg_genes,
+            n_hvg=config.n_top_genes,
+            measured_in=adatas[len(train_adatas) :],
         )
-    return genes
+    if config.add_genes:
+        listed = (
+            load_gene_list(gene_source)
+            if isinstance(gene_source, str | os.PathLike)
+            else list(gene_source)
+        )
+        gene_source = [*listed, *config.add_genes]
+    genes = select_genes(adatas, gene_list=gene_source, missing=config.missing_genes)
+    return describe_panel(genes, config.markers, add_genes=config.add_genes)
 
 
 def _split(n_train_spots: int, n_all: int, config: TrainConfig, *, has_val: bool):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_stpredict.model.preprocess import InputSpec, encoder_input
+from napari_stpredict.model.preprocess import TTA_ORDER, InputSpec, dihedral, encoder_input
 from napari_stpredict.progress import report
 from napari_stpredict.training.config import TrainConfig
 from napari_stpredict.training.data import PatchSource, TrainData
@@ -79,6 +79,11 @@ class FeatureStore:
             )
             with amp():
                 tok, pool = self.model.encode_fields(x)  # tokens of the patch, pooled of all fields
+                # tta > 1 (B): the pooled features averaged over the same symmetries the
+                # Predictor averages at inference, so heads train on what they will see
+                for k in TTA_ORDER[1 : self.spec.tta]:
+                    pool = pool + self.model.encode_fields(dihedral(x, k))[1]
+            pool = pool / self.spec.tta
             pooled.append(pool.float().cpu())
             if self.need_tokens:
                 tokens.append(tok.to(torch.float16).cpu())

@@ -304,7 +304,7 @@ class HeatmapSet:
         unknown = [g for g in genes if g not in self._index]
         if unknown:
             raise KeyError(f"genes not predicted by the model: {', '.join(unknown)}")
-        for gene in [g for g in self.layers if g not in genes]:
+        for gene in [g for g in {*self.layers, *self.spread_layers} if g not in genes]:
             self.remove_gene(gene)
         added = [g for g in genes if g not in self.layers]
         for gene in added:
