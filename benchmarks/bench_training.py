@@ -5,6 +5,7 @@ Usage::
     nice python benchmarks/bench_training.py --json results.json
     nice python benchmarks/bench_training.py --skip-full          # throughput only
     nice python benchmarks/bench_training.py --skip-throughput    # full run only
+    nice python benchmarks/bench_training.py --skip-throughput --skip-full --auto  # auto + stain
 
 1. **Throughput.** ``train()`` on real HER2ST sections (fine-tuning the whole backbone, the
    default ``train_backbone=all``) reports patches/s per epoch: epoch 1 reads every patch from
@@ -15,6 +16,9 @@ Usage::
 2. **Full run.** ``train()`` on every section of ``benchmarks/data/her2st.yaml`` with the
    CPU-budget options given (default: frozen backbone, 20 epochs): wall time, final losses and
    validation Pearson r.
+3. **Auto + stain** (``--auto``). What ``--train-backbone auto`` chooses for the throughput
+   configuration (the measured seconds per last-stage step, the run estimate) and the cost of
+   the stain augmentations per batch (``augment`` on uint8 patches, one thread).
 """
 
 from __future__ import annotations
@@ -190,6 +194,38 @@ def full_run(args) -> dict:
     }
 
 
+def auto_and_stain(args) -> dict:
+    """``train_backbone="auto"`` on the throughput data, and the stain augmentation cost."""
+    from napari_stpredict.model.preprocess import augment
+    from napari_stpredict.training import TrainConfig, _build_model, _patch_source, _plan
+    from napari_stpredict.training.data import prepare_data
+
+    cfg = TrainConfig(
+        method=args.method, pretrained="offline", patch_px=args.patch_px,
+        batch_size=args.batch_size, n_top_genes=args.n_top_genes, epochs=args.full_epochs,
+        device="cpu", seed=0,
+    )  # fmt: skip
+    data = prepare_data(args.manifest, cfg, args.sections.split(","), progress=None, cancel=None)
+    model, spec = _build_model(cfg, data, torch.device("cpu"))
+    source = _patch_source(cfg, data, spec)
+    try:
+        t0 = time.perf_counter()
+        plan = _plan(cfg, model, source, data, spec, torch.device("cpu"), None)
+        plan["decision_wall_s"] = round(time.perf_counter() - t0, 2)
+        u8 = torch.from_numpy(source.read(data.train_idx[: args.batch_size]))
+    finally:
+        source.close()
+    stain = {}
+    for kind in ("none", "hed", "color", "hed+color"):
+        times = []
+        for i in range(4):
+            t0 = time.perf_counter()
+            augment(u8, torch.Generator().manual_seed(i), stain=kind)
+            times.append(time.perf_counter() - t0)
+        stain[kind] = round(float(np.median(times[1:])), 4)
+    return {"plan": plan, "augment_s_per_batch": stain, "batch": list(u8.shape)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--manifest", default=str(ROOT / "benchmarks" / "data" / "her2st.yaml"))
@@ -204,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-patch-px", type=int, default=224)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--auto", action="store_true", help="Time --train-backbone auto and stains.")
     p.add_argument("--json", default=None, help="Write the results here.")
     args = p.parse_args(argv)
 
@@ -222,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_full:
         results["full_run"] = full_run(args)
         print(json.dumps(results["full_run"], indent=2), flush=True)
+    if args.auto:
+        results["auto"] = auto_and_stain(args)
+        print(json.dumps(results["auto"], indent=2), flush=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

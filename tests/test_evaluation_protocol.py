@@ -396,3 +396,29 @@ def test_cli_unknown_gene_fails_before_training(two_sections, tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "r.json").exists()
     assert not list(work.glob("fold*/*.safetensors"))
+
+
+def test_retrieval_spread_is_the_neighbours_sd(evaluated, two_sections):
+    """Predictor.predict(x, return_spread=True) on a fold's BLEEP model: the mean is the plain
+    prediction and the spread the per-gene sd of the top-k neighbours' expression."""
+    import torch
+
+    from napari_stpredict.evaluation.data import load_section, section_patches
+    from napari_stpredict.model import Predictor, load_model_file
+    from napari_stpredict.model.retrieval import retrieve_topk
+    from napari_stpredict.st import load_manifest
+
+    res, _, _ = evaluated
+    fold = res.methods["bleep"].folds[0]
+    p = Predictor(fold.model_path, device="cpu")
+    assert p.has_uncertainty and p.weighting == "mean"
+    sec = load_section(load_manifest(two_sections).section("C2"))
+    x = section_patches(p, sec)[:12]
+    mean, sd = p.predict(x, return_spread=True)
+    assert np.array_equal(mean, p.predict(x))
+    mf = load_model_file(fold.model_path)
+    with torch.no_grad():
+        emb = p.embed_tensor(p.preprocess(x))
+        _, idx = retrieve_topk(emb, mf.bank_embeddings, k=p.top_k)
+    nb = mf.bank_expression[idx].numpy()
+    assert np.allclose(sd, nb.std(1), atol=1e-4) and (sd > 0).any()

@@ -311,6 +311,60 @@ def test_full_disk_during_an_export_is_one_line_and_keeps_the_old_file(
     assert not _temporaries(tmp_path)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 192 KiB file system (tmpfs): writes beyond it fail with ENOSPC."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()[:100]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_really_full_disk_h5ad_is_one_line_not_a_crash(small_disk, finished_store):
+    """HDF5 segfaults (rc 139) when the disk fills under it; the export must not."""
+    dst = small_disk / "cells.h5ad"
+    dst.write_bytes(b"the previous export\n")
+    proc = _run_python(
+        f"""
+        from napari_stpredict.export import export_h5ad
+        from napari_stpredict.errors import StPredictError
+        try:
+            export_h5ad({str(finished_store)!r}, {str(dst)!r}, overwrite=True)
+        except StPredictError as err:
+            print("ERROR", err)
+            sys.exit(3)
+        """
+    )
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-3000:])
+    line = proc.stdout.strip().splitlines()[-1]
+    assert str(dst) in line and ("No space left" in line or "free space" in line)
+    assert dst.read_bytes() == b"the previous export\n"
+    assert not _temporaries(small_disk)
+
+
+def test_really_full_disk_during_convert_is_one_line(small_disk, wsi_dir):
+    dst = small_disk / "slide.ome.tif"
+    proc = _run_python(
+        f"""
+        from napari_stpredict.cli import main
+        sys.exit(main(["convert", {str(wsi_dir / "cmu_small_region.svs")!r}, {str(dst)!r}]))
+        """
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_line_error(proc)
+    assert str(dst) in line and "No space left on device" in line
+    assert not dst.exists() and not _temporaries(small_disk)
+
+
 @pytest.mark.parametrize("suffix", [".ome.tif", ".zarr"])
 def test_full_disk_during_convert_is_one_line(tmp_path, wsi_dir, suffix):
     dst = tmp_path / f"slide{suffix}"

@@ -494,9 +494,10 @@ def test_no_file_zarr_or_join_on_the_gui_thread(
     assert widget.n_done == 0, "the cache was cleared: the new session starts empty"
     widget.set_mpp(mpp * 1.01)
     qtbot.waitUntil(lambda: widget.session is not None, timeout=WAIT_MS)
+    qtbot.waitUntil(widget.view_complete, timeout=WAIT_MS)
     assert rec.counts["off"] > 0, "the patched calls ran (in workers)"
     assert not rec.calls, "\n".join(rec.calls[:5])
-    assert widget.close_workers(wait_s=60)
+    assert widget.close_workers(wait_s=60), (widget.scheduler.job, len(widget.workers))
 
 
 # ----------------------------------------------------------------------------------- helpers

@@ -507,7 +507,8 @@ def demo_gene_panel(manifest: str | os.PathLike, config: DemoConfig) -> list[str
     variable genes (``n_top_genes`` each).
     """
     from napari_stpredict.st import read_sections
-    from napari_stpredict.st.genesets import DEFAULT_TUMOR_GENES, build_panel
+    from napari_stpredict.st.genesets import DEFAULT_TUMOR_GENES
+    from napari_stpredict.st.panel import build_panel
 
     adatas = read_sections(manifest, check_image=False)
     panel = build_panel(

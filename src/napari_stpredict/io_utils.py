@@ -318,32 +318,71 @@ def output_lock(
     """Hold an advisory lock on an output for the block (``.stpredict-lock-<name>`` beside it).
 
     A second process asking for the same output waits up to ``timeout`` seconds, then refuses
-    with one :class:`OutputBusyError` line; it never writes into the first one's output.
+    with one :class:`OutputBusyError` line; it never writes into the first one's output. The
+    lock file exists only while the lock is held (POSIX: removed by its holder before release,
+    and a waiter re-checks that the file it locked is still the one on disk).
     """
-    from filelock import FileLock, Timeout
-
     target = Path(path)
     if not target.parent.is_dir():
         raise StPredictError(f"{target}: folder {target.parent} does not exist")
     lock_path = target.with_name(f"{LOCK_PREFIX}{target.name}")
-    if lock_path.is_symlink():
-        _remove(lock_path)
-    lock = FileLock(str(lock_path), timeout=timeout, thread_local=False)
+    busy = OutputBusyError(
+        f"{target}: another stpredict process is writing this {what}; "
+        "wait for it to finish or choose another output"
+    )
     try:
-        lock.acquire()
-    except Timeout:
-        raise OutputBusyError(
-            f"{target}: another stpredict process is writing this {what}; "
-            "wait for it to finish or choose another output"
-        ) from None
-    except OSError as err:
-        raise WriteError(
-            f"{lock_path}: cannot create the lock file: {describe_os_error(err)}"
-        ) from None
+        import fcntl
+    except ImportError:  # Windows: filelock's msvcrt lock (the file stays)
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(lock_path), timeout=timeout, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise busy from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    fd = _posix_lock(lock_path, timeout, busy, fcntl)
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)  # closing releases the lock
+
+
+def _posix_lock(lock_path: Path, timeout: float, busy: Exception, fcntl) -> int:
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a symlink planted at the lock's name
+                _remove(lock_path)
+                continue
+            raise WriteError(
+                f"{lock_path}: cannot create the lock file: {describe_os_error(err)}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise busy from None
+            time.sleep(0.1)
+            continue
+        try:
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            with contextlib.suppress(OSError):
+                os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the holder removed it between our open and our lock: try again
 
 
 def free_bytes(folder: str | os.PathLike) -> int | None:
@@ -358,7 +397,7 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
     """Refuse up front when the file system of ``path`` has clearly less than ``needed`` bytes."""
     free = free_bytes(Path(path).parent)
     if free is not None and free < needed:
-        raise WriteError(
-            f"{path}: not enough free space for the {what} "
-            f"(about {needed / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)"
+        reason = (
+            f"not enough free space: about {needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free"
         )
+        raise WriteError(f"{path}: {reason} for the {what}", reason)

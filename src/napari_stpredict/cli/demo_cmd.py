@@ -17,51 +17,27 @@ from typing import Any
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._progress import Bars
 from napari_stpredict.errors import StPredictError
 
 
-class _StageBar:
-    """One rich progress bar, re-labelled for each stage of the demo."""
+class _StageBar(Bars):
+    """One progress bar (the CLI's :class:`Bars`), re-labelled for each stage of the demo."""
 
     def __init__(self, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.console = console
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = None
-
-    def __enter__(self) -> _StageBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        super().__init__(console, transient=True)
+        self._stage: str | None = None
 
     def stage(self, text: str) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-        self.console.print(f"· {text}", highlight=False)
-        self.task = self.progress.add_task(text, total=None, note="")
+        if self._stage is not None:
+            self.remove(self._stage)
+        self.print(f"· {text}")
+        self._stage = text
+        self.update(text, 0, None)
 
     def __call__(self, done: int, total: int | None, message: str = "") -> None:
-        if self.task is not None:
-            self.progress.update(self.task, completed=done, total=total, note=message[:60])
+        if self._stage is not None:
+            self.update(self._stage, done, total, message[:60])
 
 
 def _check_display() -> None:
@@ -264,7 +240,7 @@ def _dock_tumor_widget(viewer) -> Any:
     except ImportError:  # the tumour widget is optional for the demo
         return None
     tumor = TumorWidget(viewer)
-    viewer.window.add_dock_widget(tumor, name="Tumour localization", area="right")
+    tumor.dock = viewer.window.add_dock_widget(tumor, name="Tumour localization", area="right")
     return tumor
 
 

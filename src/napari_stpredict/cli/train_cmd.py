@@ -226,7 +226,7 @@ def _print_summary(result, *, as_json: bool) -> None:
         f"{summary['genes']} genes, {summary['n_bank']} reference spots from "
         f"{', '.join(summary['training_sections'])}; best epoch {result.best_epoch}{resumed}"
     )
-    from napari_stpredict.st.genesets import marker_report
+    from napari_stpredict.st.panel import marker_report
 
     for line in marker_report(meta):
         typer.echo(line)

@@ -74,6 +74,12 @@ def view(
     smooth: bool = typer.Option(
         False, "--smooth", help="Interpolate heatmaps between tile centres (display only)."
     ),
+    tumor: bool = typer.Option(
+        False,
+        "--tumor",
+        help="Dock 'Tumour localization' and outline the tumour regions (default signature) "
+        "once the view is predicted.",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     screenshot: Path | None = typer.Option(
         None,
@@ -132,6 +138,7 @@ def view(
         mpp=mpp,
         slide_mpp=slide_mpp,
         smooth=smooth,
+        tumor=tumor,
         device=device,
         screenshot=screenshot,
         whole_window=window,
@@ -154,6 +161,7 @@ def _run_viewer(
     mpp: float | None,
     slide_mpp: float | None,
     smooth: bool,
+    tumor: bool,
     device: str,
     screenshot: Path | None,
     whole_window: bool,
@@ -178,6 +186,15 @@ def _run_viewer(
         device=device,
     )
     widget.set_smooth(smooth)
+    tumor_widget = None
+    if tumor and predictor is not None:
+        from napari_stpredict.cli.demo_cmd import _dock_tumor_widget, _tumor_when_view_is_predicted
+        from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
+
+        tumor_widget = _dock_tumor_widget(viewer)
+        _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
+        if not set(DEFAULT_TUMOR_GENES) & set(predictor.genes):
+            tumor_widget.failed = True  # no marker of the signature: nothing to wait for
 
     # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
     # at the model's scale: convert the µm options to layer units
@@ -199,7 +216,7 @@ def _run_viewer(
         return 0
 
     if not whole_window:
-        _canvas_only_window(viewer, dock)
+        _canvas_only_window(viewer, dock, *([tumor_widget.dock] if tumor_widget else []))
     state: dict[str, Any] = {"code": None, "error": None}
     t0 = time.perf_counter()
 
@@ -218,7 +235,10 @@ def _run_viewer(
         if state["error"]:
             print(f"stpredict: error: {state['error']}", file=sys.stderr)
             finish(1)
-        elif predictor is None or widget.view_complete():
+        elif predictor is None or (
+            widget.view_complete()
+            and (tumor_widget is None or tumor_widget.outline is not None or tumor_widget.failed)
+        ):
             _save_screenshot(viewer, screenshot, canvas_only=not whole_window)
             print(
                 f"saved {screenshot} ({widget.n_done} tiles predicted, "

@@ -6,6 +6,10 @@
   predicted), keyed by slide + model + grid; :func:`clear_cache`, :func:`default_cache_dir`.
 - :class:`Engine` — batched, cached, cancellable prediction of cells, nearest to the view
   centre first.
+- :func:`open_session` / :class:`PredictSession` — slide + grid + tissue + store + engine in one
+  object: the one recipe used by the widget, ``stpredict predict``, the demo and benchmarks.
+- :class:`PredictorProtocol` — what all of the above need from a model;
+  :func:`layer_placement` — the one placement of grid-shaped layers on the slide.
 
 >>> from napari_stpredict.inference import Engine, PredictionStore, TileGrid  # doctest: +SKIP
 >>> grid = TileGrid.for_slide(slide, predictor)                                # doctest: +SKIP
@@ -24,16 +28,22 @@ from napari_stpredict.inference.engine import (
     RunSummary,
     order_cells,
 )
-from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.grid import TileGrid, layer_placement
+from napari_stpredict.inference.protocol import PredictorProtocol
+from napari_stpredict.inference.session import PredictSession, open_session
 from napari_stpredict.inference.store import (
     CacheEntry,
     PredictionStore,
+    VerifyReport,
+    WriteBuffer,
     cache_max_bytes,
     clear_cache,
     default_cache_dir,
     evict_cache,
+    is_our_store,
     list_cache,
     model_key,
+    remove_store,
     store_key,
 )
 
@@ -42,15 +52,23 @@ __all__ = [
     "CacheEntry",
     "Engine",
     "EngineStats",
+    "PredictSession",
     "PredictionStore",
+    "PredictorProtocol",
     "RunSummary",
     "TileGrid",
+    "VerifyReport",
+    "WriteBuffer",
     "cache_max_bytes",
     "clear_cache",
     "default_cache_dir",
     "evict_cache",
+    "is_our_store",
+    "layer_placement",
     "list_cache",
     "model_key",
+    "open_session",
     "order_cells",
+    "remove_store",
     "store_key",
 ]

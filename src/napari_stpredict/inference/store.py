@@ -460,9 +460,7 @@ class PredictionStore:
         self.values: zarr.Array = group["values"]  # type: ignore[assignment]
         self.done: zarr.Array = group["done"]  # type: ignore[assignment]
         #: per-gene spread of the predictions (models with uncertainty), else ``None``
-        self.spread: zarr.Array | None = (
-            group.get("spread", None)  # type: ignore[assignment]
-        )
+        self.spread: zarr.Array | None = group.get("spread", None)  # type: ignore[assignment]
         self._file_lock: Any = None
         self._gene_index = {g: i for i, g in enumerate(self.genes)}
         expected = (len(self.genes), *self.grid.shape)

@@ -273,8 +273,10 @@ def save_model_file(
     metadata
         At least ``genes``, ``normalization``, ``patch_px``, ``patch_um`` (float or ``None``),
         ``training_sections``, ``gene_stats``; optional ``top_k`` (50), ``bank_sections``,
-        ``metrics``, ``history``, ``config``, ``image_mean``/``image_std`` (ImageNet).
-        ``method``, ``backbone``, ``model_config`` and the format fields are filled in here.
+        ``metrics``, ``history``, ``config``, ``input`` (an
+        :class:`~napari_stpredict.model.preprocess.InputSpec` dict; ``image_mean``/``image_std``
+        are then set from it, else they default to ImageNet's). ``method``, ``backbone``,
+        ``model_config`` and the format fields are filled in here.
     bank_section_index
         ``(N,)`` index of each bank spot into ``metadata["bank_sections"]``.
     overwrite

@@ -322,9 +322,11 @@ def stain_jitter(
         beta = (torch.rand(n, 3, generator=generator) * 2 - 1) * sigma
         hed_from_rgb = torch.from_numpy(_HED_FROM_RGB).float()
         rgb_from_hed = torch.from_numpy(_RGB_FROM_HED).float()
-        od = -torch.log(x.clamp_min(_OD_EPS))
-        hed = (od @ hed_from_rgb) * alpha.view(*per_sample, 3) + beta.view(*per_sample, 3)
-        x = torch.exp(-(hed @ rgb_from_hed))
+        # OD' = (OD @ H · diag(alpha) + beta) @ R, folded into one 3 × 3 matrix per sample
+        mix = (hed_from_rgb.unsqueeze(0) * alpha.unsqueeze(1)) @ rgb_from_hed
+        shift = (beta @ rgb_from_hed).unsqueeze(1)
+        od = x.clamp_min_(_OD_EPS).log_().neg_().reshape(n, -1, 3)
+        x = torch.baddbmm(shift, od, mix).neg_().exp_().reshape(x.shape)
     if "color" in kind:
         amp = 0.1 * strength
         b, c, s = (1.0 + (torch.rand(3, n, generator=generator) * 2 - 1) * amp).unbind(0)

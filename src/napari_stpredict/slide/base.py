@@ -327,8 +327,8 @@ class Slide:
     ) -> Slide:
         """A slide over an in-memory image (tests, synthetic data; no file needed).
 
-        Like TIAToolbox's ``VirtualWSIReader``: the array is level 0 and lazy 2× levels are
-        added below it, so every reading method behaves as for a file.
+        Like TIAToolbox's ``VirtualWSIReader``: the array is level 0 with the same 2× pyramid
+        a JPEG/PNG file gets, so every reading method returns what it would for that file.
 
         Parameters
         ----------
@@ -354,9 +354,17 @@ class Slide:
             raise SlideError(f"{name}: mpp must be a positive number, got {mpp!r}")
         meta = {"vendor": "array", "mpp_source": "user" if mpp is not None else None}
         meta.update(metadata or {})
+        from napari_stpredict.slide.image import _half, _pyramid_shapes
+
         rgb = np.ascontiguousarray(to_rgb(arr))
+        # the same stored 2× pyramid as a JPEG/PNG file, so both read identical pixels
+        sources: list[LevelSource] = [ArraySource(rgb)]
+        level = rgb
+        for k in range(1, len(_pyramid_shapes(*rgb.shape[:2]))):
+            level = _half(level)
+            sources.append(ArraySource(level, downsample=(2.0**k, 2.0**k)))
         return cls(
-            Path(name), format="array", sources=[ArraySource(rgb)],
+            Path(name), format="array", sources=sources,
             mpp=None if mpp is None else float(mpp), metadata=meta, mpp_override=mpp,
         )  # fmt: skip
 

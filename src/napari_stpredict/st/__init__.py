@@ -43,11 +43,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # the patch dataset pulls in torch: import it on first use only
-    if name in (
-        "PatchDataset",
-                "IMAGENET_MEAN",
-        "IMAGENET_STD",
-    ):
+    if name == "PatchDataset":
         from napari_stpredict.st import patches
 
         return getattr(patches, name)

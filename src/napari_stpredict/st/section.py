@@ -59,8 +59,10 @@ def image_info(path: Path, *, where: str) -> tuple[tuple[int, int], float | None
     ``open_slide``, which is lazy.
     """
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+        head = b""
+        if not path.is_dir():  # an OME-Zarr folder goes straight to open_slide
+            with open(path, "rb") as fh:
+                head = fh.read(8)
     except OSError as e:
         raise DatasetError(
             f"{where}: field 'image': cannot read {path}: {e.strerror or e}"

@@ -40,7 +40,7 @@ def extra_metadata(data: TrainData, config: TrainConfig) -> dict[str, Any]:
     and any later addition: return a JSON-able dict; it is merged into the metadata last
     (it cannot replace the keys :func:`build_metadata` sets).
     """
-    from napari_stpredict.st.genesets import describe_panel
+    from napari_stpredict.st.panel import describe_panel
 
     panel = data.panel or describe_panel(data.genes, config.markers, add_genes=config.add_genes)
     return panel.metadata()

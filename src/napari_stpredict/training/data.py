@@ -8,7 +8,7 @@ import json
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,7 +179,7 @@ def _select_panel(adatas, train_adatas, config: TrainConfig, manifest_genes):
     """The panel (an ``st.genesets.Panel``): a given gene list, else the default panel —
     markers ∪ HEG ∪ HVG chosen by the training sections and measured in every section."""
     from napari_stpredict.st import load_gene_list, select_genes
-    from napari_stpredict.st.genesets import build_panel, describe_panel
+    from napari_stpredict.st.panel import build_panel, describe_panel
 
     gene_source = config.genes if config.genes is not None else manifest_genes
     if gene_source is None:
@@ -271,18 +271,30 @@ class PatchSource:
             self.have[todo] = True
         return self.cache[idx]
 
-    def submit(self, idx: np.ndarray) -> Future:
-        """Start reading a batch in the background (a future of uint8 ``(B, P, P, 3)``)."""
-        return self.batches.submit(self.read, np.asarray(idx))
+    def submit(self, idx: np.ndarray, transform: Callable | None = None) -> Future:
+        """Start reading a batch in the background (a future of uint8 ``(B, P, P, 3)``, or of
+        ``transform(patches)``, computed in the same background thread)."""
+        if transform is None:
+            return self.batches.submit(self.read, np.asarray(idx))
+        return self.batches.submit(lambda: transform(self.read(np.asarray(idx))))
 
-    def iterate(self, batches: Sequence[np.ndarray], *, cancel=None, what: str = "training"):
-        """Yield ``(idx, uint8 patches)`` per batch, the next batch read while this one is used."""
-        fut = self.submit(batches[0]) if len(batches) else None
+    def iterate(
+        self,
+        batches: Sequence[np.ndarray],
+        *,
+        transform: Callable | None = None,
+        cancel=None,
+        what: str = "training",
+    ):
+        """Yield ``(idx, patches)`` per batch; the next batch is read (and transformed, e.g.
+        augmented) in the background while this one is used. Batches are read in order by one
+        thread, so a seeded ``transform`` draws its random numbers in a fixed order."""
+        fut = self.submit(batches[0], transform) if len(batches) else None
         for s, idx in enumerate(batches):
             check_cancel(cancel, what)
             cur = fut
             if s + 1 < len(batches):
-                fut = self.submit(batches[s + 1])
+                fut = self.submit(batches[s + 1], transform)
             yield idx, cur.result()
 
     def close(self) -> None:

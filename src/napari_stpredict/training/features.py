@@ -49,7 +49,7 @@ class FeatureStore:
             [
                 self.config.backbone,
                 str(getattr(self.model, "pretrained_source", "")),
-                self.spec.to_dict(),
+                self.spec.replace(tta=1).to_dict(),  # tta acts at inference only
                 self.data.spot_keys[section_i],
             ]
         )

@@ -109,12 +109,16 @@ def batches_of(
             yield idx, ("features", *run.features.get(idx)), expr_of(idx)
         return
     cfg = run.config
-    for idx, u8 in run.source.iterate(batches, cancel=cancel):
-        u8 = torch.from_numpy(u8)
-        if train and (cfg.augment or run.stain != "none"):
-            u8 = augment(
-                u8, run.gen, symmetries=cfg.augment, stain=run.stain, strength=cfg.stain_strength
-            )
+    transform = None
+    if train and (cfg.augment or run.stain != "none"):
+
+        def transform(u8: np.ndarray) -> torch.Tensor:  # runs in the patch reader's thread
+            return augment(
+                torch.from_numpy(u8), run.gen, symmetries=cfg.augment, stain=run.stain,
+                strength=cfg.stain_strength,
+            )  # fmt: skip
+
+    for idx, u8 in run.source.iterate(batches, transform=transform, cancel=cancel):
         x = encoder_input(u8, run.spec, device=run.device, channels_last=run.channels_last)
         yield idx, ("images", x), expr_of(idx)
 

@@ -1,9 +1,13 @@
-"""napari dock widgets (the only place, with ``_reader``/``_writer`` and ``cli.view_cmd``, that
-imports Qt or napari).
+"""napari dock widgets (the only place, with ``_reader``/``_writer``/``_sample_data`` and
+``cli.view_cmd``/``cli.demo_cmd``, that imports Qt or napari).
 
 - :class:`~napari_stpredict.widgets.predict.PredictWidget` — "Predict expression": model, slide,
-  genes, live heatmaps that follow the camera, whole-slide prediction, cache.
+  genes, live heatmaps with colour bars, whole-slide prediction, cache.
+- :class:`~napari_stpredict.widgets.tumor.TumorWidget` — "Tumour localization": tumour outlines.
+- :class:`~napari_stpredict.widgets.export.ExportWidget` — "Export".
 
+Each dock is a thin Qt view over a Qt-free state object (:mod:`._state`); work runs in workers
+(:func:`._common.start_worker`); nothing touches files, zarr or joins threads on the GUI thread.
 Widgets talk to each other through layers: a heatmap layer carries
 ``layer.metadata["stpredict"]`` (see ``docs/architecture.md``).
 """

@@ -31,6 +31,7 @@ __all__ = [
     "in_background",
     "notify",
     "on_main_thread",
+    "slide_source",
     "start_worker",
     "view_rect_px",
 ]
@@ -91,6 +92,28 @@ def view_rect_px(viewer: Any, slide_layer: Any) -> tuple[float, float, float, fl
     a = world_to_level0(slide_layer, center - half)
     b = world_to_level0(slide_layer, center + half)
     return (float(a[0]), float(a[1]), float(b[0]), float(b[1]))
+
+
+def slide_source(layer: Any) -> tuple[str, float | None]:
+    """The slide file and µm/px behind a napari Image layer.
+
+    Raises
+    ------
+    StPredictError
+        If the layer has no file behind it (e.g. an array added from the console).
+    """
+    meta = (getattr(layer, "metadata", None) or {}).get("stpredict_slide") or {}
+    path = meta.get("path")
+    mpp = meta.get("mpp")
+    if not path:
+        source = getattr(layer, "source", None)
+        path = getattr(source, "path", None)
+    if not path:
+        raise StPredictError(
+            f"layer {layer.name!r}: no slide file behind it; open the slide with File > Open "
+            "(napari-stpredict reader)"
+        )
+    return str(path), (float(mpp) if mpp else None)
 
 
 def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,7 +29,13 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.inference.session import MARGIN, MIN_TISSUE, PredictSession, open_session
 from napari_stpredict.progress import CancelToken
-from napari_stpredict.widgets._common import Failed, camera_of, in_background, view_rect_px
+from napari_stpredict.widgets._common import (
+    Failed,
+    camera_of,
+    in_background,
+    slide_source,
+    view_rect_px,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -60,28 +66,6 @@ def _minus(cells: np.ndarray, other: np.ndarray) -> np.ndarray:
     width = int(max(cells[:, 1].max(), other[:, 1].max())) + 1
     keep = ~np.isin(cells[:, 0] * width + cells[:, 1], other[:, 0] * width + other[:, 1])
     return cells[keep]
-
-
-def slide_source(layer: Any) -> tuple[str, float | None]:
-    """The slide file and µm/px behind a napari Image layer.
-
-    Raises
-    ------
-    StPredictError
-        If the layer has no file behind it (e.g. an array added from the console).
-    """
-    meta = (getattr(layer, "metadata", None) or {}).get("stpredict_slide") or {}
-    path = meta.get("path")
-    mpp = meta.get("mpp")
-    if not path:
-        source = getattr(layer, "source", None)
-        path = getattr(source, "path", None)
-    if not path:
-        raise StPredictError(
-            f"layer {layer.name!r}: no slide file behind it; open the slide with File > Open "
-            "(napari-stpredict reader)"
-        )
-    return str(path), (float(mpp) if mpp else None)
 
 
 def batch_cells_values(batch: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -85,6 +85,7 @@ class TumorWidget(QWidget):
         self.state.events.connect("mask", self._on_mask)
         self.layer: Any = None
         self.outline: Any = None
+        self.failed = False  #: the last compute ended with an error (shown in the readout)
         self._source: StoreSource | None = None
         self._workers: set[Any] = set()
         self._seq = 0
@@ -262,6 +263,7 @@ class TumorWidget(QWidget):
             return
         self._seq += 1
         seq = self._seq
+        self.failed = False
         store_path, model = src.store, src.meta.get("model")
         self.readout.setText("computing the tumour score…")
 
@@ -306,6 +308,7 @@ class TumorWidget(QWidget):
         self.score_ready.emit(score)
 
     def _fail(self, text: str) -> None:
+        self.failed = True
         self.readout.setText(text)
         notify("error", text)
 
