@@ -73,7 +73,9 @@ def run(manifest: Path) -> dict:
     labels = {}
     for s, a in zip(sections, adatas, strict=True):
         labels[s] = {str(k): int(v) for k, v in a.obs["label"].value_counts(dropna=False).items()}
-    selected, selection_means = select_default(rows)
+    # the choice sees the selection sections only: their AUROCs, and z-scores pooled over them
+    chosen = {s: a for s, a in zip(sections, adatas, strict=True) if s in SELECTION}
+    selected, selection_means = select_default(validate_gene_sets(chosen, CANDIDATE_GENE_SETS))
     return {
         "manifest": str(manifest),
         "selection_sections": list(SELECTION),
@@ -149,8 +151,9 @@ def markdown(result: dict, command: str) -> str:
         f"{result.get('load', '?')}).",
         "",
         f"**How the default is chosen.** The default signature is the candidate with the best mean "
-        f"AUROC on the *selection* sections {', '.join(sel)} only; it is reported on the "
-        f"*held-out* sections {', '.join(held)}, which took no part in the choice. The rule picks "
+        f"AUROC on the *selection* sections {', '.join(sel)} only (z-scores pooled over those three "
+        f"sections alone; column *selection mean*); it is reported on the *held-out* sections "
+        f"{', '.join(held)}, which took no part in the choice. The rule picks "
         f"`{result['selected']}`"
         + (
             " — the default fixed in `napari_stpredict.st.genesets.DEFAULT_TUMOR_GENES`."
@@ -178,7 +181,7 @@ def markdown(result: dict, command: str) -> str:
         cells = [f(by[(g, s)]["auroc"]) if (g, s) in by else "–" for s in secs]
         name = f"**{g}** (default)" if g == default else g
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {f(mean_over(g, sel))} | "
+            f"| {name} | " + " | ".join(cells) + f" | {f(result['selection_means'].get(g))} | "
             f"{f(mean_over(g, held))} ± {f(sd_over(g, held))} | "
             f"{f(by.get((g, 'pooled'), {}).get('auroc'))} |"
         )

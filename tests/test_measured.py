@@ -18,7 +18,9 @@ GENE = "ERBB2"
 
 def _her2st_mpp(her2st_dir: Path, section: str) -> float:
     d = pd.read_csv(her2st_dir / "spots" / f"{section}_selection.tsv", sep="\t")
-    px_per_step = (np.polyfit(d["x"], d["pixel_x"], 1)[0] + np.polyfit(d["y"], d["pixel_y"], 1)[0]) / 2
+    px_per_step = (
+        np.polyfit(d["x"], d["pixel_x"], 1)[0] + np.polyfit(d["y"], d["pixel_y"], 1)[0]
+    ) / 2
     return 200.0 / px_per_step
 
 
@@ -65,7 +67,9 @@ def test_measured_is_normalised_like_the_model(
     with gzip.open(her2st_dir / "counts" / "C3.tsv.gz", "rt") as fh:
         raw = pd.read_csv(fh, sep="\t", index_col=0)
     spot = m.spot_ids[7]
-    expect = np.log1p(raw.loc[spot, GENE] / raw.loc[spot].sum() * meta["normalization"]["target_sum"])
+    expect = np.log1p(
+        raw.loc[spot, GENE] / raw.loc[spot].sum() * meta["normalization"]["target_sum"]
+    )
     assert m.gene(GENE)[7] == pytest.approx(expect, rel=1e-5)
     # spot centres are the selection table's pixel columns (the slide's level-0 pixels)
     sel = pd.read_csv(her2st_dir / "spots" / "C3_selection.tsv", sep="\t")
@@ -125,19 +129,23 @@ def test_bad_inputs_are_refused_in_one_line(
 
 
 def test_dock_loads_spots_shows_r_and_flips(
-    make_napari_viewer, c3_spot_store, benchmarks_data_dir: Path
+    make_napari_viewer, qtbot, c3_spot_store, benchmarks_data_dir: Path
 ) -> None:
     from napari_stpredict.inference.grid import layer_placement
     from napari_stpredict.widgets.measured import MeasuredWidget, spot_colours
 
     slide, store, model = c3_spot_store
-    viewer = make_napari_viewer()
-    slide_layer = viewer.add_image(
+    viewer = make_napari_viewer(show=True)  # shown: canvas screenshots need a realised canvas
+    viewer.add_image(
         slide.levels, multiscale=True, rgb=True, scale=slide.layer_scale, name="C3",
         contrast_limits=(0, 255),
     )  # fmt: skip
+    from napari_stpredict.model import Predictor
+    from napari_stpredict.widgets._heatmaps import contrast_limits, model_gene_stats
+
     scale, translate = layer_placement(store.grid, slide_scale=slide.layer_scale)
-    lo, hi = 0.3, 2.2
+    pred = Predictor(model, device="cpu")  # the dock's limits: the model's training p01–p99
+    lo, hi = contrast_limits(model_gene_stats(pred), pred.genes.index(GENE), GENE)
     heat = viewer.add_image(
         store.read(GENE), scale=scale, translate=translate, colormap="inferno",
         contrast_limits=(lo, hi), opacity=0.65, name=f"{GENE} (predicted)",
@@ -170,13 +178,16 @@ def test_dock_loads_spots_shows_r_and_flips(
     unpredicted = np.isnan(c.predicted[:, k])
     assert unpredicted.any() and np.allclose(pts.face_color[unpredicted, 3], 0.0)  # hollow
     # the same contrast limits as the heatmap, also when the user changes them
-    heat.contrast_limits = (lo, 1.0)
+    heat.contrast_limits = (lo, (lo + hi) / 2)
     assert np.allclose(pts.face_color, spot_colours(c.predicted[:, k], heat), atol=1e-6)
+    heat.contrast_limits = (lo, hi)
     viewer.window._qt_window.resize(1500, 950)  # room for the canvas (test viewers are small)
+    qtbot.wait(50)
     lo_w, hi_w = pts.data.min(axis=0), pts.data.max(axis=0)
     viewer.camera.center = tuple((lo_w + hi_w) / 2)
     canvas_h = viewer.window._qt_viewer.canvas.size[0]
     viewer.camera.zoom = canvas_h / float(np.max(hi_w - lo_w) * 1.2)
+    qtbot.wait(200)
     shots = {"predicted": viewer.screenshot(canvas_only=True, flash=False)}
     # looked at: spots over the heatmap, hollow where no tile is predicted (docs/images)
     shot_dir = os.environ.get("STPREDICT_SCREENSHOT_DIR")

@@ -62,7 +62,9 @@ def _write_big_png(path: Path, width: int, height: int) -> None:
     """A real ``width × height`` RGB PNG, streamed (never held in memory)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     row = np.full((width, 3), 240, np.uint8)
     row[width // 4 : width // 2] = (200, 120, 180)  # a band of "tissue" colour

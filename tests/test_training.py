@@ -311,7 +311,7 @@ def test_training_and_inference_encoder_inputs_are_bit_identical(
     from napari_stpredict.slide.patches import read_patch_rects
     from napari_stpredict.st.patches import spot_rect
     from napari_stpredict.training import _build_model, _make_run, _patch_source
-    from napari_stpredict.training.data import prepare_data
+    from napari_stpredict.training.data import PatchSource, prepare_data
     from napari_stpredict.training.loop import batches_of
 
     predictor = Predictor(tiny_model_file, device="cpu")
@@ -341,6 +341,22 @@ def test_training_and_inference_encoder_inputs_are_bit_identical(
     assert x_train.dtype == x_infer.dtype == torch.float32
     assert torch.equal(x_train, x_infer)
     assert np.array_equal(predictor.predict(u8), predictor.predict_tensor(x_train))
+
+    # a context field (3 × the patch side) as training reads it and as the engine reads it
+    from napari_stpredict.slide.patches import field_rects
+
+    ctx = PatchSource(ds, len(ds), predictor.patch_px, cache=False, workers=2, scales=(1.0, 3.0))
+    try:
+        both = ctx.read(idx)
+    finally:
+        ctx.close()
+    assert both.shape == (3, 2, 64, 64, 3) and np.array_equal(both[:, 0], u8)
+    for j, i in enumerate(idx):
+        k = int(ds.item_section[i])
+        rect = spot_rect(*ds.centers[i], ds.patch_size_px[k])
+        with open_slide(ds.images[k]) as slide:
+            wide = read_patch_rects(slide, field_rects([rect], 3.0), predictor.patch_px)[0]
+        assert np.array_equal(both[j, 1], wide)
 
 
 def test_metadata_records_input_spec_and_gene_stats(manifest, feature_cache, tmp_path):
@@ -466,3 +482,20 @@ def test_state_file_is_replaced_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     _, loaded = st.load_state(path)
     assert loaded["epoch"] == 1
+
+
+def test_context_field_trains_and_is_recorded(manifest, tmp_path):
+    from napari_stpredict.model import Predictor
+
+    cfg = TrainConfig(
+        method="bleep", pretrained="offline", n_top_genes=30, patch_px=32, batch_size=16,
+        epochs=1, steps_per_epoch=2, device="cpu", seed=0, num_workers=2, context=3.0,
+        train_backbone="none", tta=2,
+    )  # fmt: skip
+    out = tmp_path / "ctx.safetensors"
+    res = train(manifest, cfg, out=out, sections=["B4"])
+    assert res.metadata["input"]["context"] == 3.0 and res.metadata["input"]["tta"] == 2
+    p = Predictor(out, device="cpu")
+    assert p.input_spec.fields() == [(112.0, 32), (336.0, 32)] and p.model.n_fields == 2
+    u8 = np.random.default_rng(0).integers(0, 255, (3, 2, 32, 32, 3), dtype=np.uint8)
+    assert p.predict(u8).shape == (3, len(p.genes))

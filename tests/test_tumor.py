@@ -349,3 +349,19 @@ def test_model_without_signature_genes_predicts_but_refuses_tumour(tmp_path):
     with pytest.raises(TumorError) as err:
         score_store(st, model=path)
     assert str(err.value) == reason
+
+
+def test_default_signature_is_the_choice_of_the_selection_sections(benchmarks_data_dir, her2st_dir):
+    """The default is the best pre-declared candidate on B1, C1, D1 alone (measured
+    expression, z-scores over those sections): chosen without the sections it is reported on."""
+    from napari_stpredict.st import read_sections
+    from napari_stpredict.tumor import CANDIDATE_GENE_SETS
+
+    chosen = ["B1", "C1", "D1"]
+    adatas = read_sections(benchmarks_data_dir / "her2st_labelled.yaml", sections=chosen)
+    rows = validate_gene_sets(dict(zip(chosen, adatas, strict=True)))
+    assert {r["section"] for r in rows} == {*chosen, "pooled", "mean"}
+    means = {r["gene_set"]: r["auroc"] for r in rows if r["section"] == "mean"}
+    assert set(means) == set(CANDIDATE_GENE_SETS)
+    best = max(means, key=means.get)
+    assert tuple(CANDIDATE_GENE_SETS[best]["genes"]) == DEFAULT_TUMOR_GENES

@@ -225,6 +225,9 @@ def open_demo_viewer(
     )
     tumor_widget = _dock_tumor_widget(viewer)
     if tumor_widget is not None:
+        from napari_stpredict.cli.view_cmd import balance_docks
+
+        balance_docks(viewer, _dock, tumor_widget.dock)
         _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
     viewer.reset_view()
     if run:

@@ -195,6 +195,7 @@ def _run_viewer(
         _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
         if not set(DEFAULT_TUMOR_GENES) & set(predictor.genes):
             tumor_widget.failed = True  # no marker of the signature: nothing to wait for
+        balance_docks(viewer, dock, tumor_widget.dock)
 
     # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
     # at the model's scale: convert the µm options to layer units
@@ -296,6 +297,18 @@ def dock_predict_widget(
     if genes:
         widget.set_genes(genes)
     return widget, dock
+
+
+def balance_docks(viewer: Any, *docks: Any, shares: tuple[int, ...] = (55, 45)) -> None:
+    """Share the right-hand column between stacked docks (else the first one takes it all)."""
+    from qtpy.QtCore import Qt
+
+    window = getattr(viewer.window, "_qt_window", None)
+    docks = tuple(d for d in docks if d is not None)
+    if window is None or len(docks) < 2:
+        return
+    sizes = [int(1000 * s) for s in shares[: len(docks)]]
+    window.resizeDocks(list(docks), sizes, Qt.Orientation.Vertical)
 
 
 def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> None:

@@ -25,7 +25,7 @@ def open_slide(
     path: str | os.PathLike,
     *,
     mpp: float | None = None,
-    max_image_pixels: int | None | Literal["default"] = "default",
+    max_image_pixels: int | Literal["default"] | None = "default",
 ) -> Slide:
     """Open a whole-slide image lazily.
 

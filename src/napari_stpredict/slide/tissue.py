@@ -153,14 +153,16 @@ def _scores(rgb: np.ndarray, mpp_work: float) -> tuple[np.ndarray, ...]:
     od_c = np.clip(od_c, 0.0, None)
     od = od_c.sum(axis=2)
     grad = ndimage.gaussian_gradient_magnitude(od, sigma=1.0)
-    size = max(3, int(round(TEXTURE_UM / mpp_work)) | 1)
+    size = max(3, round(TEXTURE_UM / mpp_work) | 1)
     texture = ndimage.uniform_filter(grad, size=size)
     od_s = ndimage.uniform_filter(od, size=size)
     od_fine = ndimage.uniform_filter(od, size=max(1, round(8 / mpp_work)))
     r, g, b = od_c[..., 0], od_c[..., 1], od_c[..., 2]
     green_ink = (g < INK_RATIO * r) & (g < INK_RATIO * b) & (od > INK_MIN_OD)
     # black marker: dark over ≈ 20 µm (clusters of dark nuclei are not that dark on average)
-    black_ink = ndimage.uniform_filter(rgbf.max(axis=2), size=max(1, round(20 / mpp_work))) < BLACK_INK
+    black_ink = (
+        ndimage.uniform_filter(rgbf.max(axis=2), size=max(1, round(20 / mpp_work))) < BLACK_INK
+    )
     # the texture and OD windows straddle an ink stroke's edge: exclude that margin too
     ink = ndimage.maximum_filter(green_ink | black_ink, size=size + 2)
     return od_s, od_fine, texture, ink, dark
@@ -218,7 +220,7 @@ def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
     # ... then fill holes up to HOLE_UM2 (lumens, fat), keep larger empty areas open
     holes = ndimage.binary_fill_holes(mask) & ~mask
     if holes.any():
-        hl, nh = ndimage.label(holes)
+        hl, _ = ndimage.label(holes)
         hs = np.bincount(hl.ravel())
         fill = hs <= max(1.0, HOLE_UM2 / mpp_work**2)
         fill[0] = False

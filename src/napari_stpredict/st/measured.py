@@ -115,9 +115,7 @@ def _spec_for(path: Path, section: str | None, scale: float | str | None):
         manifest = load_manifest(path)
         if section is None:
             if len(manifest.sections) != 1:
-                raise DatasetError(
-                    f"{path}: name the section (one of {', '.join(manifest.names)})"
-                )
+                raise DatasetError(f"{path}: name the section (one of {', '.join(manifest.names)})")
             return manifest.sections[0]
         return manifest.section(section)
     raise DatasetError(

@@ -39,6 +39,7 @@ from napari_stpredict.model.preprocess import InputSpec, backbone_mean_std
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 from napari_stpredict.training.config import TrainConfig, TrainResult, method_kwargs
 from napari_stpredict.training.data import PatchSource, TrainData, prepare_data
+from napari_stpredict.training.loop import train_one_epoch, validate
 from napari_stpredict.training.state import (
     EpochTracker,
     check_resumable,
@@ -151,7 +152,9 @@ def train(
             if tracker.global_step >= run.total_steps:
                 break
             t0 = time.perf_counter()
-            entry, tracker.global_step = _epoch(run, epoch, tracker, progress, cancel)
+            entry, tracker.global_step = train_one_epoch(
+                run, epoch, tracker.global_step, progress=progress, cancel=cancel
+            )
             val, gene_pcc = validate(run, cancel=cancel)
             entry.update(val)
             entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -235,10 +238,11 @@ def _plan(config, model, source, data, spec, device, saved) -> dict[str, Any]:
 
     if saved is not None and saved[1].get("plan"):
         plan = dict(saved[1]["plan"])
-        plan["reason"] = f"as in the interrupted run ({plan.get('reason', '')})"
+        if not str(plan.get("reason", "")).startswith("as in the interrupted run"):
+            plan["reason"] = f"as in the interrupted run ({plan.get('reason', '')})"
         return plan
     if config.train_backbone != "auto":
-        plan = {"train_backbone": config.train_backbone, "reason": "given"}
+        plan = {"train_backbone": config.train_backbone, "reason": "as given"}
     else:
         bs, _, total_steps, _ = schedule(config, len(data.train_idx))
         idx = data.train_idx[: min(bs, 16)]  # timed on a few spots, scaled to the batch
@@ -342,19 +346,6 @@ def _fit_closed_form(config, data, spec, model, device, source, out, say, *, ove
 
 
 # ------------------------------------------------------------------------------------ loop + end
-
-
-def _epoch(run, epoch: int, tracker: EpochTracker, progress, cancel):
-    from napari_stpredict.training.loop import train_one_epoch
-
-    return train_one_epoch(run, epoch, tracker.global_step, progress=progress, cancel=cancel)
-
-
-def validate(run, *, cancel=None):
-    """:func:`napari_stpredict.training.loop.validate` (validation losses, Pearson r)."""
-    from napari_stpredict.training.loop import validate as _validate
-
-    return _validate(run, cancel=cancel)
 
 
 def _finish(run, tracker: EpochTracker, plan, out: Path, *, overwrite: bool, progress, cancel):

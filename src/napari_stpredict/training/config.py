@@ -35,7 +35,7 @@ class TrainConfig:
         warm-up then cosine decay per step; gradient norm clipped at ``grad_clip``).
     genes, n_top_genes
         Gene panel: a list of names or a gene list file; else the manifest's ``genes:`` file;
-        else the default panel (:func:`napari_stpredict.st.genesets.build_panel`): the markers
+        else the default panel (:func:`napari_stpredict.st.panel.build_panel`): the markers
         ∪ the top ``n_heg_genes`` highly expressed genes ∪ the union of each training section's
         top ``n_top_genes`` highly variable genes, each measured in every section.
     markers, add_genes, n_heg_genes

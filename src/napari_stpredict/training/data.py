@@ -39,7 +39,7 @@ class TrainData:
     train_idx: np.ndarray
     val_idx: np.ndarray
     spot_keys: list[str] = field(default_factory=list)
-    panel: Any = None  # st.genesets.Panel: the genes and what they say about the markers
+    panel: Any = None  # st.panel.Panel: the genes and what they say about the markers
 
 
 def load_manifest_any(manifest):
@@ -176,7 +176,7 @@ def prepare_data(manifest, config: TrainConfig, sections, *, progress, cancel) -
 
 
 def _select_panel(adatas, train_adatas, config: TrainConfig, manifest_genes):
-    """The panel (an ``st.genesets.Panel``): a given gene list, else the default panel —
+    """The panel (an ``st.panel.Panel``): a given gene list, else the default panel —
     markers ∪ HEG ∪ HVG chosen by the training sections and measured in every section."""
     from napari_stpredict.st import load_gene_list, select_genes
     from napari_stpredict.st.panel import build_panel, describe_panel

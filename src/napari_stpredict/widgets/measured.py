@@ -100,6 +100,7 @@ class MeasuredWidget(QWidget):
         self.comparison: Any = None
         self.points: Any = None
         self._heatmap: Any = None
+        self._pending_section: str | None = None
 
         body = dock_layout(self)
         form_w = QWidget()
@@ -188,7 +189,10 @@ class MeasuredWidget(QWidget):
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
-            self, "Spatial data of this slide", "", "Manifest or AnnData (*.yaml *.yml *.json *.h5ad)"
+            self,
+            "Spatial data of this slide",
+            "",
+            "Manifest or AnnData (*.yaml *.yml *.json *.h5ad)",
         )
         if path:
             self.set_source(path)
@@ -196,22 +200,29 @@ class MeasuredWidget(QWidget):
     def set_source(self, path: str | Path, section_name: str | None = None) -> None:
         """Set the spatial data (and the manifest section) to load."""
         self.source_edit.setText(str(path))
+        self._pending_section = section_name  # applied when the sections are listed
         self._source_changed()
-        if section_name is not None:
-            self.section_combo.setCurrentText(section_name)
 
     def _source_changed(self) -> None:
-        from napari_stpredict.errors import StPredictError
         from napari_stpredict.st.measured import manifest_sections
 
-        try:
-            names = manifest_sections(self.source_edit.text().strip())
-        except StPredictError as err:
+        # reading the manifest touches the file system: off the GUI thread
+        start_worker(
+            manifest_sections, self.source_edit.text().strip(),
+            returned=self._sections_listed, workers=self.workers, inline=self.inline,
+        )  # fmt: skip
+
+    def _sections_listed(self, names: Any) -> None:
+        if isinstance(names, Failed):
+            self.r_label.setText(f"r: {names.text}")
             names = []
-            self.r_label.setText(str(err))
+        pending = self._pending_section
         self.section_combo.clear()
         self.section_combo.addItems(names)
         self.section_combo.setEnabled(bool(names))
+        if pending in names:
+            self.section_combo.setCurrentText(pending)
+        self._pending_section = None
 
     # ------------------------------------------------------------------ actions
     def load(self) -> None:
@@ -261,7 +272,9 @@ class MeasuredWidget(QWidget):
         self._show()
 
     def _flip(self, *_: Any) -> None:
-        self.flip_button.setText("Show measured" if self.showing == "predicted" else "Show predicted")
+        self.flip_button.setText(
+            "Show measured" if self.showing == "predicted" else "Show predicted"
+        )
         self._recolour()
 
     @property
@@ -359,6 +372,6 @@ class MeasuredWidget(QWidget):
         self.points.refresh()
         self.r_label.setText(self.r_text())
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802
+    def closeEvent(self, event: Any) -> None:
         self.workers.quit_all()
         super().closeEvent(event)
