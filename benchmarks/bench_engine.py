@@ -446,7 +446,11 @@ def rss_child(slide_path: str, model: str, mpp: float, device: str, batch_size: 
     from napari_stpredict.model import Predictor
 
     proc = psutil.Process()
-    pred = Predictor(model, device=device, batch_size=batch_size)
+    if model == "zero":  # the CPU pipeline alone (decode, resize, store), paper-setting shapes
+        pred = ZeroModel([f"G{k}" for k in range(785)], 224, 112.0)
+        pred.batch_size = batch_size or 64
+    else:
+        pred = Predictor(model, device=device, batch_size=batch_size)
     peak = [0]
     stop = threading.Event()
 
@@ -529,8 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--rss-model",
         default="fast",
-        help="model for the memory runs: a file, 'same' (= --model) or 'fast' (default: random "
-        "weights, lite0, 64 px per 112 µm, 250 genes — memory is about the slide, not the model)",
+        help="model for the memory runs: a file, 'same' (= --model), 'zero' (a zero-cost model: "
+        "the time is the CPU pipeline's) or 'fast' (default: random weights, lite0, 64 px per "
+        "112 µm, 250 genes — memory is about the slide, not the model)",
     )
     ap.add_argument("--device", default="auto")
     ap.add_argument(
@@ -557,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--rss-sizes", default="1,4", help="mosaic sizes for the memory runs ('' = skip)"
     )
+    ap.add_argument(
+        "--mosaic", type=int, default=4, help="mosaic size for feed/store/ratio/full map (N×N)"
+    )
     ap.add_argument("--skip", default="", help="parts to skip: feed,store,ratio,fullmap")
     ap.add_argument("--workdir", type=Path, help="where mosaics go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -577,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         mpp = her2st_mpp()
         rss_sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
-        sizes = sorted(set(rss_sizes) | {4})
+        sizes = sorted(set(rss_sizes) | {args.mosaic})
         print(f"building mosaics {sizes} in {workdir} (mpp {mpp:.4f})", flush=True)
         slides = build_mosaics(workdir, sizes, mpp)
         model = args.model or workdir / "paper_setting_random.safetensors"
@@ -600,12 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         probe = Predictor(model, device="cpu")
         genes, meta = list(probe.genes), probe
-        with open_slide(slides[4], mpp=mpp) as slide:
+        with open_slide(slides[args.mosaic], mpp=mpp) as slide:
             grid = TileGrid.for_slide(slide, meta)
             t0 = time.perf_counter()
             tissue = grid.tissue_cells(tissue_mask(slide), 0.2)
             result["slide"] = {
-                "name": slides[4].name,
+                "name": slides[args.mosaic].name,
                 "shape": list(slide.shape),
                 "grid": list(grid.shape),
                 "tissue_cells": int(tissue.sum()),
@@ -633,6 +641,8 @@ def main(argv: list[str] | None = None) -> None:
             print("peak memory of whole-slide tissue prediction", flush=True)
             if args.rss_model == "same":
                 rss_model, label = model, result["model"]
+            elif args.rss_model == "zero":
+                rss_model, label = "zero", "zero-cost model, 785 genes, 224 px / 112 µm"
             elif args.rss_model == "fast":
                 rss_model = workdir / "fast_random.safetensors"
                 if not rss_model.exists():

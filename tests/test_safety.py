@@ -541,6 +541,26 @@ def test_slide_without_mpp_is_refused_naming_mpp(tmp_path, mob_dir, tiny_model_f
     assert not out.exists()
 
 
+def test_demo_unknown_gene_fails_before_predicting(
+    tmp_path, tiny_model_file, wsi_dir, monkeypatch, capsys
+):
+    from napari_stpredict.inference.engine import Engine
+
+    def no_prediction(*a, **k):
+        raise AssertionError("predicted before checking the genes")
+
+    monkeypatch.setattr(Engine, "run", no_prediction)
+    monkeypatch.setattr(Engine, "predict_all_tissue", no_prediction)
+    args = [
+        "demo", "--no-viewer", "--quick", "--model", str(tiny_model_file),
+        "--slide", str(wsi_dir / "cmu_small_region.svs"), "--cache-dir", str(tmp_path),
+        "--genes", "NOTAGENE",
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "NOTAGENE" in err and len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+
+
 # ------------------------------------------------------------------ issue 10.3 / 12: exports
 def test_an_export_that_cannot_be_made_never_fails_the_slide(
     tmp_path, mob_dir, mob_mpp, tiny_model_file, monkeypatch

@@ -141,7 +141,7 @@ def test_deleting_a_heatmap_layer_unticks_its_gene(live, qtbot, monkeypatch):
 def test_mpp_box_keeps_full_precision_and_the_cli_cache_key(live, predictor, c3, tmp_path, qtbot):
     from napari_stpredict.inference.session import open_session
 
-    viewer, widget = live
+    _viewer, widget = live
     path, mpp = c3
     assert round(mpp, 4) != mpp, "the spot-grid µm/px has more than 4 decimals"
     session = widget.session

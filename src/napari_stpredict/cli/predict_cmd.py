@@ -74,7 +74,13 @@ def predict(
         "",
         "--export",
         "-e",
-        help="Comma-separated exports per slide: h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png.",
+        help="Comma-separated exports per slide: h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png, "
+        "spatialdata (needs the 'spatialdata' extra).",
+    ),
+    no_image: bool = typer.Option(
+        False,
+        "--no-image",
+        help="--export spatialdata without the copy of the slide image (tiles, table, regions only).",
     ),
     scheduler: str = typer.Option(
         "local",
@@ -128,6 +134,8 @@ def predict(
     if out is None:
         raise StPredictError("--out: required (the output folder)")
     exports = parse_exports(export)  # bad names are bad input, before anything starts
+    if no_image:  # the SpatialData store without its image element
+        exports = tuple("spatialdata-no-image" if e == "spatialdata" else e for e in exports)
     console = Console(stderr=True)
     bars: Bars | None = None
 

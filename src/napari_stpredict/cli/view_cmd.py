@@ -307,8 +307,14 @@ def balance_docks(viewer: Any, *docks: Any, shares: tuple[int, ...] = (55, 45)) 
     docks = tuple(d for d in docks if d is not None)
     if window is None or len(docks) < 2:
         return
-    sizes = [int(1000 * s) for s in shares[: len(docks)]]
-    window.resizeDocks(list(docks), sizes, Qt.Orientation.Vertical)
+    from qtpy.QtCore import QTimer
+
+    def apply() -> None:  # once the window is laid out (sizes are in pixels)
+        height = max(sum(d.height() for d in docks), 400)
+        sizes = [int(height * s / sum(shares[: len(docks)])) for s in shares[: len(docks)]]
+        window.resizeDocks(list(docks), sizes, Qt.Orientation.Vertical)
+
+    QTimer.singleShot(300, apply)
 
 
 def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> None:

@@ -18,7 +18,16 @@ from napari_stpredict.errors import ModelFileError, SlideError, StPredictError
 from napari_stpredict.io_utils import check_not_inside, confined, safe_name
 
 #: export names accepted by ``--export`` (:data:`napari_stpredict.export.EXPORT_KINDS`)
-EXPORT_FORMATS = ("h5ad", "csv", "ome-tiff", "geojson", "mask-ome-tiff", "png", "spatialdata")
+EXPORT_FORMATS = (
+    "h5ad",
+    "csv",
+    "ome-tiff",
+    "geojson",
+    "mask-ome-tiff",
+    "png",
+    "spatialdata",
+    "spatialdata-no-image",
+)
 #: exports that need the tumour layer (a model that can score the tumour signature)
 TUMOR_EXPORTS = ("geojson", "mask-ome-tiff")
 _MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
@@ -62,11 +71,15 @@ def parse_exports(value: str | Iterable[str] | None) -> tuple[str, ...]:
             )
         if name not in out:
             out.append(name)
-    if "spatialdata" in out:
+    if any(e.startswith("spatialdata") for e in out):
         from napari_stpredict.export.spatialdata import have_spatialdata, missing_extra_message
 
         if not have_spatialdata():
             raise StPredictError(missing_extra_message("--export spatialdata"))
+        if "spatialdata" in out and "spatialdata-no-image" in out:
+            raise StPredictError(
+                "--export: spatialdata and spatialdata-no-image name the same store"
+            )
     return tuple(out)
 
 

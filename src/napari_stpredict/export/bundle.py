@@ -24,6 +24,7 @@ EXPORT_KINDS: dict[str, str] = {
     "mask-ome-tiff": "{name}_tumor_mask.ome.tif",
     "png": "{name}_{gene}.png",
     "spatialdata": "{name}_spatialdata.zarr",
+    "spatialdata-no-image": "{name}_spatialdata.zarr",
 }
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
 
@@ -310,7 +311,7 @@ def _one(
         return ex.export_tumor_mask_ome_tiff(
             tumor, dst, grid=pred.grid, overwrite=overwrite, cancel=cancel
         )
-    if kind == "spatialdata":
+    if kind in ("spatialdata", "spatialdata-no-image"):
         from napari_stpredict.export.spatialdata import export_spatialdata
 
         return export_spatialdata(
@@ -320,6 +321,7 @@ def _one(
             slide=slide,
             model=model,
             tumor=tumor if tumor is not None else "auto",
+            image=None if kind == "spatialdata-no-image" else "auto",
             overwrite=overwrite,
             cancel=cancel,
         )

@@ -340,8 +340,8 @@ def _parse_section(
         got = f"got {', '.join(sources)}" if sources else "got none"
         raise ctx.fail(
             None,
-            "give exactly one of counts (+ spots), visium, h5ad, spatialdata, visium_hd, "
-            f"xenium; {got}",
+            f"give exactly one of counts (+ spots), visium, h5ad; {got} "
+            "(other sources: spatialdata, visium_hd, xenium)",
         )
     kind: SectionKind = "table" if sources[0] == "counts" else sources[0]  # type: ignore[assignment]
 
