@@ -234,6 +234,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    for method in args.methods.split(","):  # import every module now (a long run must not
+        build_model(method, n_genes=2, backbone=BACKBONE)  # pick up half-edited source later)
     m = load_manifest(args.manifest)
     genes = load_gene_list(args.genes)
     t0 = time.perf_counter()

@@ -287,6 +287,37 @@ def test_export_predictions_bundle(store, tmp_path):
     assert all(re.match(r"wrote .+", r.message()) for r in results)
 
 
+def test_export_report_keeps_going_past_a_full_disk_and_a_missing_signature(
+    store, tmp_path, monkeypatch
+):
+    import errno
+
+    import napari_stpredict.export as ex
+    from napari_stpredict.export import export_report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ex, "export_h5ad", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    rep = export_report(
+        store,
+        out,
+        name="../../escape",
+        kinds="h5ad,csv,geojson",
+        skip={"geojson": "tumour signature: none of ERBB2 …"},
+    )
+    assert [r.kind for r in rep.results] == ["csv"]
+    assert rep.failed["h5ad"].startswith("No space left on device (errno 28)")
+    assert rep.failed["geojson"] == "tumour signature: none of ERBB2 …"
+    # the name cannot leave the folder; nothing but the CSV was written
+    assert [p.name for p in out.iterdir()] == ["escape.csv"]
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("out", "cache")]
+    with pytest.raises(StPredictError, match="No space left"):  # without keep_going: raises
+        export_report(store, out, name="s", kinds="h5ad", keep_going=False)
+
+
 # ----------------------------------------------------------------------------- real data
 def test_exports_of_a_real_predicted_slide(real_store, her2st_dir, tmp_path):
     import anndata as ad

@@ -205,3 +205,26 @@ def test_dock_loads_spots_shows_r_and_flips(
     viewer.layers.remove(pts)  # deleting the layer is fine; loading again re-adds it
     w.load()
     assert w.points in viewer.layers
+
+
+def test_h5ad_gives_the_same_spots_as_the_manifest(
+    tmp_path: Path, benchmarks_data_dir: Path
+) -> None:
+    from napari_stpredict.st import load_manifest, read_section
+
+    adata = read_section(load_manifest(benchmarks_data_dir / "her2st.yaml").section("C3"))
+    del adata.uns["stpredict"]
+    adata.obs = adata.obs.drop(columns=[c for c in adata.obs.columns if c != "section"])
+    path = tmp_path / "c3.h5ad"
+    adata.write_h5ad(path)
+    a = load_measured(path, genes=[GENE, "GRB7", "KRT8"])
+    b = load_measured(
+        benchmarks_data_dir / "her2st.yaml", section="C3", genes=[GENE, "GRB7", "KRT8"]
+    )
+    assert a.spot_ids == b.spot_ids and np.allclose(a.xy, b.xy)
+    assert sorted(a.genes) == sorted(b.genes)
+    for g in a.genes:
+        assert np.allclose(a.gene(g), b.gene(g))
+    # coordinates in another frame are scaled onto the slide
+    half = load_measured(path, scale=0.5, genes=[GENE])
+    assert np.allclose(half.xy, a.xy * 0.5)

@@ -491,6 +491,14 @@ def test_export_round_trips_aligned(svs_store, tmp_path):
     inside = shapely.contains_xy(union, cx, cy)
     assert (inside == table.obs["tumor"].to_numpy()).all() and inside.any()
 
+    # and back in as a manifest section: same tiles, positions in image-element pixels, mpp
+    m = _write(tmp_path / "m.yaml", f"sections:\n  - name: S\n    spatialdata: {dst}\n")
+    back = read_section(load_manifest(m).section("S"))
+    assert list(back.obs_names) == list(table.obs_names)
+    assert np.allclose(back.obsm["spatial"], np.stack([xc / ds[0], yc / ds[1]], axis=1))
+    assert back.uns["stpredict"]["mpp"] == pytest.approx(slide.mpp * ds[0], rel=2e-3)  # √det
+    assert back.uns["stpredict"]["mpp_source"] == "data"
+
     with pytest.raises(StPredictError, match="already exists"):
         export_spatialdata(st, dst, slide=slide, tumor=tmap)
     with pytest.raises(ExportError, match=r"must end in \.zarr"):

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stpredict.errors import StPredictError
-
-SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".zarr", ".jpg", ".jpeg", ".png")
+from napari_stpredict.slide.opener import SLIDE_SUFFIXES as SUFFIXES  # the one list
 
 LayerData = tuple[Any, ...]
 

@@ -26,3 +26,9 @@ class ModelFileError(StPredictError):
 
 class Cancelled(StPredictError):
     """Long work was cancelled by the user."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

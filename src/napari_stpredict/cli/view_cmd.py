@@ -74,6 +74,11 @@ def view(
     smooth: bool = typer.Option(
         False, "--smooth", help="Interpolate heatmaps between tile centres (display only)."
     ),
+    uncertainty: bool = typer.Option(
+        False,
+        "--uncertainty",
+        help="Also show each gene's uncertainty (spread) layer, when the model provides one.",
+    ),
     tumor: bool = typer.Option(
         False,
         "--tumor",
@@ -138,6 +143,7 @@ def view(
         mpp=mpp,
         slide_mpp=slide_mpp,
         smooth=smooth,
+        uncertainty=uncertainty,
         tumor=tumor,
         device=device,
         screenshot=screenshot,
@@ -161,6 +167,7 @@ def _run_viewer(
     mpp: float | None,
     slide_mpp: float | None,
     smooth: bool,
+    uncertainty: bool,
     tumor: bool,
     device: str,
     screenshot: Path | None,
@@ -186,6 +193,7 @@ def _run_viewer(
         device=device,
     )
     widget.set_smooth(smooth)
+    widget.set_uncertainty(uncertainty)
     tumor_widget = None
     if tumor and predictor is not None:
         from napari_stpredict.cli.demo_cmd import _dock_tumor_widget, _tumor_when_view_is_predicted

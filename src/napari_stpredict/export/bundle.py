@@ -245,10 +245,14 @@ def export_report(
         except Cancelled:
             raise
         except (StPredictError, OSError) as err:
-            if not keep_going:
+            if keep_going:
+                out.failed[k] = _reason(err)
+                continue
+            if isinstance(err, StPredictError):
                 raise
-            out.failed[k] = _reason(err)
-            continue
+            raise ExportError(
+                f"{targets[k]}: cannot write the {k} export ({_reason(err)})"
+            ) from None
         if pred.tissue is not None and res.n_missing is None:
             res = dataclasses.replace(res, **pred.result_counts())
         out.results.append(res)

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_stpredict.errors import ModelFileError
+from napari_stpredict.errors import ModelFileError, first_line
+from napari_stpredict.model.header import FORMAT_NAME, bad_key
 
 __all__ = [
     "FORMAT_NAME",
@@ -54,7 +55,6 @@ __all__ = [
     "save_model_file",
 ]
 
-FORMAT_NAME = "napari-stpredict-model"
 FORMAT_VERSION = 1
 GENE_STAT_KEYS = ("mean", "std", "p01", "p50", "p99")
 _REQUIRED = {
@@ -131,19 +131,14 @@ class ModelFile:
             model = build_model(method, pretrained="none", **cfg)
         except Exception as err:
             raise ModelFileError(
-                f"{self.path}: cannot rebuild the model ({_first_line(err)})"
+                f"{self.path}: cannot rebuild the model ({first_line(err)})"
             ) from None
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:
-            why = _state_mismatch(model.state_dict(), self.state_dict) or _first_line(err)
+            why = _state_mismatch(model.state_dict(), self.state_dict) or first_line(err)
             raise ModelFileError(f"{self.path}: weights do not fit the model ({why})") from None
         return model.eval()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _state_mismatch(expected: dict, got: dict) -> str:
@@ -356,11 +351,12 @@ def save_model_file(
 
 
 def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
-    for key, typ in _REQUIRED.items():
-        if key not in meta:
+    bad = bad_key(meta, _REQUIRED)
+    if bad is not None:
+        key, present = bad
+        if not present:
             raise ModelFileError(f"{path}: metadata lacks {key!r}")
-        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
-            raise ModelFileError(f"{path}: metadata {key!r} is not a {typ.__name__}")
+        raise ModelFileError(f"{path}: metadata {key!r} is not a {_REQUIRED[key].__name__}")
     genes = meta["genes"]
     if not genes or not all(isinstance(g, str) for g in genes) or len(set(genes)) != len(genes):
         raise ModelFileError(f"{path}: metadata 'genes' must be unique gene names")
@@ -452,7 +448,7 @@ def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFil
         raise
     except Exception as err:
         raise ModelFileError(
-            f"{p}: not a readable model file (corrupt or not safetensors: {_first_line(err)})"
+            f"{p}: not a readable model file (corrupt or not safetensors: {first_line(err)})"
         ) from None
     try:
         meta = json.loads(header.get("stpredict", ""))

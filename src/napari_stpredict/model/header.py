@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_stpredict.errors import ModelFileError
+from napari_stpredict.errors import ModelFileError, first_line
 
-__all__ = ["ModelInfo", "header_gene_stats", "model_info", "read_model_header"]
+__all__ = ["ModelInfo", "bad_key", "header_gene_stats", "model_info", "read_model_header"]
 
 FORMAT_NAME = "napari-stpredict-model"  # the "format" field of the safetensors header
 _MAX_HEADER = 256 << 20  # a safetensors header larger than this is not ours
@@ -52,7 +52,7 @@ def read_model_header(path: str | os.PathLike) -> dict[str, Any]:
             header = json.loads(fh.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise ModelFileError(
-            f"{p}: not a readable napari-stpredict model file ({_first_line(err)})"
+            f"{p}: not a readable napari-stpredict model file ({first_line(err)})"
         ) from None
     meta_raw = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
     fmt = meta_raw.get("format")
@@ -67,9 +67,21 @@ def read_model_header(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def bad_key(
+    meta: Mapping[str, Any], required: Mapping[str, type | tuple[type, ...]]
+) -> tuple[str, bool] | None:
+    """The first key of ``required`` that ``meta`` lacks or holds with another type.
+
+    Returns ``(key, False)`` for a missing key, ``(key, True)`` for a value of the wrong type
+    (a bool never counts as a number), ``None`` when every key is there with its type. Used to
+    check a model file's metadata and a training state's header.
+    """
+    for key, typ in required.items():
+        if key not in meta:
+            return key, False
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            return key, True
+    return None
 
 
 @dataclass(frozen=True)

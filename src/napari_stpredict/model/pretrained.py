@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from napari_stpredict.errors import StPredictError
+from napari_stpredict.errors import StPredictError, first_line
 
 __all__ = [
     "OFFLINE_BACKBONE",
@@ -103,8 +103,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PretrainedError(f"pretrained={p}: cannot read weights ({msg})") from None
+        raise PretrainedError(f"pretrained={p}: cannot read weights ({first_line(err)})") from None
     # unwrap common checkpoint layouts: {"state_dict": ...}, {"model": ...}
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -148,9 +147,8 @@ def _load_hub(model: nn.Module, name: str) -> None:
     try:
         ref = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PretrainedError(
-            f"pretrained=hub: cannot load timm weights for {name!r} ({msg})"
+            f"pretrained=hub: cannot load timm weights for {name!r} ({first_line(err)})"
         ) from None
     model.load_state_dict(ref.state_dict())
 

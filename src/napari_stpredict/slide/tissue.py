@@ -6,17 +6,19 @@ So "coloured" is not enough. A pixel is tissue when
 
 1. it absorbs light: optical density (OD) relative to the slide's own glass colour (a high
    percentile of the bright pixels, so a tinted glass has OD 0) above a floor;
-2. it has **texture**: the local mean of the OD gradient magnitude over ≈ 50 µm (cells, nuclei,
-   fibres) above the glass's own texture noise (its 99th percentile, kept within fixed bounds). Smears, blurred
-   regions and out-of-focus dust are smooth and fail this test;
+2. it has **texture**: the local mean of the OD gradient magnitude over ≈ 50 µm (cells,
+   nuclei, fibres) above the glass's own texture noise (its 99th percentile, kept within fixed
+   bounds). Smears, blurred regions and out-of-focus dust are smooth and fail this test;
 3. it is not ink: green/blue-green pen (OD of green below red and blue, unlike haematoxylin and
-   eosin) and black marker (every channel very dark) are excluded, as are black masked
-   backgrounds and scanner borders.
+   eosin) and black marker (dark over 20 µm) are excluded, as are black masked backgrounds and
+   scanner borders.
 
 The raw mask is cleaned in physical units: closing (≈ 30 µm) to join a section's texture,
-holes up to 0.25 mm² filled (lumens, fat inside the section), objects under 0.02 mm² removed
-(dust, specks), and thin bands along the image border (scanner and cover-slip edges). The mask lives at a low resolution (longest side ≤ ``max_size``) and answers
-"what fraction of this level-0 rectangle is tissue" exactly through an integral image.
+trimmed back to absorbing pixels, holes up to 0.25 mm² filled (lumens, fat inside the
+section), objects under 0.02 mm² removed (dust, specks), and thin bands along the image border
+(scanner and cover-slip edges) dropped. The view is ≈ 4 µm/px (coarser when the longest side
+would exceed ``max_size``); the mask answers "what fraction of this level-0 rectangle is tissue"
+exactly through an integral image.
 
 Validated against the spatial arrays' "under tissue" spot flags (HER2ST B4, C2–C4, MOB1–3):
 ``benchmarks/tissue_validation.py`` and the tissue section of docs/benchmarks.md.
@@ -48,7 +50,7 @@ MIN_TEXTURE = 0.04
 MAX_TEXTURE = 0.08
 #: Green/teal ink: OD of green below this fraction of both red and blue OD ...
 INK_RATIO = 0.8
-#: ... with at least this total OD; black marker: every channel below BLACK_INK.
+#: ... with at least this total OD; black marker: max channel below BLACK_INK over 20 µm.
 INK_MIN_OD = 0.3
 BLACK_INK = 40
 #: Clean-up, in physical units: closing radius (µm), largest hole filled (µm²), smallest object (µm²).
@@ -74,7 +76,7 @@ class TissueMask:
     downsample : float
         Level-0 pixels per mask pixel (same on both axes).
     threshold : float
-        The saturation threshold used (0–255).
+        The texture threshold used (OD gradient energy; see the module docstring).
     """
 
     mask: np.ndarray
@@ -147,7 +149,8 @@ def _scores(rgb: np.ndarray, mpp_work: float) -> tuple[np.ndarray, ...]:
     from scipy import ndimage
 
     rgbf = rgb.astype(np.float32)
-    dark = rgbf.max(axis=2) < DARK
+    mx = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float32)
+    dark = mx < DARK
     glass = _glass_colour(rgbf, ~dark)
     od_c = np.log(np.maximum(glass + 1.0, 1.0) / (rgbf + 1.0))
     od_c = np.clip(od_c, 0.0, None)
@@ -160,9 +163,7 @@ def _scores(rgb: np.ndarray, mpp_work: float) -> tuple[np.ndarray, ...]:
     r, g, b = od_c[..., 0], od_c[..., 1], od_c[..., 2]
     green_ink = (g < INK_RATIO * r) & (g < INK_RATIO * b) & (od > INK_MIN_OD)
     # black marker: dark over ≈ 20 µm (clusters of dark nuclei are not that dark on average)
-    black_ink = (
-        ndimage.uniform_filter(rgbf.max(axis=2), size=max(1, round(20 / mpp_work))) < BLACK_INK
-    )
+    black_ink = ndimage.uniform_filter(mx, size=max(1, round(20 / mpp_work))) < BLACK_INK
     # the texture and OD windows straddle an ink stroke's edge: exclude that margin too
     ink = ndimage.maximum_filter(green_ink | black_ink, size=size + 2)
     return od_s, od_fine, texture, ink, dark
@@ -175,7 +176,7 @@ def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
     ----------
     slide
         The slide. Its ``mpp`` sets the physical sizes of the clean-up (0.5 µm/px assumed
-        when unknown).
+        when unknown or a suspect screen default).
     max_size
         Longest side of the mask in pixels. The view is read with
         :meth:`Slide.read_resampled` from the coarsest adequate level, at about
@@ -188,13 +189,16 @@ def tissue_mask(slide: Slide, *, max_size: int = 2048) -> TissueMask:
     from scipy import ndimage
 
     h, w = slide.shape
+    meta = getattr(slide, "metadata", {}) or {}
+    suspect = meta.get("mpp_suspect") and meta.get("mpp_source") != "user"
+    mpp = slide.mpp if (slide.mpp and not suspect) else DEFAULT_MPP  # 72 dpi is not a scan
     # the view: about WORK_UM µm per pixel (texture is calibrated there), coarser if the
     # longest side would exceed max_size
-    d = max(1.0, max(h, w) / max_size, WORK_UM / (slide.mpp or DEFAULT_MPP))
+    d = max(1.0, max(h, w) / max_size, WORK_UM / mpp)
     mh, mw = max(1, round(h / d)), max(1, round(w / d))
     d = max(h / mh, w / mw)
     rgb = slide.read_resampled(0, 0, mh * d, mw * d, out_shape=(mh, mw))
-    mpp_work = (slide.mpp or DEFAULT_MPP) * d
+    mpp_work = mpp * d
     od, od_fine, texture, ink, dark = _scores(rgb, mpp_work)
     usable = ~dark & ~ink & (od > MIN_OD)
     # the texture threshold follows the glass's own noise (JPEG blocks, dust, the array's

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_stpredict.errors import DatasetError
+from napari_stpredict.errors import DatasetError, first_line
 
 
 def separator(path: Path) -> str:
@@ -19,21 +19,29 @@ def separator(path: Path) -> str:
     return "," if suffixes and suffixes[-1] == ".csv" else "\t"
 
 
+# what pandas raises for a file that is not a readable delimited table
+TABLE_READ_ERRORS = (
+    pd.errors.ParserError,
+    pd.errors.EmptyDataError,
+    UnicodeDecodeError,
+    OSError,
+    EOFError,
+)
+
+
+def unreadable_table(err: BaseException, *, where: str, what: str, path: Path) -> DatasetError:
+    """The one-line error for a table that pandas cannot parse."""
+    return DatasetError(f"{where}: {what} {path} cannot be read as a table: {first_line(err)}")
+
+
 def read_table(path: Path, *, where: str, what: str, **kwargs) -> pd.DataFrame:
     """Read a delimited text table, turning parser failures into one-line errors."""
     try:
         df = pd.read_csv(path, sep=separator(path), comment=None, **kwargs)
     except FileNotFoundError:
         raise DatasetError(f"{where}: {what} not found: {path}") from None
-    except (
-        pd.errors.ParserError,
-        pd.errors.EmptyDataError,
-        UnicodeDecodeError,
-        OSError,
-        EOFError,
-    ) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"{where}: {what} {path} cannot be read as a table: {reason}") from None
+    except TABLE_READ_ERRORS as e:
+        raise unreadable_table(e, where=where, what=what, path=path) from None
     if df.shape[0] == 0:
         raise DatasetError(f"{where}: {what} {path} has no rows")
     return df

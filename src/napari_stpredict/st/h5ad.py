@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from napari_stpredict.errors import DatasetError
+from napari_stpredict.errors import DatasetError, first_line
 from napari_stpredict.st._raw import RawSection
 from napari_stpredict.st.manifest import SectionSpec
 from napari_stpredict.st.visium import resolve_scale
@@ -46,8 +46,9 @@ def read_h5ad_section(spec: SectionSpec) -> RawSection:
             warnings.simplefilter("ignore")
             adata = ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types for a foreign or corrupt file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"{where}: {path} is not a readable .h5ad file ({reason})") from None
+        raise DatasetError(
+            f"{where}: {path} is not a readable .h5ad file ({first_line(e)})"
+        ) from None
 
     key = spec.spatial_key
     if key not in adata.obsm:

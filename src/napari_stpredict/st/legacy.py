@@ -16,12 +16,14 @@ import scipy.sparse as sp
 from napari_stpredict.errors import DatasetError
 from napari_stpredict.st._raw import RawSection
 from napari_stpredict.st._tables import (
+    TABLE_READ_ERRORS,
     check_unique,
     format_ids,
     pixel_xy,
     read_table,
     selected_mask,
     separator,
+    unreadable_table,
 )
 from napari_stpredict.st.manifest import SectionSpec
 from napari_stpredict.st.pitch import estimate_spot_pitch
@@ -81,21 +83,31 @@ def read_counts_table(spec: SectionSpec) -> tuple[sp.csr_matrix, list[str], pd.I
             ids.extend(chunk_ids)
     except DatasetError:
         raise
-    except (
-        pd.errors.ParserError,
-        pd.errors.EmptyDataError,
-        UnicodeDecodeError,
-        OSError,
-        EOFError,
-    ) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"{where}: counts {path} cannot be read as a table: {reason}") from None
+    except TABLE_READ_ERRORS as e:
+        raise unreadable_table(e, where=where, what="counts", path=path) from None
     if not genes or not ids:
         raise DatasetError(f"{where}: counts {path} has no genes or no spots")
     X = sp.vstack(blocks, format="csr").astype(np.float32)
     spot_ids = pd.Index(ids)
     check_unique(spot_ids, where=where, what=f"counts {path}")
     return X, genes, spot_ids
+
+
+def _ids_and_xy(
+    df: pd.DataFrame, id_template: str, pixel_columns, scale: float, where: str, what: str
+) -> tuple[pd.Index, np.ndarray]:
+    """Unique spot ids (from the id template) and pixel centres × ``scale`` of a spot table."""
+    ids = format_ids(df, id_template, where=where, what=what)
+    check_unique(ids, where=where, what=what)
+    return ids, pixel_xy(df, pixel_columns, where=where, what=what) * scale
+
+
+def _positions(wanted: pd.Index, index: pd.Index, error: str) -> np.ndarray:
+    """Position of each ``wanted`` id in ``index`` (-1 where absent); ``error`` if none is."""
+    pos = index.get_indexer(wanted)
+    if not (pos >= 0).any():
+        raise DatasetError(error)
+    return pos
 
 
 def read_table_section(spec: SectionSpec) -> RawSection:
@@ -124,10 +136,8 @@ def read_table_section(spec: SectionSpec) -> RawSection:
     spots = spots.loc[selected_mask(spots, spec.selected_column, where=where, what=what)]
     if len(spots) == 0:
         raise DatasetError(f"{where}: {what} has no selected spots ({spec.selected_column} == 1)")
-    spot_ids = format_ids(spots, spec.spot_id, where=where, what=what)
-    check_unique(spot_ids, where=where, what=what)
     scale = 1.0 if spec.scale is None else float(spec.scale)
-    xy = pixel_xy(spots, spec.pixel_columns, where=where, what=what) * scale
+    spot_ids, xy = _ids_and_xy(spots, spec.spot_id, spec.pixel_columns, scale, where, what)
     pitch = estimate_spot_pitch(all_xy)
     pitch = pitch * scale if pitch is not None else None
     obs = spots.drop(columns=list(spec.pixel_columns)).set_axis(spot_ids)
@@ -136,27 +146,25 @@ def read_table_section(spec: SectionSpec) -> RawSection:
         ct = spec.coordinates
         cwhat = f"coordinates table {ct.table}"
         cdf = read_table(ct.table, where=where, what="coordinates table")
-        cids = format_ids(cdf, ct.spot_id, where=where, what=cwhat)
-        check_unique(cids, where=where, what=cwhat)
-        cxy = pixel_xy(cdf, ct.pixel_columns, where=where, what=cwhat) * ct.scale
-        pos = cids.get_indexer(spot_ids)
+        cids, cxy = _ids_and_xy(cdf, ct.spot_id, ct.pixel_columns, ct.scale, where, cwhat)
+        pos = _positions(
+            spot_ids,
+            cids,
+            f"{where}: no spot of {what} matches {cwhat} (ids like {spot_ids[0]!r} vs "
+            f"{cids[0]!r}; check coordinates.spot_id)",
+        )
         keep = pos >= 0
-        if not keep.any():
-            raise DatasetError(
-                f"{where}: no spot of {what} matches {cwhat} (ids like {spot_ids[0]!r} vs "
-                f"{cids[0]!r}; check coordinates.spot_id)"
-            )
         spot_ids, obs = spot_ids[keep], obs.loc[keep]
         xy = cxy[pos[keep]]
         pitch = estimate_spot_pitch(cxy)
 
-    pos = spot_ids.get_indexer(count_ids)
+    pos = _positions(
+        count_ids,
+        spot_ids,
+        f"{where}: no counts row matches the spots table (counts ids like {count_ids[0]!r}, "
+        f"spot ids like {spot_ids[0]!r} from template {spec.spot_id!r})",
+    )
     in_both = pos >= 0
-    if not in_both.any():
-        raise DatasetError(
-            f"{where}: no counts row matches the spots table (counts ids like {count_ids[0]!r}, "
-            f"spot ids like {spot_ids[0]!r} from template {spec.spot_id!r})"
-        )
     rows = np.nonzero(in_both)[0]
     return RawSection(
         X=X[rows],

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from napari_stpredict.errors import DatasetError, StPredictError
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
-from napari_stpredict.st.genes import Normalization, library_size
+from napari_stpredict.st.normalization import Normalization, library_size
 
 #: Datasets whose crops fit in this many bytes are cached in memory by default.
 DEFAULT_CACHE_BYTES = 1 << 30

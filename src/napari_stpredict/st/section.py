@@ -224,6 +224,38 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
         shape, file_mpp = image_info(image, where=spec.where)
         _check_inside(xy, ids, shape, spec, image)
 
+    mpp, mpp_source, pitch_px, diameter = _scale(spec, raw, xy, file_mpp)
+    meta: dict[str, Any] = {
+        "section": spec.name,
+        "patient": spec.patient,
+        "kind": spec.kind,
+        "source": str(spec.source),
+        "image": str(image) if image is not None else None,
+        "image_shape": [int(shape[0]), int(shape[1])] if shape is not None else None,
+        "mpp": mpp,
+        "mpp_source": mpp_source,
+        "spot_pitch_px": pitch_px,
+        "spot_diameter_px": diameter,
+        "n_dropped_spots": int(raw.n_dropped),
+    }
+    adata = ad.AnnData(
+        X=sp.csr_matrix(raw.X, dtype=np.float32),
+        obs=_obs(spec, raw, ids),
+        var=pd.DataFrame(index=pd.Index(genes)),
+    )
+    adata.obsm["spatial"] = xy
+    adata.uns["stpredict"] = meta
+    return adata
+
+
+def _scale(
+    spec: SectionSpec, raw: RawSection, xy: np.ndarray, file_mpp: float | None
+) -> tuple[float | None, str | None, float | None, float]:
+    """mpp (and where it came from), spot pitch and spot diameter (px) of a section.
+
+    The mpp is the manifest's, else the data's, else the image's, else the spot grid's (known
+    pitch in µm over measured pitch in px); a grid that disagrees with a given mpp is warned of.
+    """
     pitch_px = raw.spot_pitch_px or estimate_spot_pitch(xy)
     pitch_um = spec.spot_pitch_um or (VISIUM_PITCH_UM if spec.kind == "visium" else None)
     if spec.mpp is not None:
@@ -246,7 +278,7 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
         warnings.warn(
             f"{spec.where}: the spot grid gives {grid_mpp:.3g} µm/px but the {mpp_source} says "
             f"{mpp:.3g}; check scale, spot_pitch_um and mpp",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     if raw.spot_diameter_px is not None:
@@ -257,7 +289,11 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
         diameter = DIAMETER_PER_PITCH[spec.kind] * pitch_px
     else:
         diameter = float("nan")
+    return mpp, mpp_source, pitch_px, diameter
 
+
+def _obs(spec: SectionSpec, raw: RawSection, ids: pd.Index) -> pd.DataFrame:
+    """Per-spot table: the reader's columns, the section name and the labels (if any)."""
     obs = raw.obs.copy() if len(raw.obs.columns) else pd.DataFrame(index=ids)
     obs.index = ids
     obs = obs.drop(columns=[c for c in ("section", "label") if c in obs.columns])
@@ -270,28 +306,7 @@ def read_section(spec: SectionSpec, *, check_image: bool = True) -> ad.AnnData:
         labels = raw.labels.set_axis(ids)
     if labels is not None:
         obs["label"] = pd.Categorical(labels.to_numpy(dtype=object, na_value=None))
-
-    meta: dict[str, Any] = {
-        "section": spec.name,
-        "patient": spec.patient,
-        "kind": spec.kind,
-        "source": str(spec.source),
-        "image": str(image) if image is not None else None,
-        "image_shape": [int(shape[0]), int(shape[1])] if shape is not None else None,
-        "mpp": mpp,
-        "mpp_source": mpp_source,
-        "spot_pitch_px": pitch_px,
-        "spot_diameter_px": diameter,
-        "n_dropped_spots": int(raw.n_dropped),
-    }
-    adata = ad.AnnData(
-        X=sp.csr_matrix(raw.X, dtype=np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(genes)),
-    )
-    adata.obsm["spatial"] = xy
-    adata.uns["stpredict"] = meta
-    return adata
+    return obs
 
 
 def read_sections(

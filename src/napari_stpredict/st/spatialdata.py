@@ -440,11 +440,16 @@ def _read_store(spec: Any) -> RawSection:
     xy_cs = _apply(m_shapes, centres[pos])
     lin = m_shapes[:2, :2]
     shape_scale = math.sqrt(abs(np.linalg.det(lin))) if lin.size else 1.0
+    mpp = None
     if image_name is not None:
         m_img = _affine(sdata.images[image_name], cs)
         to_img = np.linalg.inv(m_img)
         xy = _apply(to_img, xy_cs)
         img_scale = math.sqrt(abs(np.linalg.det(to_img[:2, :2])))
+        # a store we wrote says its coordinate system is in µm: the image's mpp follows
+        ours = sdata.attrs.get("stpredict") if isinstance(sdata.attrs, dict) else None
+        if isinstance(ours, dict) and ours.get("coordinate_units") == "micrometer":
+            mpp = 1.0 / img_scale
     else:
         # an external image: coordinates in the coordinate system, times `scale`
         xy = xy_cs * float(spec.scale or 1.0)
@@ -472,6 +477,7 @@ def _read_store(spec: Any) -> RawSection:
         labels=labels,
         n_dropped=n_dropped,
         image=(Path(spec.spatialdata) / "images" / image_name) if image_name else None,
+        mpp=mpp,
     )
 
 

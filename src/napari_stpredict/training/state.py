@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from napari_stpredict.errors import StPredictError
+from napari_stpredict.errors import StPredictError, first_line
+from napari_stpredict.model.header import bad_key
 from napari_stpredict.training.config import RESUME_MUTABLE, TrainConfig
 
 __all__ = [
@@ -99,11 +100,6 @@ def save_state(
         save_file(tensors, str(tmp), metadata=header)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and check a state file; anything wrong → one :class:`StPredictError` line."""
     from safetensors import safe_open
@@ -123,7 +119,7 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise
     except Exception as err:
         raise StPredictError(
-            f"{path}: corrupt training state ({_first_line(err)}); delete it to start over"
+            f"{path}: corrupt training state ({first_line(err)}); delete it to start over"
         ) from None
     _check_info(path, info, tensors)
     return tensors, info
@@ -135,11 +131,10 @@ def _check_info(path: Path, info: Any, tensors: dict[str, torch.Tensor]) -> None
 
     if not isinstance(info, dict):
         raise bad("the state header is not a JSON object")
-    for key, typ in _INFO_KEYS.items():
-        if key not in info:
-            raise bad(f"no {key!r}")
-        if not isinstance(info[key], typ) or isinstance(info[key], bool):
-            raise bad(f"{key!r} has the wrong type")
+    wrong = bad_key(info, _INFO_KEYS)
+    if wrong is not None:
+        key, present = wrong
+        raise bad(f"{key!r} has the wrong type" if present else f"no {key!r}")
     opt = info["optimizer"]
     if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("scalars"), dict):
         raise bad("no optimizer state")
@@ -191,7 +186,7 @@ def restore_state(
         gen.set_state(tensors["rng.augment"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise StPredictError(
-            f"{path}: training state does not fit this model ({_first_line(err)}); "
+            f"{path}: training state does not fit this model ({first_line(err)}); "
             "delete it to start over"
         ) from None
     if torch.cuda.is_available():

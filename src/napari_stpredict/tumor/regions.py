@@ -79,11 +79,6 @@ class GridGeometry:
         j = np.floor((np.asarray(x) - self.origin_x) / self.stride_px + 0.5).astype(np.int64)
         return i, j
 
-    @property
-    def cell_area_um2(self) -> float | None:
-        """Area a cell stands for in µm² (None without mpp)."""
-        return (self.stride_px * self.mpp) ** 2 if self.mpp else None
-
 
 def mask_to_polygons(mask: np.ndarray, grid: Any, *, clip: bool = True) -> list[Any]:
     """Each 4-connected region of a cell mask as a shapely polygon in level-0 pixels.

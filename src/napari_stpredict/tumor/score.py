@@ -77,6 +77,23 @@ def _stats_for(
     return mean[index], np.maximum(std[index], _STD_FLOOR)
 
 
+def _weighted_z(
+    sub: np.ndarray, res: Any, gene_stats: Mapping[str, Any] | None, n_genes: int
+) -> np.ndarray:
+    """Weighted mean z-score of the signature columns ``sub`` (rows × used genes).
+
+    The z-scores use ``gene_stats`` (aligned with all ``n_genes``) or, without them, the rows'
+    own statistics.
+    """
+    if gene_stats is None:
+        own = gene_stats_from_matrix(sub)
+        mean, std = own["mean"], np.maximum(own["std"], _STD_FLOOR)
+    else:
+        mean, std = _stats_for(gene_stats, res.index, n_genes)
+    z = (sub - mean) / std
+    return z @ res.weights / np.abs(res.weights).sum()
+
+
 def score_matrix(
     expression: np.ndarray,
     genes: Sequence[str],
@@ -110,13 +127,7 @@ def score_matrix(
     sig, strict = _signature(gene_set, weights)
     res = sig.resolve(list(genes), strict=strict)
     sub = x[:, res.index].astype(np.float64)
-    if gene_stats is None:
-        own = gene_stats_from_matrix(sub)
-        mean, std = own["mean"], np.maximum(own["std"], _STD_FLOOR)
-    else:
-        mean, std = _stats_for(gene_stats, res.index, len(genes))
-    z = (sub - mean) / std
-    return z @ res.weights / np.abs(res.weights).sum()
+    return _weighted_z(sub, res, gene_stats, len(genes))
 
 
 def score_predictions(
@@ -270,7 +281,7 @@ def score_adata(
         Spots × genes; ``var_names`` are gene symbols.
     normalization
         Applied to ``X`` (raw counts) first (a method name or the model's normalisation
-        record, see :class:`napari_stpredict.st.genes.Normalization`); ``None`` if ``X`` (or
+        record, see :class:`napari_stpredict.st.normalization.Normalization`); ``None`` if ``X`` (or
         ``layer``) is already log-normalised.
     gene_stats
         ``{"mean", "std"}`` aligned with ``adata.var_names``; ``None`` = the data's own.
@@ -284,13 +295,7 @@ def score_adata(
         sub = _normalized_columns(x, res.index, normalization)
     else:
         sub = _dense(x[:, res.index]).astype(np.float64)
-    if gene_stats is None:
-        own = gene_stats_from_matrix(sub)
-        mean, std = own["mean"], np.maximum(own["std"], _STD_FLOOR)
-    else:
-        mean, std = _stats_for(gene_stats, res.index, len(genes))
-    z = (sub - mean) / std
-    return z @ res.weights / np.abs(res.weights).sum()
+    return _weighted_z(sub, res, gene_stats, len(genes))
 
 
 def _dense(x: Any) -> np.ndarray:
@@ -299,7 +304,7 @@ def _dense(x: Any) -> np.ndarray:
 
 def _normalized_columns(x: Any, index: np.ndarray, normalization: Any) -> np.ndarray:
     """Normalised values of some columns, with the library size taken over all genes."""
-    from napari_stpredict.st.genes import Normalization, library_size
+    from napari_stpredict.st.normalization import Normalization, library_size
 
     norm = Normalization.from_dict(normalization)
     return np.asarray(norm(x[:, index], library_size=library_size(x)), dtype=np.float64)

@@ -130,10 +130,6 @@ class Signature:
             raise TumorError(f"gene set: weights {w} must be finite and not all zero")
         return cls(tuple(names), tuple(w))
 
-    def as_dict(self) -> dict[str, float]:
-        """``{gene: weight}``."""
-        return dict(zip(self.genes, self.weights, strict=True))
-
     def to_text(self) -> str:
         """The text form accepted by :func:`parse_gene_set` (weights shown when not 1)."""
         return ", ".join(

@@ -44,13 +44,22 @@ if TYPE_CHECKING:
 
 #: (kind, check box text) in the order they are written.
 KINDS: tuple[tuple[str, str], ...] = (
-    ("ome-tiff", "Heatmaps: pyramidal OME-TIFF (QuPath, any OME reader)"),
-    ("geojson", "Tumour regions: QuPath GeoJSON"),
-    ("mask-ome-tiff", "Tumour mask: OME-TIFF"),
-    ("h5ad", "Per-tile predictions: AnnData .h5ad (scanpy, squidpy)"),
-    ("csv", "Per-tile predictions: CSV"),
-    ("png", "Figure of the current view: PNG"),
+    ("ome-tiff", "Heatmaps (OME-TIFF)"),
+    ("geojson", "Tumour regions (GeoJSON)"),
+    ("mask-ome-tiff", "Tumour mask (OME-TIFF)"),
+    ("h5ad", "Per-tile table (.h5ad)"),
+    ("csv", "Per-tile table (CSV)"),
+    ("png", "Figure of the view (PNG)"),
 )
+#: Tooltips of the check boxes.
+KIND_TIPS = {
+    "ome-tiff": "Pyramidal OME-TIFF, one channel per gene (QuPath, any OME reader)",
+    "geojson": "Tumour regions as QuPath GeoJSON annotations",
+    "mask-ome-tiff": "The tumour mask (brush edits included) as an OME-TIFF",
+    "h5ad": "Predicted expression per tile as AnnData (scanpy, squidpy)",
+    "csv": "Predicted expression per tile as CSV",
+    "png": "The current view with one gene's heatmap, its colour bar and a scale bar",
+}
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
 
 
@@ -99,6 +108,7 @@ class ExportWidget(QWidget):
         self.kind_checks: dict[str, QCheckBox] = {}
         for kind, text in KINDS:
             cb = QCheckBox(text)
+            cb.setToolTip(KIND_TIPS[kind])
             cb.setChecked(kind in ("ome-tiff", "geojson", "h5ad"))
             self.kind_checks[kind] = cb
             vbox.addWidget(cb)

@@ -437,9 +437,6 @@ class PredictWidget(GenesMixin, SlideMixin, QWidget):
                 self._set_status("cancelled")
         else:
             self._set_status(f"✗ {outcome}")
-        if self.state.uncertainty and self.heatmaps is not None:
-            self.heatmaps.remove_spread_layers()  # re-read with the new tiles
-            self._load_spread(self.heatmaps)
 
     def _on_error(self, text: str) -> None:
         self._set_status(f"✗ {text}")
