@@ -471,6 +471,18 @@ def test_sweep_spares_temporaries_of_running_processes(tmp_path):
     assert target.read_text() == "a\n"
 
 
+def test_legacy_pyramid_leftovers_are_swept_by_the_next_convert(tmp_path, wsi_dir):
+    old = tmp_path / ".stpredict-pyramid-abc123"
+    (old / "level1").mkdir(parents=True)
+    (old / "level1" / "chunk").write_bytes(b"x" * 1000)
+    os.utime(old, (1, 1))
+    fresh = tmp_path / ".stpredict-pyramid-new"  # may belong to a running older version
+    fresh.mkdir()
+    dst = tmp_path / "slide.ome.tif"
+    assert main(["convert", str(wsi_dir / "cmu_small_region.svs"), str(dst), "--tile", "256"]) == 0
+    assert not old.exists() and fresh.exists()
+
+
 # ------------------------------------------------------------------ 5. no traceback, verified reuse
 def test_done_slide_with_a_broken_store_is_predicted_again(tmp_path, wsi_dir, tiny_model_file):
     from napari_stpredict.inference.store import PredictionStore

@@ -260,6 +260,36 @@ def sweep_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+#: scratch folders of ``convert`` from versions before the per-output temporaries
+_LEGACY_PYRAMID = ".stpredict-pyramid-"
+#: a legacy scratch folder untouched this long is a leftover, not a running conversion
+_LEGACY_AGE_S = 3600.0
+
+
+def sweep_legacy_scratch(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.stpredict-pyramid-*`` folders of older versions left by killed conversions.
+
+    They carry no process id, so only those untouched for an hour before this process started
+    are removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(_LEGACY_PYRAMID) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= PROCESS_START - _LEGACY_AGE_S:
+                continue
+        except OSError:
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.

@@ -52,25 +52,15 @@ def parse_exports(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """
     if value is None:
         return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    out: list[str] = []
-    for raw in items:
-        name = raw.strip().lower().replace("_", "-")
-        if not name:
-            continue
-        name = {
-            "ome-tif": "ome-tiff",
-            "ometiff": "ome-tiff",
-            "tiff": "ome-tiff",
-            "mask": "mask-ome-tiff",
-            "figure": "png",
-        }.get(name, name)
-        if name not in EXPORT_FORMATS:
-            raise StPredictError(
-                f"--export {raw.strip()!r}: unknown export (choose from {', '.join(EXPORT_FORMATS)})"
-            )
-        if name not in out:
-            out.append(name)
+    from napari_stpredict.export.bundle import parse_kinds
+
+    out = parse_kinds(
+        value,
+        EXPORT_FORMATS,
+        lambda raw: StPredictError(
+            f"--export {raw!r}: unknown export (choose from {', '.join(EXPORT_FORMATS)})"
+        ),
+    )
     if any(e.startswith("spatialdata") for e in out):
         from napari_stpredict.export.spatialdata import have_spatialdata, missing_extra_message
 

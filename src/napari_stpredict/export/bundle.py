@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,25 +29,45 @@ EXPORT_KINDS: dict[str, str] = {
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
 
 
-def _kinds(kinds: str | Iterable[str]) -> list[str]:
+#: other spellings of export names (``--export tiff`` = ``ome-tiff``)
+EXPORT_ALIASES = {
+    "ome-tif": "ome-tiff",
+    "ometiff": "ome-tiff",
+    "tiff": "ome-tiff",
+    "figure": "png",
+    "mask": "mask-ome-tiff",
+}
+
+
+def parse_kinds(
+    kinds: str | Iterable[str], known: Iterable[str], unknown: Callable[[str], Exception]
+) -> list[str]:
+    """Export names from ``"h5ad, tiff"`` or a list: canonical, unique, in order.
+
+    ``unknown(raw)`` builds the error raised for a name not in ``known`` (the CLI and the API
+    word it differently).
+    """
+    known = tuple(known)
     items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
     out: list[str] = []
     for raw in items:
         k = raw.strip().lower().replace("_", "-")
-        k = {
-            "ome-tif": "ome-tiff",
-            "tiff": "ome-tiff",
-            "figure": "png",
-            "mask": "mask-ome-tiff",
-        }.get(k, k)
+        k = EXPORT_ALIASES.get(k, k)
         if not k:
             continue
-        if k not in EXPORT_KINDS:
-            raise ExportError(
-                f"export {raw.strip()!r}: unknown (choose from {', '.join(EXPORT_KINDS)})"
-            )
+        if k not in known:
+            raise unknown(raw.strip())
         if k not in out:
             out.append(k)
+    return out
+
+
+def _kinds(kinds: str | Iterable[str]) -> list[str]:
+    out = parse_kinds(
+        kinds,
+        EXPORT_KINDS,
+        lambda raw: ExportError(f"export {raw!r}: unknown (choose from {', '.join(EXPORT_KINDS)})"),
+    )
     if not out:
         raise ExportError("exports: nothing to export (empty list)")
     return out

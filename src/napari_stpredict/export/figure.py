@@ -85,7 +85,7 @@ def export_figure(
     region: Sequence[float] | None = None,
     dpi: int = 150,
     width_in: float = 7.0,
-    cmap: str = "magma",
+    cmap: str = "inferno",  # as the napari heatmaps
     alpha: float = 0.6,
     vmin: float | None = None,
     vmax: float | None = None,

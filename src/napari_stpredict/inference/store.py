@@ -1048,7 +1048,7 @@ class WriteBuffer:
         expected: np.ndarray | None = None,
         *,
         max_bytes: int = 256 * 2**20,
-        max_age_s: float = 2.0,
+        max_age_s: float = 10.0,
     ) -> None:
         self.store = store
         self.max_bytes = int(max_bytes)

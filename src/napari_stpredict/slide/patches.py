@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["DEFAULT_CACHE_BYTES", "TileCache", "read_patch_rects", "read_patches"]
 
 #: Default bound of a :class:`TileCache` (decoded RGB bytes).
-DEFAULT_CACHE_BYTES = 192 * 2**20
+DEFAULT_CACHE_BYTES = 64 * 2**20
 #: Cache blocks never exceed this side (a striped TIFF's "tile" may be a whole row band).
 _MAX_BLOCK = 2048
 #: Pixels outside the slide (as :meth:`Slide.read_region`).

@@ -30,6 +30,7 @@ from napari_stpredict.io_utils import (
     atomic_path,
     check_not_inside,
     output_lock,
+    sweep_legacy_scratch,
     temp_name,
 )
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
@@ -128,6 +129,7 @@ def _check_source(slide: Slide, dst: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def _scratch(dst: Path) -> Iterator[Path]:
     """A scratch folder for coarser levels, named as a temporary of ``dst`` (swept if killed)."""
+    sweep_legacy_scratch(dst.parent)
     folder = temp_name(dst, "pyramid")
     folder.mkdir()
     try:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -28,6 +29,45 @@ def _scalefactors(adata: ad.AnnData) -> dict:
     lib = next(iter(spatial.values()))
     factors = lib.get("scalefactors", {}) if isinstance(lib, dict) else {}
     return {k: float(np.asarray(v)) for k, v in factors.items() if np.asarray(v).size == 1}
+
+
+def counts_and_genes(adata: Any, spec: SectionSpec, what: str) -> tuple[sp.csr_matrix, list[str]]:
+    """The counts (``spec.layer``: ``None`` = ``X``, ``"raw"`` or a layer name) and gene names
+    (``spec.gene_column`` of ``var``, else its index) of an AnnData table.
+
+    ``what`` names the table in errors (a path, or "the table in STORE").
+
+    Raises
+    ------
+    DatasetError
+        Missing ``.raw``, layer, expression matrix or gene column.
+    """
+    where = spec.where
+    if spec.layer is None:
+        X, var = adata.X, adata.var
+    elif spec.layer == "raw":
+        if adata.raw is None:
+            raise DatasetError(f"{where}: field 'layer': {what} has no .raw")
+        X, var = adata.raw.X, adata.raw.var
+    else:
+        if spec.layer not in adata.layers:
+            raise DatasetError(
+                f"{where}: field 'layer': {what} has no layer {spec.layer!r} "
+                f"(layers: {', '.join(adata.layers.keys()) or 'none'})"
+            )
+        X, var = adata.layers[spec.layer], adata.var
+    if X is None:
+        raise DatasetError(f"{where}: {what} has no expression matrix")
+    if spec.gene_column is None:
+        genes = [str(g) for g in var.index]
+    elif spec.gene_column not in var.columns:
+        raise DatasetError(
+            f"{where}: field 'gene_column': {what} has no var column {spec.gene_column!r} "
+            f"(columns: {', '.join(map(str, var.columns)) or 'none'})"
+        )
+    else:
+        genes = var[spec.gene_column].astype(str).tolist()
+    return sp.csr_matrix(X, dtype=np.float32), genes
 
 
 def read_h5ad_section(spec: SectionSpec) -> RawSection:
@@ -61,32 +101,7 @@ def read_h5ad_section(spec: SectionSpec) -> RawSection:
         raise DatasetError(f"{where}: {path} obsm[{key!r}] is not an (n, 2) array")
     xy = xy[:, :2]
 
-    if spec.layer is None:
-        X, var = adata.X, adata.var
-    elif spec.layer == "raw":
-        if adata.raw is None:
-            raise DatasetError(f"{where}: field 'layer': {path} has no .raw")
-        X, var = adata.raw.X, adata.raw.var
-    else:
-        if spec.layer not in adata.layers:
-            raise DatasetError(
-                f"{where}: field 'layer': {path} has no layer {spec.layer!r} "
-                f"(layers: {', '.join(adata.layers.keys()) or 'none'})"
-            )
-        X, var = adata.layers[spec.layer], adata.var
-    if X is None:
-        raise DatasetError(f"{where}: {path} has no expression matrix")
-    X = sp.csr_matrix(X, dtype=np.float32)
-
-    if spec.gene_column is None:
-        genes = [str(g) for g in var.index]
-    else:
-        if spec.gene_column not in var.columns:
-            raise DatasetError(
-                f"{where}: field 'gene_column': {path} var has no column {spec.gene_column!r} "
-                f"(columns: {', '.join(map(str, var.columns)) or 'none'})"
-            )
-        genes = var[spec.gene_column].astype(str).tolist()
+    X, genes = counts_and_genes(adata, spec, str(path))
 
     factors = _scalefactors(adata)
     scale = resolve_scale(spec.scale, factors, where=where, source=f"{path} uns['spatial']")
