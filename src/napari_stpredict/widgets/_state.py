@@ -298,6 +298,27 @@ class TumorSpec:
     smooth: float = 0.0
     min_size: int = 0
 
+    @classmethod
+    def from_layer(cls, data: Any, meta: Mapping[str, Any]) -> TumorSpec:
+        """From a tumour Labels layer's data (tumour = label > 0) and ``metadata["stpredict"]``."""
+        return cls(
+            mask=np.asarray(data) > 0,  # includes the user's brush edits
+            genes=dict(zip(meta.get("genes") or [], meta.get("weights") or [], strict=False)),
+            threshold=meta.get("threshold"),
+            method=meta.get("threshold_method", "manual"),
+            smooth=float(meta.get("smooth_sigma_cells", 0.0)),
+            min_size=int(meta.get("min_size_cells", 0)),
+        )
+
+    def tumor_map(self, store: Any, model: Any = None) -> Any:
+        """The :class:`~napari_stpredict.tumor.TumorMap` of ``store`` with this mask (worker)."""
+        from napari_stpredict.tumor import TumorMap, score_store
+
+        score = score_store(store, gene_set=self.genes or None, model=model)
+        return TumorMap(
+            score, float(self.threshold or 0.0), self.mask, self.method, self.smooth, self.min_size
+        )
+
 
 @dataclass(frozen=True)
 class ExportPlan:
@@ -314,32 +335,38 @@ class ExportPlan:
     figure_gene: str | None = None
     dpi: int = 150
     overwrite: bool = False
+    #: SpatialData export: the slide image element, ``"auto"`` (≤ 2 µm/px) or ``None`` (none)
+    image: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.image not in ("auto", None):
+            raise StPredictError(f"export image {self.image!r}: expected 'auto' or None")
 
 
 def run_export_plan(plan: ExportPlan) -> list[Any]:
     """Open the store (and the slide), build the tumour map, write the exports (worker)."""
     from napari_stpredict.export import export_figure, export_predictions
     from napari_stpredict.inference.store import PredictionStore
-    from napari_stpredict.tumor import TumorMap, score_store
 
     if not plan.folder.is_dir():
         raise StPredictError(f"{plan.folder}: output folder does not exist")
+    if "spatialdata" in plan.kinds:
+        from napari_stpredict.export.spatialdata import require_spatialdata
+
+        require_spatialdata("the SpatialData export")  # one line naming the extra, before work
     store = PredictionStore.from_path(plan.store)
     model = plan.meta.get("model") or None
     slide = None
     try:
-        if any(k in plan.kinds for k in ("png", "h5ad")) and plan.meta.get("slide_path"):
+        wants_slide = ("png", "h5ad", "spatialdata")
+        if any(k in plan.kinds for k in wants_slide) and plan.meta.get("slide_path"):
             from napari_stpredict.slide import open_slide
 
             slide = open_slide(plan.meta["slide_path"], mpp=store.grid.mpp)
-        tumor = None
-        t = plan.tumor
-        if t is not None:
-            score = score_store(store, gene_set=t.genes or None, model=model)
-            tumor = TumorMap(
-                score, float(t.threshold or 0.0), t.mask, t.method, float(t.smooth), t.min_size
-            )
+        tumor = plan.tumor.tumor_map(store, model) if plan.tumor is not None else None
         kinds = [k for k in plan.kinds if k != "png"]
+        if "spatialdata" in kinds and plan.image is None:
+            kinds = ["spatialdata-no-image" if k == "spatialdata" else k for k in kinds]
         results: list[Any] = []
         if kinds:
             results = list(

@@ -3,7 +3,8 @@
 A thin Qt view: it reads the dock into a typed :class:`~._state.ExportPlan` on the GUI thread
 and :func:`~._state.run_export_plan` writes the files in a worker thread. The
 prediction store, grid, model and slide come from the heatmap layers' metadata; the tumour mask
-from the tumour Labels layer (so brush corrections a user painted are exported too). Public
+from the tumour Labels layer (so brush corrections a user painted are exported too). The
+SpatialData target (optional extra) writes one ``.zarr`` with or without the slide image. Public
 methods (``set_source``, ``set_kinds``, ``set_folder``, ``export``) are what the button calls.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
@@ -50,6 +51,7 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("h5ad", "Per-tile table (.h5ad)"),
     ("csv", "Per-tile table (CSV)"),
     ("png", "Figure of the view (PNG)"),
+    ("spatialdata", "SpatialData (.zarr)"),
 )
 #: Tooltips of the check boxes.
 KIND_TIPS = {
@@ -59,7 +61,14 @@ KIND_TIPS = {
     "h5ad": "Predicted expression per tile as AnnData (scanpy, squidpy)",
     "csv": "Predicted expression per tile as CSV",
     "png": "The current view with one gene's heatmap, its colour bar and a scale bar",
+    "spatialdata": "One SpatialData store: tiles + table + tumour regions + slide image, in µm "
+    "(napari-spatialdata, squidpy); needs the optional extra napari-stpredict[spatialdata]",
 }
+#: SpatialData image element choices: (text, ExportPlan.image)
+SD_IMAGES: tuple[tuple[str, str | None], ...] = (
+    ("Slide image: auto (≤ 2 µm/px)", "auto"),
+    ("No slide image", None),
+)
 _TUMOR_KINDS = ("geojson", "mask-ome-tiff")
 
 
@@ -125,6 +134,19 @@ class ExportWidget(QWidget):
         row.addWidget(self.figure_gene_combo, 1)
         row.addWidget(self.dpi_spin)
         vbox.addLayout(row)
+        self.sd_image_combo = QComboBox()
+        for text, value in SD_IMAGES:
+            self.sd_image_combo.addItem(text, value)
+        self.sd_image_combo.setToolTip(
+            "Image element of the SpatialData export: the coarsest slide level at or below "
+            "2 µm/px, or none (a small file with tiles, table and tumour regions only)"
+        )
+        vbox.addWidget(self.sd_image_combo)
+        self.sd_extra_label = QLabel()
+        self.sd_extra_label.setWordWrap(True)
+        vbox.addWidget(self.sd_extra_label)
+        self.kind_checks["spatialdata"].toggled.connect(self._update_spatialdata)
+        self._update_spatialdata()
         body.add(section("What", box))
 
         box = QWidget()
@@ -153,6 +175,25 @@ class ExportWidget(QWidget):
         self.report.setMaximumHeight(140)
         body.add(self.report)
         body.layout_.addStretch(1)
+
+    def _update_spatialdata(self, checked: bool | None = None) -> None:
+        """Image choice only with SpatialData ticked; the missing extra said in one line."""
+        from napari_stpredict.export.spatialdata import have_spatialdata, missing_extra_message
+
+        ticked = self.kind_checks["spatialdata"].isChecked()
+        self.sd_image_combo.setEnabled(ticked)
+        missing = not have_spatialdata()
+        self.sd_extra_label.setText(
+            missing_extra_message("the SpatialData export") if missing else ""
+        )
+        self.sd_extra_label.setVisible(missing)
+
+    def set_spatialdata_image(self, image: str | None) -> None:
+        """SpatialData image element: ``"auto"`` or ``None`` (see :data:`SD_IMAGES`)."""
+        values = [value for _text, value in SD_IMAGES]
+        if image not in values:
+            raise StPredictError(f"export image {image!r}: choose 'auto' or None")
+        self.sd_image_combo.setCurrentIndex(values.index(image))
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export to folder", self.folder_edit.text())
@@ -244,18 +285,19 @@ class ExportWidget(QWidget):
         if not kinds:
             raise StPredictError("export: tick at least one thing to export")
         folder = Path(self.folder_edit.text().strip()).expanduser()
+        if "spatialdata" in kinds:
+            from napari_stpredict.export.spatialdata import (
+                have_spatialdata,
+                missing_extra_message,
+            )
+
+            if not have_spatialdata():
+                raise StPredictError(missing_extra_message("the SpatialData export"))
         genes = None if self.all_genes_check.isChecked() else (src.genes_shown or None)
         tumor = None
         if src.tumor is not None:
-            meta = stpredict_meta(src.tumor) or {}
-            tumor = TumorSpec(
-                mask=np.asarray(src.tumor.data) > 0,  # includes the user's brush edits
-                genes=dict(zip(meta.get("genes", []), meta.get("weights", []), strict=False)),
-                threshold=meta.get("threshold"),
-                method=meta.get("threshold_method", "manual"),
-                smooth=float(meta.get("smooth_sigma_cells", 0.0)),
-                min_size=int(meta.get("min_size_cells", 0)),
-            )
+            # the mask includes the user's brush edits
+            tumor = TumorSpec.from_layer(src.tumor.data, stpredict_meta(src.tumor) or {})
         elif any(k in _TUMOR_KINDS for k in kinds):
             raise StPredictError(
                 "export: no tumour layer for this store (use the Tumour localization widget first)"
@@ -276,6 +318,7 @@ class ExportWidget(QWidget):
             figure_gene=self.figure_gene(),
             dpi=int(self.dpi_spin.value()),
             overwrite=self.overwrite_check.isChecked(),
+            image=SD_IMAGES[max(self.sd_image_combo.currentIndex(), 0)][1],
         )
 
     def export(self, *, background: bool = True) -> None:
@@ -311,4 +354,4 @@ class ExportWidget(QWidget):
         self.finished.emit(self.results)
 
 
-__all__ = ["KINDS", "ExportWidget"]
+__all__ = ["KINDS", "SD_IMAGES", "ExportWidget"]
