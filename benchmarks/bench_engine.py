@@ -27,7 +27,7 @@ host buffers); the CPU parts (decode, feed) are the same.
 
     python benchmarks/bench_engine.py [--device cpu|cuda] [--cells 256] [--repeats 2]
         [--read-workers 2] [--torch-threads 0] [--batch-sizes 32] [--layouts 32x32,...]
-        [--rss-sizes 1,4] [--rss-model fast|same|FILE] [--workdir DIR] [--json OUT]
+        [--mosaic 4] [--rss-sizes 1,4] [--rss-model fast|zero|same|FILE] [--workdir DIR] [--json OUT]
 """
 
 from __future__ import annotations

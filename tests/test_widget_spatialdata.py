@@ -131,7 +131,7 @@ def test_export_dock_writes_spatialdata(scene, qtbot, tmp_path):
 
     ew = ExportWidget(viewer)
     viewer.window.add_dock_widget(ew, name="Export", area="right")
-    assert not ew.sd_extra_label.isVisible()  # the extra is installed: nothing to say
+    assert ew.sd_extra_label.isHidden()  # the extra is installed: nothing to say
     ew.set_source(str(store.path))
     ew.set_folder(tmp_path)
     ew.name_edit.setText("c3")
@@ -204,7 +204,7 @@ def test_without_the_extra_dock_and_writer_say_what_to_install(
     hint = "pip install 'napari-stpredict[spatialdata]'"
     ew = ExportWidget(viewer)
     viewer.window.add_dock_widget(ew, name="Export", area="right")
-    assert ew.sd_extra_label.isVisible() and hint in ew.sd_extra_label.text()
+    assert not ew.sd_extra_label.isHidden() and hint in ew.sd_extra_label.text()
     ew.set_source(str(store.path))
     ew.set_folder(tmp_path)
     ew.set_kinds(["spatialdata", "csv"])
