@@ -191,9 +191,7 @@ def test_npe2_spatialdata_writer(scene, qtbot, tmp_path):
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
 
 
-def test_without_the_extra_dock_and_writer_say_what_to_install(
-    scene, qtbot, tmp_path, monkeypatch
-):
+def test_without_the_extra_dock_and_writer_say_what_to_install(scene, qtbot, tmp_path, monkeypatch):
     from napari_stpredict._writer import write_spatialdata
     from napari_stpredict.errors import StPredictError
     from napari_stpredict.export import spatialdata as sd_export
