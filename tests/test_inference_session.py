@@ -259,6 +259,50 @@ def test_second_process_refuses_a_locked_output_in_one_line(tmp_path):
     assert proc.exitcode == 0
 
 
+def _try_open_at(path: str, result) -> None:
+    try:
+        s = PredictionStore.open_at(
+            Path(path), slide=_Slide(), predictor=ExactModel(), grid=_grid(), lock_timeout=0
+        )
+    except StPredictError as err:
+        result.put(str(err))
+    else:
+        s.close()
+        result.put("ok")
+
+
+def _open_in_other_process(path: Path) -> str:
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    proc = ctx.Process(target=_try_open_at, args=(str(path), result))
+    proc.start()
+    try:
+        return result.get(timeout=120)
+    finally:
+        proc.join(30)
+
+
+def test_session_close_releases_the_store_lock(tmp_path, c3, monkeypatch):
+    """Closing a session (widget, ``view``, cohort) frees its output for another process."""
+    path = tmp_path / "out" / "predictions.zarr"
+    s = open_session(slide=c3, predictor=ExactModel(), store_path=path)
+    assert s.store._file_lock is not None  # held while the session is open
+    assert "in use by another stpredict process" in _open_in_other_process(path)
+    s.close()
+    s.close()  # idempotent
+    assert s.engine._closed and not c3._closed  # a slide it did not open stays open
+    assert _open_in_other_process(path) == "ok"
+
+    # a session that fails half-way releases the lock it took, too
+    def broken_engine(*a, **k):
+        raise RuntimeError("engine failed")
+
+    monkeypatch.setattr(engine_mod, "Engine", broken_engine)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        open_session(slide=c3, predictor=ExactModel(), store_path=path)
+    assert _open_in_other_process(path) == "ok"
+
+
 def test_corrupted_chunk_is_reported_by_path_and_healed(tmp_path, c3):
     model = ExactModel()
     grid = TileGrid.for_slide(c3, model)

@@ -336,8 +336,10 @@ def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> No
 
 
 def _canvas_only_window(viewer: Any, *docks: Any) -> None:
-    """Give the canvas the whole window for screenshots (hide the docks: only the canvas is
-    saved, and its size then depends on ``--size`` alone, not on the docks' contents)."""
+    """Give the canvas the whole window for screenshots (hide the docks and the status bar:
+    only the canvas is saved, and its size then depends on ``--size`` alone, not on the docks'
+    contents nor on the status text — napari's status bar grows or shrinks by a few pixels
+    with the text it shows, e.g. once a heatmap layer is selected)."""
     qt_viewer = getattr(viewer.window, "_qt_viewer", None)
     for name in ("dockLayerList", "dockLayerControls"):
         dock = getattr(qt_viewer, name, None)
@@ -345,3 +347,7 @@ def _canvas_only_window(viewer: Any, *docks: Any) -> None:
             dock.hide()
     for dock in docks:
         dock.hide()
+    window = getattr(viewer.window, "_qt_window", None)
+    status_bar = window.statusBar() if window is not None else None
+    if status_bar is not None:
+        status_bar.hide()

@@ -242,8 +242,7 @@ def _predict_open_slide(
         outputs, export_errors = _write_exports(job, slide, session, cancel=cancel)
         grid_shape = list(session.grid.shape)
     finally:
-        session.close()
-        session.store.close()  # releases the store's output lock
+        session.close()  # also releases the store's output lock
     row = SlideRow.done(
         job,
         cells=total,

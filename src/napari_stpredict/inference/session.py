@@ -51,6 +51,7 @@ class PredictSession:
     retired: bool = False  #: no longer active: close the engine once its last job ends
     owns_slide: bool = True  #: close the slide with the session
     _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _closed: bool = field(default=False, repr=False)
 
     @property
     def slide_path(self) -> str:
@@ -99,12 +100,23 @@ class PredictSession:
         return self.engine.predict_all_tissue(**kwargs)
 
     def close(self) -> None:
-        """Stop the engine's reader threads and close the slide (once no job of this session
-        runs). Idempotent."""
+        """Release everything the session opened: stop the engine's reader threads, release
+        the store's output lock (:meth:`PredictionStore.open_at`; the store stays readable)
+        and close the slide when the session opened it. Idempotent."""
         with self._close_lock:
-            self.engine.close()
-            if self.owns_slide:
-                self.slide.close()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.engine.close()
+            finally:
+                try:
+                    close_store = getattr(self.store, "close", None)
+                    if close_store is not None:
+                        close_store()
+                finally:
+                    if self.owns_slide:
+                        self.slide.close()
 
     def __enter__(self) -> PredictSession:
         return self
@@ -187,6 +199,7 @@ def open_session(
     if owns:
         slide = open_slide(slide_path, mpp=mpp)
     model_path = Path(model_path if model_path is not None else getattr(predictor, "path", ""))
+    store = None
     try:
         notes: list[str] = []
         grid = TileGrid.for_slide(slide, predictor, stride_um=stride_um)
@@ -225,6 +238,8 @@ def open_session(
             read_workers=read_workers,
         )
     except BaseException:
+        if store is not None:  # release the output lock taken by open_at
+            store.close()
         if owns:
             slide.close()
         raise
