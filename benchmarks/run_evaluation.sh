@@ -65,6 +65,9 @@ fi
 if [[ $what == study || $what == all ]]; then
   # ± TTA, ± context for all four methods on the same cached frozen features, retrieval k and
   # weighting chosen on validation sections only (see benchmarks/study_accuracy.py)
-  "${NICE[@]}" "${PYTHON:-python}" benchmarks/study_accuracy.py benchmarks/data/her2st.yaml --genes "$PANEL" \
-    --cache /tmp/stpredict-study --out docs/results/study_her2st.json
+  for cv in leave-one-section-out leave-one-patient-out; do
+    short=$([[ $cv == leave-one-section-out ]] && echo loso || echo lopo)
+    "${NICE[@]}" "${PYTHON:-python}" benchmarks/study_accuracy.py benchmarks/data/her2st.yaml --genes "$PANEL" \
+      --cache /tmp/stpredict-study --cv "$cv" --tune 1:0 --out "docs/results/study_her2st_$short.json"
+  done
 fi

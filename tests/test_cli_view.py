@@ -68,11 +68,26 @@ def test_view_screenshot_shows_predicted_heatmap(cmu, tiny_model_file, tmp_path)
     store = PredictionStore.from_path(entry.path)
     assert store.n_done > 0
     assert "ERBB2" in store.genes
-    # ... and drawn: same view with and without the heatmap differ over the tissue only
+    # ... and drawn. The canvas size depends on --size alone (the status bar, whose height
+    # follows its text, is hidden for screenshots), so both shots show the same view.
     a, b = _read_png(plain), _read_png(shot)
     assert a.shape == b.shape
-    changed = (np.abs(a - b).max(axis=-1) > 30).mean()
-    assert 0.05 < changed < 0.95
+    # the plain shot is the slide: bright background around tissue, not an empty canvas
+    background = a[..., :3].min(axis=-1) > 200
+    assert 0.1 < background.mean() < 0.95
+    # the legend (colour bar + gene name in a dark box) sits in the top-right corner
+    h, w = a.shape[:2]
+    legend = np.zeros((h, w), bool)
+    legend[: h // 4, w * 2 // 3 :] = True
+    dark_a, dark_b = (x[..., :3].max(axis=-1) < 60 for x in (a, b))
+    assert 0.05 < dark_b[legend].mean() < 0.9
+    assert dark_b[legend].mean() > 3 * dark_a[legend].mean()
+    # heatmap tiles cover the tissue, not the empty background (a black canvas fails here)
+    changed = np.abs(a - b).max(axis=-1) > 30
+    assert 0.05 < changed.mean() < 0.95
+    assert (b[..., :3].min(axis=-1) > 200).mean() > 0.1  # background still visible
+    over_tissue = changed[~background & ~legend].mean()
+    assert over_tissue > 0.5 and over_tissue > 2 * changed[background & ~legend].mean()
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "cli_view_heatmap.png").write_bytes(shot.read_bytes())
     # no half-written file next to the screenshot

@@ -143,6 +143,8 @@ def test_live_view_predicts_exactly_the_visible_tissue(env, predictor, qtbot):
     assert Path(meta["store"]) == session.store.path
     assert meta["slide_layer"] == layer.name and Path(meta["slide_path"]) == session.slide.path
     assert meta["grid"] == grid.to_dict()
+    # the session's tissue tiles travel with the layers (the Export dock's "partial" test)
+    np.testing.assert_array_equal(meta["tissue"], session.tissue)
     # contrast limits come from the training data, not from the (partial) map
     g = predictor.genes.index(gene)
     p01, p99 = predictor.gene_stats["p01"][g], predictor.gene_stats["p99"][g]

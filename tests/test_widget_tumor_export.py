@@ -39,13 +39,21 @@ def scene(make_napari_viewer, real_store):
         metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
     )
     meta = read_model_metadata(model_path)
+    # as the Predict widget does: the session's tissue tiles travel with the layers; here the
+    # tissue is the predicted block, so an export of it is complete, not "partial"
+    tissue = np.asarray(store.done_mask(), bool)
     heat = HeatmapSet(
         viewer,
         slide_layer=slide_layer,
         grid=store.grid,
         panel=store.genes,
         gene_stats=header_gene_stats(meta),
-        metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
+        metadata={
+            "store": str(store.path),
+            "model": str(model_path),
+            "slide_path": slide_path,
+            "tissue": tissue,
+        },
         read_plane=lambda i: store.read(i),
     )
     heat.set_genes(["ERBB2", "KRT8"])
@@ -141,6 +149,8 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
         ["c3_heatmaps.ome.tif", "c3_tumor.geojson", "c3.h5ad", "c3.csv", "c3_ERBB2.png"]
     )
     assert all(f"wrote {tmp_path / n}" in text for n in written)
+    # every tissue tile is predicted: no export says "partial" (tiles off the tissue don't count)
+    assert not any(r.partial for r in ew.results) and "partial" not in text, text
     doc = json.loads((tmp_path / "c3_tumor.geojson").read_text())
     assert len(doc["features"]) >= 1
 
@@ -153,6 +163,18 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
     ew.export()
     qtbot.waitUntil(lambda: not ew.busy, timeout=60_000)
     assert "already exists" in ew.report.toPlainText()
+    # one tissue tile not predicted: the export is "partial", counting tissue tiles only
+    tissue = np.asarray(store.done_mask(), bool)
+    tissue[tuple(np.argwhere(~tissue)[0])] = True
+    for lyr in heat.layers.values():
+        lyr.metadata["stpredict"]["tissue"] = tissue
+    ew.overwrite_check.setChecked(True)
+    ew.set_kinds(["csv"])
+    ew.export()
+    qtbot.waitUntil(lambda: not ew.busy, timeout=60_000)
+    (res,) = ew.results
+    assert res.partial and (res.n_missing, res.n_expected) == (1, int(tissue.sum()))
+    assert f"partial: 1 of {int(tissue.sum())} tissue tiles" in ew.report.toPlainText()
     # bad input: one-line message in the widget, the layer stays as it was
     before = layer.data.copy()
     tw.set_gene_set("NOT_A_GENE")

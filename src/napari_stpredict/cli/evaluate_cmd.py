@@ -224,7 +224,10 @@ def evaluate_cmd(
     method_list = _split([methods])
     predictor_options = {"tta": tta, "weighting": weighting, "temperature": temperature}
 
-    with _Bars() as bars:
+    from napari_stpredict.cli._progress import Bars
+
+    with Bars() as bars:
+        outer, inner = _progress_pair(bars)
         if model is not None:
             if tests is None:
                 raise StPredictError("--model: give the held-out sections with --test-sections")
@@ -236,7 +239,7 @@ def evaluate_cmd(
                 n_top=n_top,
                 device=device or "auto",
                 predictor_options=predictor_options,
-                progress=bars.outer,
+                progress=outer,
             )
         else:
             config = _train_config(
@@ -274,8 +277,8 @@ def evaluate_cmd(
                 n_top=n_top,
                 work_dir=work_dir,
                 predictor_options=predictor_options,
-                progress=bars.outer,
-                step_progress=bars.inner,
+                progress=outer,
+                step_progress=inner,
             )
     _print_table(result)
     if out is not None:
@@ -289,45 +292,16 @@ def evaluate_cmd(
         raise typer.Exit(1)
 
 
-class _Bars:
-    """Two rich progress bars: units (fold × method) and the steps of the current training."""
+def _progress_pair(bars: Any) -> tuple[Any, Any]:
+    """``(outer, inner)`` callbacks on the CLI's :class:`~napari_stpredict.cli._progress.Bars`:
+    units (fold × method) and the steps of the current training (its bar is dropped when the
+    next unit starts)."""
+    folds = bars.callback("folds")
+    training = bars.callback("training", label="  training")
 
-    def __enter__(self) -> _Bars:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._p.__enter__()
-        self._outer = self._p.add_task("folds", total=None)
-        self._inner = self._p.add_task("training", total=None, visible=False)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._p.__exit__(*exc)
-
-    def outer(self, done: int, total: int | None, message: str = "") -> None:
-        self._p.update(self._outer, completed=done, total=total, description=message or "folds")
+    def outer(done: int, total: int | None, message: str = "") -> None:
+        folds(done, total, message)
         if done == 0 or message:
-            self._p.update(self._inner, visible=False)
+            bars.remove("training")
 
-    def inner(self, done: int, total: int | None, message: str = "") -> None:
-        self._p.update(
-            self._inner,
-            completed=done,
-            total=total,
-            description=f"  {message or 'training'}",
-            visible=True,
-        )
+    return outer, training

@@ -241,10 +241,18 @@ def export_figure(
         fig.savefig(tmp, dpi=dpi, format="png")
     n_in = int(done[i0:i1, j0:j1].sum())
     px = (round(width_in * dpi), round(height_in * dpi))
+    counts: dict[str, Any] = {}
+    if pred.tissue is not None:  # "partial" = tissue tiles of the region not predicted
+        tissue_in = pred.tissue[i0:i1, j0:j1]
+        counts = {
+            "n_expected": int(tissue_in.sum()),
+            "n_missing": int((tissue_in & ~done[i0:i1, j0:j1]).sum()),
+        }
     return ExportResult(
         Path(dst),
         "png",
         (i1 - i0) * (j1 - j0),
         n_in,
         f"{gene}, {px[0]}×{px[1]} px at {dpi:g} dpi, scale bar {label}",
+        **counts,
     )

@@ -337,6 +337,9 @@ class ExportPlan:
     overwrite: bool = False
     #: SpatialData export: the slide image element, ``"auto"`` (≤ 2 µm/px) or ``None`` (none)
     image: str | None = "auto"
+    #: bool ``(gh, gw)``: the tissue tiles of the session (exports are "partial" only when
+    #: some of them are not predicted); ``None`` = unknown (every grid tile counts)
+    tissue: Any = None
 
     def __post_init__(self) -> None:
         if self.image not in ("auto", None):
@@ -346,6 +349,7 @@ class ExportPlan:
 def run_export_plan(plan: ExportPlan) -> list[Any]:
     """Open the store (and the slide), build the tumour map, write the exports (worker)."""
     from napari_stpredict.export import export_figure, export_predictions
+    from napari_stpredict.export._predictions import as_predictions
     from napari_stpredict.inference.store import PredictionStore
 
     if not plan.folder.is_dir():
@@ -355,6 +359,8 @@ def run_export_plan(plan: ExportPlan) -> list[Any]:
 
         require_spatialdata("the SpatialData export")  # one line naming the extra, before work
     store = PredictionStore.from_path(plan.store)
+    predictions = as_predictions(store)
+    predictions.set_tissue(plan.tissue)  # "partial" = tissue tiles missing, not background
     model = plan.meta.get("model") or None
     slide = None
     try:
@@ -371,7 +377,7 @@ def run_export_plan(plan: ExportPlan) -> list[Any]:
         if kinds:
             results = list(
                 export_predictions(
-                    store,
+                    predictions,
                     plan.folder,
                     name=plan.name,
                     kinds=kinds,
@@ -387,7 +393,7 @@ def run_export_plan(plan: ExportPlan) -> list[Any]:
             dst = plan.folder / f"{plan.name}_{gene}.png"
             results.append(
                 export_figure(
-                    store,
+                    predictions,
                     dst,
                     gene=gene,
                     slide=slide,

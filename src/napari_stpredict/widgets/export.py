@@ -319,6 +319,7 @@ class ExportWidget(QWidget):
             dpi=int(self.dpi_spin.value()),
             overwrite=self.overwrite_check.isChecked(),
             image=SD_IMAGES[max(self.sd_image_combo.currentIndex(), 0)][1],
+            tissue=src.meta.get("tissue"),
         )
 
     def export(self, *, background: bool = True) -> None:

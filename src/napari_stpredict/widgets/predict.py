@@ -321,6 +321,9 @@ class PredictWidget(GenesMixin, SlideMixin, QWidget):
                 "store": session.store_path,
                 "model": str(session.model_path),
                 "slide_path": session.slide_path,
+                # the tiles that should be predicted: exports say "partial" only when some
+                # of these are missing (bool (gh, gw), read-only)
+                "tissue": session.tissue,
             },
             read_plane=session.read_plane,
             units=units_text(getattr(predictor, "metadata", None)),
