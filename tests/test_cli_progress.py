@@ -34,3 +34,17 @@ def test_evaluate_progress_feeds_the_shared_bars():
         assert (folds.completed, folds.total) == (1, 4)
         inner(1, 10)
         assert "training" in bars._tasks
+
+
+def test_bars_draw_nothing_before_the_first_bar(capsys):
+    """An error raised before any progress leaves stderr as one line."""
+    import pytest
+
+    from napari_stpredict.cli._progress import Bars
+
+    with pytest.raises(RuntimeError), Bars():
+        raise RuntimeError("bad input")
+    assert capsys.readouterr().err == ""
+    with Bars(unit="slides") as bars:
+        bars.update("a", 1, 2, "x")
+    assert "1/2" in capsys.readouterr().err

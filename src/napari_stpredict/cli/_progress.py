@@ -65,13 +65,20 @@ class Bars:
         )
         self._tasks: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
+        self._entered = False
+        self._started = False
 
     def __enter__(self) -> Bars:
-        self.progress.__enter__()
+        # the display starts with the first bar: an error raised before any progress leaves
+        # stderr one line (no empty progress render before "stpredict: error: ...")
+        self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        with self._lock:
+            started, self._started, self._entered = self._started, False, False
+        if started:
+            self.progress.__exit__(*exc)
 
     def update(
         self,
@@ -87,6 +94,9 @@ class Bars:
         with self._lock:
             task = self._tasks.get(key)
             if task is None:
+                if self._entered and not self._started:
+                    self._started = True
+                    self.progress.start()
                 task = self.progress.add_task(label or str(key), total=total, note=note)
                 self._tasks[key] = task
             self.progress.update(task, completed=done, total=total, note=note)
