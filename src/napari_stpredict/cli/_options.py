@@ -36,9 +36,9 @@ def flags_without_metavar() -> None:
     from typer import core
 
     cls = core.TyperOption
-    if getattr(cls, "_stpredict_flag_display", False):
-        return
-    original = cls.display_type_rich
+    original = getattr(cls, "display_type_rich", None)
+    if original is None or getattr(cls, "_stpredict_flag_display", False):
+        return  # older typer (< 0.29) shows flags as flags already, or patched before
 
     def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
         if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False):

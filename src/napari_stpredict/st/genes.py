@@ -302,7 +302,7 @@ def highly_variable_genes(
     frame["bin"] = pd.cut(frame["m"], bins=20)
     grp = frame.groupby("bin", observed=True)["d"]
     bmean, bstd = grp.transform("mean"), grp.transform("std")
-    norm = ((frame["d"] - bmean) / bstd).to_numpy()
+    norm = ((frame["d"] - bmean) / bstd).to_numpy(copy=True)  # pandas 3: views are read-only
     single = ~np.isfinite(bstd.to_numpy())
     norm[single] = 1.0  # a gene alone in its bin (scanpy does the same)
     norm = np.nan_to_num(norm, nan=0.0)
