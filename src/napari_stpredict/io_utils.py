@@ -219,7 +219,13 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
+        # a failed zarr write can still have chunk writes in flight on zarr's own event loop,
+        # which recreate folders under a tree just removed: remove until it stays gone
+        for _ in range(20):
+            shutil.rmtree(p, ignore_errors=True)
+            time.sleep(0.05)
+            if not p.exists():
+                break
     else:
         with contextlib.suppress(OSError):
             p.unlink()

@@ -210,16 +210,14 @@ def predictions_to_spatialdata(
     from spatialdata.transformations import Identity, Scale
 
     from napari_stpredict.export.tables import (
-        _blocks,
+        _gathered,
+        _selection,
         _tumor_arrays,
         model_provenance,
         slide_provenance,
     )
 
-    pred = as_predictions(predictions)
-    idx = pred.gene_indices(genes)
-    done = pred.require("spatialdata export")
-    names = [pred.genes[i] for i in idx]
+    pred, idx, done, names = _selection(predictions, genes, "spatialdata export")
     geo = pred.geometry
     plan = image_plan(slide, image, image_mpp=image_mpp) if slide is not None else None
     if isinstance(tumor, str):
@@ -228,13 +226,7 @@ def predictions_to_spatialdata(
         tumor = _auto_tumor(pred, model)
     mask, score = _tumor_arrays(tumor, geo.shape)
 
-    cells_l, vals_l = [], []
-    for cells, vals in _blocks(pred, idx, done):
-        check_cancel(cancel, "spatialdata export")
-        cells_l.append(cells)
-        vals_l.append(vals)
-    cells = np.concatenate(cells_l)
-    x = np.concatenate(vals_l).astype(np.float32)
+    cells, x = _gathered(pred, idx, done, cancel, "spatialdata export")
     spread = None
     if getattr(pred, "path", None) is not None:
         spread = _spread(pred, idx, cells)

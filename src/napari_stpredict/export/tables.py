@@ -92,6 +92,30 @@ def slide_provenance(slide: Any, pred: Predictions | None = None) -> dict[str, A
     return out
 
 
+def _selection(
+    predictions: Any, genes: Sequence[str] | None, what: str
+) -> tuple[Predictions, list[int], np.ndarray, list[str]]:
+    """The predictions, the indices and names of ``genes`` and the predicted-cell mask;
+    nothing predicted or an unknown gene is an :class:`ExportError` naming ``what``."""
+    pred = as_predictions(predictions)
+    idx = pred.gene_indices(genes)
+    done = pred.require(what)
+    return pred, idx, done, [pred.genes[i] for i in idx]
+
+
+def _gathered(
+    pred: Predictions, idx: list[int], done: np.ndarray, cancel: CancelToken | None, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every predicted cell ``(n, 2)`` and its values ``(n, len(idx))`` float32 (see
+    :func:`_blocks`), checking ``cancel`` between blocks."""
+    cells_l, vals_l = [], []
+    for cells, vals in _blocks(pred, idx, done):
+        check_cancel(cancel, what)
+        cells_l.append(cells)
+        vals_l.append(vals)
+    return np.concatenate(cells_l), np.concatenate(vals_l).astype(np.float32)
+
+
 def _blocks(
     pred: Predictions, idx: list[int], done: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -161,19 +185,10 @@ def predictions_to_anndata(
     import anndata as ad
     import pandas as pd
 
-    pred = as_predictions(predictions)
-    idx = pred.gene_indices(genes)
-    done = pred.require("h5ad export")
-    names = [pred.genes[i] for i in idx]
+    pred, idx, done, names = _selection(predictions, genes, "h5ad export")
     geo = pred.geometry
     mask, score = _tumor_arrays(tumor, geo.shape)
-    cells_l, vals_l = [], []
-    for cells, vals in _blocks(pred, idx, done):
-        check_cancel(cancel, "h5ad export")
-        cells_l.append(cells)
-        vals_l.append(vals)
-    cells = np.concatenate(cells_l)
-    x = np.concatenate(vals_l).astype(np.float32)
+    cells, x = _gathered(pred, idx, done, cancel, "h5ad export")
     yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
     obs = pd.DataFrame(
         {"i": cells[:, 0].astype(np.int32), "j": cells[:, 1].astype(np.int32)},
@@ -335,10 +350,7 @@ def export_csv(
     (when the slide has an mpp), ``tumor_score, tumor`` (with ``tumor``), then one column per
     gene (predicted log-normalised expression). Only predicted cells are written.
     """
-    pred = as_predictions(predictions)
-    idx = pred.gene_indices(genes)
-    done = pred.require("CSV export")
-    names = [pred.genes[i] for i in idx]
+    pred, idx, done, names = _selection(predictions, genes, "CSV export")
     geo = pred.geometry
     mask, score = _tumor_arrays(tumor, geo.shape)
     header = ["i", "j", "x_px", "y_px"]

@@ -583,8 +583,22 @@ class PredictionStore:
                 "method": meta.get("method"),
             },
         }
+        return cls._open_for(predictor, cache_dir, key, grid, dtype, attrs, max_bytes)
+
+    @classmethod
+    def _open_for(
+        cls,
+        predictor: Any,
+        folder: str | os.PathLike | None,
+        key: str,
+        grid: TileGrid,
+        dtype: str,
+        attrs: dict[str, Any],
+        max_bytes: int | None,
+    ) -> PredictionStore:
+        """:meth:`open` a store of ``predictor``'s genes (with a spread array when it has one)."""
         return cls.open(
-            cache_dir,
+            folder,
             key=key,
             genes=list(predictor.genes),
             grid=grid,
@@ -680,15 +694,14 @@ class PredictionStore:
             )
             meta["identity"] = identity
             store = (
-                cls.open(
+                cls._open_for(
+                    predictor,
                     path.parent,
-                    key=path.name.removesuffix(".zarr"),
-                    genes=list(predictor.genes),
-                    grid=grid,
-                    dtype=dtype,
-                    attrs=meta,
-                    max_bytes=_NO_EVICTION,
-                    spread=has_uncertainty(predictor),
+                    path.name.removesuffix(".zarr"),
+                    grid,
+                    dtype,
+                    meta,
+                    _NO_EVICTION,
                 )
                 if path.name.endswith(".zarr")
                 else None

@@ -178,25 +178,17 @@ class BLEEP(STModel):
         self,
         *,
         n_genes: int,
-        backbone: str = DEFAULT_BACKBONE,
-        pretrained: str = "none",
-        encoder: ImageEncoder | None = None,
         proj_dim: int = 256,
         temperature: float = 1.0,
         dropout: float = 0.1,
         **hparams: Any,
     ) -> None:
+        # backbone, pretrained, encoder and n_fields pass through ``hparams`` to STModel
         super().__init__(
-            n_genes=n_genes,
-            backbone=backbone,
-            pretrained=pretrained,
-            encoder=encoder,
-            proj_dim=proj_dim,
-            temperature=temperature,
-            dropout=dropout,
-            **hparams,
+            n_genes=n_genes, proj_dim=proj_dim, temperature=temperature, dropout=dropout, **hparams
         )
         self.proj_dim = proj_dim
+        self.dropout = dropout
         self.temperature = float(temperature)
         self.image_projection = ProjectionHead(self.feature_dim, proj_dim, dropout=dropout)
         self.expr_projection = ProjectionHead(n_genes, proj_dim, dropout=dropout)
@@ -241,32 +233,22 @@ class CMRCNet(BLEEP):
         self,
         *,
         n_genes: int,
-        backbone: str = DEFAULT_BACKBONE,
-        pretrained: str = "none",
-        encoder: ImageEncoder | None = None,
-        proj_dim: int = 256,
-        temperature: float = 1.0,
-        dropout: float = 0.1,
         mask_prob: float = 0.5,
         n_gene_tokens: int = 8,
         fusion_depth: int = 2,
         fusion_heads: int = 8,
         **hparams: Any,
     ) -> None:
+        # proj_dim, temperature, dropout (BLEEP) and the STModel arguments pass through ``hparams``
         super().__init__(
             n_genes=n_genes,
-            backbone=backbone,
-            pretrained=pretrained,
-            encoder=encoder,
-            proj_dim=proj_dim,
-            temperature=temperature,
-            dropout=dropout,
             mask_prob=mask_prob,
             n_gene_tokens=n_gene_tokens,
             fusion_depth=fusion_depth,
             fusion_heads=fusion_heads,
             **hparams,
         )
+        proj_dim, dropout = self.proj_dim, self.dropout
         if not 0.0 <= mask_prob < 1.0:
             raise StPredictError(f"mask_prob={mask_prob}: must be in [0, 1)")
         self.mask_prob = float(mask_prob)
@@ -312,18 +294,8 @@ class Regression(STModel):
 
     retrieval: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        *,
-        n_genes: int,
-        backbone: str = DEFAULT_BACKBONE,
-        pretrained: str = "none",
-        encoder: ImageEncoder | None = None,
-        **hparams: Any,
-    ) -> None:
-        super().__init__(
-            n_genes=n_genes, backbone=backbone, pretrained=pretrained, encoder=encoder, **hparams
-        )
+    def __init__(self, *, n_genes: int, **hparams: Any) -> None:
+        super().__init__(n_genes=n_genes, **hparams)
         self.head = nn.Linear(self.feature_dim, n_genes)
 
     @property
@@ -338,13 +310,19 @@ class Regression(STModel):
         return self.head(pooled).float()
 
 
-def method_hparams(method: str) -> set[str]:
-    """Hyper-parameter names ``method`` accepts (``model_kwargs`` / ``--model-kwargs``)."""
+def _method_class(method: str) -> type[STModel]:
+    """The registered class of ``method``; an unknown name is an error naming the choices."""
     cls = _REGISTRY.get(method)
     if cls is None:
         raise StPredictError(
             f"method {method!r}: unknown (choose from {', '.join(list_methods())})"
         )
+    return cls
+
+
+def method_hparams(method: str) -> set[str]:
+    """Hyper-parameter names ``method`` accepts (``model_kwargs`` / ``--model-kwargs``)."""
+    cls = _method_class(method)
     return {
         name
         for klass in cls.__mro__
@@ -382,11 +360,7 @@ def build_model(
     -------
     STModel
     """
-    cls = _REGISTRY.get(method)
-    if cls is None:
-        raise StPredictError(
-            f"method {method!r}: unknown (choose from {', '.join(list_methods())})"
-        )
+    cls = _method_class(method)
     allowed = method_hparams(method)
     unknown = sorted(set(hparams) - allowed)
     if unknown:

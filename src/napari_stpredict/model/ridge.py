@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from napari_stpredict.errors import StPredictError
-from napari_stpredict.model.encoders import ImageEncoder
-from napari_stpredict.model.methods import DEFAULT_BACKBONE, STModel, register_method
+from napari_stpredict.model.methods import STModel, register_method
 
 __all__ = ["ALPHA_GRID", "RidgeFit", "RidgeModel", "fit_ridge"]
 
@@ -46,24 +45,9 @@ class RidgeModel(STModel):
     #: trained in closed form on frozen features, never by gradient descent
     closed_form: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        n_genes: int,
-        backbone: str = DEFAULT_BACKBONE,
-        pretrained: str = "none",
-        encoder: ImageEncoder | None = None,
-        n_components: int = 256,
-        **hparams: Any,
-    ) -> None:
-        super().__init__(
-            n_genes=n_genes,
-            backbone=backbone,
-            pretrained=pretrained,
-            encoder=encoder,
-            n_components=n_components,
-            **hparams,
-        )
+    def __init__(self, *, n_genes: int, n_components: int = 256, **hparams: Any) -> None:
+        # backbone, pretrained, encoder and n_fields pass through ``hparams`` to STModel
+        super().__init__(n_genes=n_genes, n_components=n_components, **hparams)
         if int(n_components) < 1:
             raise StPredictError(f"n_components={n_components}: must be ≥ 1")
         self._set_buffers(int(n_components))

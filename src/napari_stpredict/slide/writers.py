@@ -126,6 +126,26 @@ def _check_source(slide: Slide, dst: str | os.PathLike) -> None:
         check_not_inside([src], dst, "output")
 
 
+def _plan(
+    slide: Slide,
+    dst: str | os.PathLike,
+    tile: int,
+    compression: str,
+    mpp: float | None,
+    allowed: tuple[str, ...],
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> tuple[float | None, list[tuple[int, int]], _Progress]:
+    """Check the options and the output (before any work): the µm/px to record, the level
+    shapes and the progress over the tile rows of all levels."""
+    _check_options(tile, compression, mpp, allowed)
+    mpp = float(mpp) if mpp is not None else slide.mpp
+    shapes = pyramid_shapes(slide.shape, tile)
+    prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
+    _check_source(slide, dst)
+    return mpp, shapes, prog
+
+
 @contextlib.contextmanager
 def _scratch(dst: Path) -> Iterator[Path]:
     """A scratch folder for coarser levels, named as a temporary of ``dst`` (swept if killed)."""
@@ -178,10 +198,7 @@ def write_ome_tiff(
     """
     import tifffile
 
-    _check_options(tile, compression, mpp, COMPRESSIONS)
-    mpp = float(mpp) if mpp is not None else slide.mpp
-    shapes = pyramid_shapes(slide.shape, tile)
-    prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
+    mpp, shapes, prog = _plan(slide, dst, tile, compression, mpp, COMPRESSIONS, progress, cancel)
     comp: dict[str, Any]
     if compression == "jpeg":
         comp = {
@@ -203,7 +220,6 @@ def write_ome_tiff(
         metadata.update(
             PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
         )
-    _check_source(slide, dst)
     with (
         output_lock(dst, what="conversion"),
         atomic_path(dst, overwrite=overwrite) as tmp,
@@ -311,11 +327,7 @@ def write_ome_zarr(
     """
     import zarr
 
-    _check_options(tile, compression, mpp, ("deflate",))
-    mpp = float(mpp) if mpp is not None else slide.mpp
-    shapes = pyramid_shapes(slide.shape, tile)
-    prog = _Progress(progress, cancel, sum(math.ceil(h / tile) for h, _ in shapes))
-    _check_source(slide, dst)
+    mpp, shapes, prog = _plan(slide, dst, tile, compression, mpp, ("deflate",), progress, cancel)
     with output_lock(dst, what="conversion"), atomic_path(dst, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         root.attrs[MARKER_ATTR] = {"writer": "napari-stpredict convert", "source": str(slide.path)}

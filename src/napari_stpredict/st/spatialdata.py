@@ -241,32 +241,9 @@ def _centroids(shapes: Any) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _table_counts(table: Any, spec: Any, source: Path) -> tuple[sp.csr_matrix, list[str]]:
-    where = spec.where
-    if spec.layer is None:
-        X, var = table.X, table.var
-    elif spec.layer == "raw":
-        if table.raw is None:
-            raise DatasetError(f"{where}: field 'layer': the table in {source} has no .raw")
-        X, var = table.raw.X, table.raw.var
-    else:
-        if spec.layer not in table.layers:
-            raise DatasetError(
-                f"{where}: field 'layer': the table in {source} has no layer {spec.layer!r} "
-                f"(layers: {', '.join(table.layers.keys()) or 'none'})"
-            )
-        X, var = table.layers[spec.layer], table.var
-    if X is None:
-        raise DatasetError(f"{where}: the table in {source} has no expression matrix")
-    if spec.gene_column is None:
-        genes = [str(g) for g in var.index]
-    else:
-        if spec.gene_column not in var.columns:
-            raise DatasetError(
-                f"{where}: field 'gene_column': the table in {source} has no var column "
-                f"{spec.gene_column!r} (columns: {', '.join(map(str, var.columns)) or 'none'})"
-            )
-        genes = var[spec.gene_column].astype(str).tolist()
-    return sp.csr_matrix(X, dtype=np.float32), genes
+    from napari_stpredict.st.h5ad import counts_and_genes
+
+    return counts_and_genes(table, spec, f"the table in {source}")
 
 
 def image_element_path(spec: Any) -> Path | None:

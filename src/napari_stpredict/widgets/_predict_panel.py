@@ -10,7 +10,6 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -25,7 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_stpredict.widgets._qt import dock_layout, section
+from napari_stpredict.widgets._qt import check_box, dock_layout, section, spin_box
 from napari_stpredict.widgets._state import PRESETS
 
 #: Decimals shown by the µm/px box (the value itself is kept exact in the state).
@@ -60,23 +59,27 @@ def build_predict_ui(w: Any) -> None:
     w.slide_combo = QComboBox()
     w.slide_combo.currentIndexChanged.connect(w._on_slide_choice)
     form.addRow("Layer", w.slide_combo)
-    w.mpp_spin = QDoubleSpinBox()
-    w.mpp_spin.setDecimals(MPP_DECIMALS)
-    w.mpp_spin.setRange(0.0, 100.0)
-    w.mpp_spin.setSingleStep(0.01)
-    w.mpp_spin.setSpecialValueText("from slide")
-    w.mpp_spin.setToolTip("µm per level-0 pixel; 'from slide' uses the slide layer's own value")
+    w.mpp_spin = spin_box(
+        QDoubleSpinBox,
+        0.0,
+        100.0,
+        decimals=MPP_DECIMALS,
+        step=0.01,
+        special="from slide",
+        tooltip="µm per level-0 pixel; 'from slide' uses the slide layer's own value",
+    )
     w.mpp_spin.editingFinished.connect(w._on_mpp_edited)
     form.addRow("µm/px", w.mpp_spin)
-    w.stride_spin = QDoubleSpinBox()
-    w.stride_spin.setDecimals(1)
-    w.stride_spin.setRange(0.0, 10_000.0)
-    w.stride_spin.setSingleStep(10.0)
-    w.stride_spin.setSpecialValueText("patch size")
-    w.stride_spin.setSuffix(" µm")
-    w.stride_spin.setToolTip(
-        "Distance between predicted tiles; half the patch size gives a finer map "
-        "(4× the model calls)"
+    w.stride_spin = spin_box(
+        QDoubleSpinBox,
+        0.0,
+        10_000.0,
+        decimals=1,
+        step=10.0,
+        special="patch size",
+        suffix=" µm",
+        tooltip="Distance between predicted tiles; half the patch size gives a finer map "
+        "(4× the model calls)",
     )
     w.stride_spin.editingFinished.connect(w._on_stride_edited)
     form.addRow("Stride", w.stride_spin)
@@ -115,23 +118,23 @@ def build_predict_ui(w: Any) -> None:
 
     box = QWidget()
     vbox = QVBoxLayout(box)
-    w.colorbar_check = QCheckBox("Colour bars with gene name and unit")
-    w.colorbar_check.setChecked(True)
-    w.colorbar_check.toggled.connect(w.set_colorbars)
+    w.colorbar_check = check_box(
+        "Colour bars with gene name and unit", w.set_colorbars, checked=True
+    )
     vbox.addWidget(w.colorbar_check)
-    w.smooth_check = QCheckBox("Smooth (interpolate between tiles)")
-    w.smooth_check.toggled.connect(w.set_smooth)
+    w.smooth_check = check_box("Smooth (interpolate between tiles)", w.set_smooth)
     vbox.addWidget(w.smooth_check)
-    w.uncertainty_check = QCheckBox("Uncertainty layer (models that provide one)")
-    w.uncertainty_check.toggled.connect(w.set_uncertainty)
+    w.uncertainty_check = check_box(
+        "Uncertainty layer (models that provide one)", w.set_uncertainty
+    )
     vbox.addWidget(w.uncertainty_check)
     body.add(section("Display", box))
 
     box = QWidget()
     vbox = QVBoxLayout(box)
-    w.live_check = QCheckBox("Live: predict the visible tissue as you pan and zoom")
-    w.live_check.setChecked(True)
-    w.live_check.toggled.connect(w.set_live)
+    w.live_check = check_box(
+        "Live: predict the visible tissue as you pan and zoom", w.set_live, checked=True
+    )
     vbox.addWidget(w.live_check)
     row = QHBoxLayout()
     w.whole_button = QPushButton("Predict whole slide")

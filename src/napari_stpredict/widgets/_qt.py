@@ -6,8 +6,20 @@ Every dock puts its sections in a :class:`DockBody` (a scroll area): the three d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from qtpy.QtCore import QSize, Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFrame,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 #: Most height a dock asks for (its contents scroll beyond it).
 MAX_HINT_HEIGHT = 420
@@ -61,3 +73,52 @@ def dock_layout(widget: QWidget) -> DockBody:
     body = DockBody(widget)
     outer.addWidget(body)
     return body
+
+
+def spin_box(
+    cls: type,
+    lo: float,
+    hi: float,
+    *,
+    tooltip: str,
+    step: float | None = None,
+    decimals: int | None = None,
+    special: str | None = None,
+    suffix: str | None = None,
+) -> Any:
+    """A ``QSpinBox``/``QDoubleSpinBox`` (``cls``) over ``[lo, hi]`` with the given settings."""
+    spin = cls()
+    if decimals is not None:
+        spin.setDecimals(decimals)
+    spin.setRange(lo, hi)
+    if step is not None:
+        spin.setSingleStep(step)
+    if special is not None:
+        spin.setSpecialValueText(special)
+    if suffix is not None:
+        spin.setSuffix(suffix)
+    spin.setToolTip(tooltip)
+    return spin
+
+
+def check_box(text: str, on_toggle: Callable[[bool], Any], *, checked: bool = False) -> QCheckBox:
+    """A check box (ticked when ``checked``, set before ``on_toggle`` is connected)."""
+    box = QCheckBox(text)
+    if checked:
+        box.setChecked(True)
+    box.toggled.connect(on_toggle)
+    return box
+
+
+def path_row(
+    edit: QLineEdit, text: str, on_browse: Callable[[], Any], *, tooltip: str | None = None
+) -> QHBoxLayout:
+    """``edit`` with a browse button (``text``, calling ``on_browse``) at its right."""
+    row = QHBoxLayout()
+    browse = QPushButton(text)
+    if tooltip is not None:
+        browse.setToolTip(tooltip)
+    browse.clicked.connect(on_browse)
+    row.addWidget(edit, 1)
+    row.addWidget(browse)
+    return row

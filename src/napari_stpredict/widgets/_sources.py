@@ -68,6 +68,38 @@ class StoreSource:
         return self.heatmaps[0] if self.heatmaps else self.tumor
 
 
+def fill_source_combo(combo: Any, sources: Mapping[str, StoreSource], current: Any) -> int:
+    """Refill a store combo box with ``sources`` (label, path) without emitting signals.
+
+    ``current`` (a store path) stays selected when it is still there, else the first entry.
+    Returns the index ``current`` was found at (-1 when it is gone or ``None``).
+    """
+    combo.blockSignals(True)
+    combo.clear()
+    for path, src in sources.items():
+        combo.addItem(src.label, path)
+    idx = combo.findData(current) if current else -1
+    combo.setCurrentIndex(idx if idx >= 0 else (0 if sources else -1))
+    combo.blockSignals(False)
+    return idx
+
+
+def source_index(combo: Any, store: Any) -> int:
+    """The index of the prediction store ``store`` (a path) in a store combo box.
+
+    Raises
+    ------
+    StPredictError
+        No heatmap layer of that store in the viewer.
+    """
+    from napari_stpredict.errors import StPredictError
+
+    idx = combo.findData(str(store))
+    if idx < 0:
+        raise StPredictError(f"{store}: no heatmap layer of this prediction store in the viewer")
+    return idx
+
+
 def store_sources(viewer: Any) -> dict[str, StoreSource]:
     """``{store path: StoreSource}`` for every store referred to by a layer, in layer order."""
     out: dict[str, StoreSource] = {}

@@ -31,10 +31,12 @@ from qtpy.QtWidgets import (
 
 from napari_stpredict.errors import StPredictError
 from napari_stpredict.widgets._common import Failed, notify, start_worker, view_rect_px
-from napari_stpredict.widgets._qt import dock_layout, section
+from napari_stpredict.widgets._qt import dock_layout, path_row, section
 from napari_stpredict.widgets._sources import (
     StoreSource,
+    fill_source_combo,
     slide_layer_of,
+    source_index,
     store_sources,
     stpredict_meta,
 )
@@ -151,13 +153,8 @@ class ExportWidget(QWidget):
 
         box = QWidget()
         form = QFormLayout(box)
-        row = QHBoxLayout()
         self.folder_edit = QLineEdit(str(Path.cwd()))
-        browse = QPushButton("Browse…")
-        browse.clicked.connect(self._browse)
-        row.addWidget(self.folder_edit, 1)
-        row.addWidget(browse)
-        form.addRow("Folder", row)
+        form.addRow("Folder", path_row(self.folder_edit, "Browse…", self._browse))
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("file name stem (default: the slide's name)")
         form.addRow("Name", self.name_edit)
@@ -203,14 +200,7 @@ class ExportWidget(QWidget):
     # =========================================================================== sources
     def _refresh_sources(self, event: Any = None) -> None:
         current = self.source_combo.currentData()
-        sources = store_sources(self.viewer)
-        self.source_combo.blockSignals(True)
-        self.source_combo.clear()
-        for path, src in sources.items():
-            self.source_combo.addItem(src.label, path)
-        idx = self.source_combo.findData(current) if current else -1
-        self.source_combo.setCurrentIndex(idx if idx >= 0 else (0 if sources else -1))
-        self.source_combo.blockSignals(False)
+        fill_source_combo(self.source_combo, store_sources(self.viewer), current)
         self._on_source_choice(self.source_combo.currentIndex())
 
     def _figure_genes(self, src: StoreSource | None) -> list[str]:
@@ -252,12 +242,7 @@ class ExportWidget(QWidget):
     def set_source(self, store: str) -> None:
         """Export the prediction store ``store`` (a path from a heatmap layer's metadata)."""
         self._refresh_sources()
-        idx = self.source_combo.findData(str(store))
-        if idx < 0:
-            raise StPredictError(
-                f"{store}: no heatmap layer of this prediction store in the viewer"
-            )
-        self.source_combo.setCurrentIndex(idx)
+        self.source_combo.setCurrentIndex(source_index(self.source_combo, store))
 
     def set_kinds(self, kinds: list[str]) -> None:
         """Tick exactly ``kinds`` (see :data:`KINDS`)."""

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 
 from napari_stpredict.widgets._common import Failed, WorkerSet, notify, start_worker
 from napari_stpredict.widgets._heatmaps import level0_to_world
-from napari_stpredict.widgets._qt import dock_layout, section
+from napari_stpredict.widgets._qt import dock_layout, path_row, section
 from napari_stpredict.widgets._sources import stpredict_meta
 
 if TYPE_CHECKING:
@@ -108,15 +108,12 @@ class MeasuredWidget(QWidget):
         self.heatmap_combo = QComboBox()
         self.heatmap_combo.setToolTip("The predicted heatmap to compare with (gene, store, model)")
         form.addRow("Heatmap", self.heatmap_combo)
-        row = QHBoxLayout()
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("manifest.yaml, data.h5ad or Space Ranger outs/")
         self.source_edit.editingFinished.connect(self._source_changed)
-        browse = QPushButton("…")
-        browse.setToolTip("Choose a manifest or .h5ad file")
-        browse.clicked.connect(self._browse)
-        row.addWidget(self.source_edit, 1)
-        row.addWidget(browse)
+        row = path_row(
+            self.source_edit, "…", self._browse, tooltip="Choose a manifest or .h5ad file"
+        )
         form.addRow("Spatial data", row)
         self.section_combo = QComboBox()
         self.section_combo.setToolTip("The manifest section of this slide")

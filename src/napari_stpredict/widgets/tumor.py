@@ -36,11 +36,13 @@ from napari_stpredict.errors import StPredictError
 from napari_stpredict.tumor import DEFAULT_TUMOR_GENES, Signature, parse_gene_set, score_store
 from napari_stpredict.widgets._common import Failed, notify, start_worker
 from napari_stpredict.widgets._heatmaps import level0_to_world
-from napari_stpredict.widgets._qt import dock_layout, section
+from napari_stpredict.widgets._qt import dock_layout, section, spin_box
 from napari_stpredict.widgets._sources import (
     StoreSource,
+    fill_source_combo,
     open_store,
     slide_layer_of,
+    source_index,
     store_sources,
     tumor_layer_name,
 )
@@ -150,17 +152,23 @@ class TumorWidget(QWidget):
         self.auto_button.setToolTip("Otsu's threshold of the scores of the predicted tissue tiles")
         self.auto_button.clicked.connect(self.auto_threshold)
         form.addRow(self.auto_button)
-        self.smooth_spin = QDoubleSpinBox()
-        self.smooth_spin.setRange(0.0, 20.0)
-        self.smooth_spin.setSingleStep(0.5)
-        self.smooth_spin.setSuffix(" tiles")
-        self.smooth_spin.setToolTip("Gaussian smoothing of the score before thresholding (σ)")
+        self.smooth_spin = spin_box(
+            QDoubleSpinBox,
+            0.0,
+            20.0,
+            step=0.5,
+            suffix=" tiles",
+            tooltip="Gaussian smoothing of the score before thresholding (σ)",
+        )
         self.smooth_spin.valueChanged.connect(self.set_smoothing)
         form.addRow("Smoothing", self.smooth_spin)
-        self.min_size_spin = QSpinBox()
-        self.min_size_spin.setRange(0, 1_000_000)
-        self.min_size_spin.setSuffix(" tiles")
-        self.min_size_spin.setToolTip("Drop tumour regions smaller than this many tiles")
+        self.min_size_spin = spin_box(
+            QSpinBox,
+            0,
+            1_000_000,
+            suffix=" tiles",
+            tooltip="Drop tumour regions smaller than this many tiles",
+        )
         self.min_size_spin.valueChanged.connect(self.set_min_size)
         form.addRow("Min. region", self.min_size_spin)
         body.add(section("Threshold", box))
@@ -186,13 +194,7 @@ class TumorWidget(QWidget):
     def _refresh_sources(self, event: Any = None) -> None:
         current = self._source.store if self._source else None
         sources = store_sources(self.viewer)
-        self.source_combo.blockSignals(True)
-        self.source_combo.clear()
-        for path, src in sources.items():
-            self.source_combo.addItem(src.label, path)
-        idx = self.source_combo.findData(current) if current else -1
-        self.source_combo.setCurrentIndex(idx if idx >= 0 else (0 if sources else -1))
-        self.source_combo.blockSignals(False)
+        idx = fill_source_combo(self.source_combo, sources, current)
         if sources and (current is None or idx < 0):
             self._on_source_choice(self.source_combo.currentIndex())
         elif current in sources:
@@ -221,11 +223,7 @@ class TumorWidget(QWidget):
     def set_source(self, store: str) -> None:
         """Use the prediction store ``store`` (a path from a heatmap layer's metadata)."""
         self._refresh_sources()
-        idx = self.source_combo.findData(str(store))
-        if idx < 0:
-            raise StPredictError(
-                f"{store}: no heatmap layer of this prediction store in the viewer"
-            )
+        idx = source_index(self.source_combo, store)
         self.source_combo.setCurrentIndex(idx)
         self._on_source_choice(idx)
 
