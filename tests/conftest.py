@@ -155,3 +155,83 @@ def tiny_model_file(her2st_dir, benchmarks_data_dir, tiny_model_config, tmp_path
         warnings.simplefilter("ignore")  # dropped genes of the panel
         train(manifest, tiny_model_config, out=out, sections=["B4", "C2"])
     return out
+
+
+# ----------------------------------------------------------------------------- napari scenes
+@pytest.fixture
+def c3_scene(make_napari_viewer, real_store):
+    """Factory: a shown viewer with the C3 slide and heatmaps of :func:`real_store`, laid out as
+    the Predict dock lays them out. ``build(size=(w, h), genes=…, hidden=…, tissue=…,
+    gene_stats=…)`` returns a namespace with ``viewer, store, model_path, slide, heat``.
+    ``tissue=True`` passes the predicted block as the session's tissue (exports are complete);
+    ``gene_stats`` defaults to the model header's.
+    """
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    def build(
+        *, size=None, genes=("ERBB2", "KRT8"), hidden=(), tissue=False, gene_stats=None
+    ) -> SimpleNamespace:
+        from napari_stpredict.model.header import header_gene_stats
+        from napari_stpredict.slide import open_slide
+        from napari_stpredict.tumor import read_model_metadata
+        from napari_stpredict.widgets._heatmaps import HeatmapSet
+
+        store, model_path = real_store
+        slide_path = store.info["slide"]["path"]
+        slide = open_slide(slide_path, mpp=store.grid.mpp)
+        viewer = make_napari_viewer(show=True)
+        if size is not None:
+            viewer.window.resize(*size)
+        slide_layer = viewer.add_image(
+            slide.levels,
+            multiscale=True,
+            rgb=True,
+            name="C3",
+            scale=slide.layer_scale,
+            metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
+        )
+        if gene_stats is None:
+            gene_stats = header_gene_stats(read_model_metadata(model_path))
+        metadata = {"store": str(store.path), "model": str(model_path), "slide_path": slide_path}
+        if tissue:
+            metadata["tissue"] = np.asarray(store.done_mask(), bool)
+        heat = HeatmapSet(
+            viewer,
+            slide_layer=slide_layer,
+            grid=store.grid,
+            panel=store.genes,
+            gene_stats=gene_stats,
+            metadata=metadata,
+            read_plane=lambda i: store.read(i),
+        )
+        heat.set_genes(list(genes))
+        for gene in hidden:
+            heat.layers[gene].visible = False
+        return SimpleNamespace(
+            viewer=viewer, store=store, model_path=model_path, slide=slide, heat=heat
+        )
+
+    return build
+
+
+@pytest.fixture
+def look_at_predictions():
+    """``look(viewer, store, qtbot, fill=0.95)``: centre the camera on the predicted block and
+    zoom so it fills ``fill`` of the canvas (call it after docks are added)."""
+    import numpy as np
+
+    def look(viewer, store, qtbot, fill: float = 0.95) -> None:
+        qtbot.wait(100)
+        done = np.argwhere(np.asarray(store.done[...]))
+        (i0, j0), (i1, j1) = done.min(0), done.max(0) + 1
+        y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
+        y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
+        s = store.grid.mpp
+        viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
+        h, w = viewer.canvas.size
+        viewer.camera.zoom = fill * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
+        qtbot.wait(300)
+
+    return look

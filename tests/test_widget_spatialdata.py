@@ -24,36 +24,10 @@ needs_sd = pytest.mark.skipif(
 
 
 @pytest.fixture
-def scene(make_napari_viewer, real_store):
-    """A viewer with the C3 slide, ERBB2 + KRT8 heatmaps of the real store, and the store."""
-    from napari_stpredict.model.header import header_gene_stats
-    from napari_stpredict.slide import open_slide
-    from napari_stpredict.tumor import read_model_metadata
-    from napari_stpredict.widgets._heatmaps import HeatmapSet
-
-    store, model_path = real_store
-    slide_path = store.info["slide"]["path"]
-    slide = open_slide(slide_path, mpp=store.grid.mpp)
-    viewer = make_napari_viewer(show=True)
-    slide_layer = viewer.add_image(
-        slide.levels,
-        multiscale=True,
-        rgb=True,
-        name="C3",
-        scale=slide.layer_scale,
-        metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
-    )
-    heat = HeatmapSet(
-        viewer,
-        slide_layer=slide_layer,
-        grid=store.grid,
-        panel=store.genes,
-        gene_stats=header_gene_stats(read_model_metadata(model_path)),
-        metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
-        read_plane=lambda i: store.read(i),
-    )
-    heat.set_genes(["ERBB2", "KRT8"])
-    return viewer, store, slide, heat
+def scene(c3_scene):
+    """The C3 slide with ERBB2 + KRT8 heatmaps of the real store."""
+    s = c3_scene()
+    return s.viewer, s.store, s.slide, s.heat
 
 
 def _read(path):

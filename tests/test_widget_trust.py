@@ -189,11 +189,11 @@ def test_progress_counts_the_tiles_shown(live, qtbot):
 
 
 def test_export_figure_defaults_to_a_visible_heatmap(
-    make_napari_viewer, real_store, tmp_path, qtbot
+    c3_scene, real_store, tmp_path, qtbot, look_at_predictions
 ):
     from napari_stpredict.widgets.export import ExportWidget
 
-    viewer, store, heat = _scene(make_napari_viewer, real_store)
+    viewer, store, heat = _scene(c3_scene, real_store)
     heat.layers["ERBB2"].visible = False  # bottom layer hidden, KRT8 on top and visible
     heat.layers["KRT8"].visible = True
     ew = ExportWidget(viewer)
@@ -204,7 +204,7 @@ def test_export_figure_defaults_to_a_visible_heatmap(
     ew.set_folder(tmp_path)
     ew.name_edit.setText("c3")
     ew.set_kinds(["png"])
-    _look_at(viewer, store, qtbot)
+    look_at_predictions(viewer, store, qtbot, fill=0.9)
     ew.export()
     qtbot.waitUntil(lambda: not ew.busy, timeout=WAIT_MS)
     assert "error" not in ew.report.toPlainText(), ew.report.toPlainText()
@@ -286,10 +286,10 @@ def test_colour_bars_with_gene_unit_and_training_limits(live, predictor, qtbot):
     assert hm.interpolation2d == "nearest"
 
 
-def test_tumour_outlines_over_a_visible_heatmap(make_napari_viewer, real_store, qtbot):
+def test_tumour_outlines_over_a_visible_heatmap(c3_scene, real_store, qtbot, look_at_predictions):
     from napari_stpredict.widgets.tumor import TUMOR_RGBA, TumorWidget
 
-    viewer, store, heat = _scene(make_napari_viewer, real_store)
+    viewer, store, heat = _scene(c3_scene, real_store)
     erbb2 = heat.layers["ERBB2"]
     viewer.layers.selection.active = erbb2
     tw = TumorWidget(viewer)
@@ -311,7 +311,7 @@ def test_tumour_outlines_over_a_visible_heatmap(make_napari_viewer, real_store, 
     px = verts / mpp + 0.5  # world µm -> continuous level-0 px
     edge = (px - (np.asarray(grid.cell_rect_px(0, 0)[:2]))) / grid.stride_px
     assert np.allclose(edge, np.round(edge), atol=1e-6)
-    _look_at(viewer, store, qtbot)
+    look_at_predictions(viewer, store, qtbot, fill=0.9)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = viewer.screenshot(
         path=str(ARTIFACTS / "tumour_outlines.png"), canvas_only=True, flash=False
@@ -501,48 +501,12 @@ def test_no_file_zarr_or_join_on_the_gui_thread(
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _scene(make_napari_viewer, real_store):
-    """A viewer with the C3 slide and ERBB2 + KRT8 heatmaps of the real store."""
+def _scene(c3_scene, real_store):
+    """The C3 slide with ERBB2 (shown) and KRT8 (hidden) heatmaps of the real store, with the
+    gene statistics the Predictor hands the Predict dock."""
     from napari_stpredict.model import Predictor
-    from napari_stpredict.slide import open_slide
-    from napari_stpredict.widgets._heatmaps import HeatmapSet, model_gene_stats
+    from napari_stpredict.widgets._heatmaps import model_gene_stats
 
-    store, model_path = real_store
-    slide_path = store.info["slide"]["path"]
-    slide = open_slide(slide_path, mpp=store.grid.mpp)
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1300, 900)
-    slide_layer = viewer.add_image(
-        slide.levels,
-        multiscale=True,
-        rgb=True,
-        name="C3",
-        scale=slide.layer_scale,
-        metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
-    )
-    p = Predictor(model_path, device="cpu")
-    heat = HeatmapSet(
-        viewer,
-        slide_layer=slide_layer,
-        grid=store.grid,
-        panel=store.genes,
-        gene_stats=model_gene_stats(p),
-        metadata={"store": str(store.path), "model": str(model_path), "slide_path": slide_path},
-        read_plane=lambda i: store.read(i),
-    )
-    heat.set_genes(["ERBB2", "KRT8"])
-    heat.layers["KRT8"].visible = False
-    return viewer, store, heat
-
-
-def _look_at(viewer, store, qtbot) -> None:
-    qtbot.wait(100)
-    done = np.argwhere(np.asarray(store.done[...]))
-    (i0, j0), (i1, j1) = done.min(0), done.max(0) + 1
-    y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
-    y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
-    s = store.grid.mpp
-    viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
-    h, w = viewer.canvas.size
-    viewer.camera.zoom = 0.9 * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
-    qtbot.wait(300)
+    stats = model_gene_stats(Predictor(real_store[1], device="cpu"))
+    s = c3_scene(size=(1300, 900), hidden=("KRT8",), gene_stats=stats)
+    return s.viewer, s.store, s.heat

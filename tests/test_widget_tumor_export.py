@@ -18,64 +18,17 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 @pytest.fixture
-def scene(make_napari_viewer, real_store):
-    """A viewer with the C3 slide, two heatmap layers of the real store, and the store."""
-    from napari_stpredict.model.header import header_gene_stats
-    from napari_stpredict.slide import open_slide
-    from napari_stpredict.tumor import read_model_metadata
-    from napari_stpredict.widgets._heatmaps import HeatmapSet
-
-    store, model_path = real_store
-    slide_path = store.info["slide"]["path"]
-    slide = open_slide(slide_path, mpp=store.grid.mpp)
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1500, 950)
-    slide_layer = viewer.add_image(
-        slide.levels,
-        multiscale=True,
-        rgb=True,
-        name="C3",
-        scale=slide.layer_scale,
-        metadata={"stpredict_slide": {"path": slide_path, "mpp": slide.mpp}},
-    )
-    meta = read_model_metadata(model_path)
-    # as the Predict widget does: the session's tissue tiles travel with the layers; here the
-    # tissue is the predicted block, so an export of it is complete, not "partial"
-    tissue = np.asarray(store.done_mask(), bool)
-    heat = HeatmapSet(
-        viewer,
-        slide_layer=slide_layer,
-        grid=store.grid,
-        panel=store.genes,
-        gene_stats=header_gene_stats(meta),
-        metadata={
-            "store": str(store.path),
-            "model": str(model_path),
-            "slide_path": slide_path,
-            "tissue": tissue,
-        },
-        read_plane=lambda i: store.read(i),
-    )
-    heat.set_genes(["ERBB2", "KRT8"])
-    heat.layers["KRT8"].visible = False
-    return viewer, store, model_path, heat
+def scene(c3_scene):
+    """The C3 slide with ERBB2 (shown) and KRT8 (hidden) heatmaps of the real store; the
+    predicted block travels as the session's tissue, as the Predict dock passes it, so an
+    export of it is complete, not "partial"."""
+    s = c3_scene(size=(1500, 950), hidden=("KRT8",), tissue=True)
+    return s.viewer, s.store, s.model_path, s.heat
 
 
-def _look_at_predictions(viewer, store, qtbot) -> None:
-    """Centre the camera on the predicted block, filling the canvas (after docks are added)."""
-    qtbot.wait(100)
-    done = np.argwhere(np.asarray(store.done[...]))
-    (i0, j0), (i1, j1) = done.min(0), done.max(0) + 1
-    y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
-    y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
-    s = store.grid.mpp
-    viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
-    h, w = viewer.canvas.size
-    viewer.camera.zoom = 0.95 * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
-    qtbot.wait(300)
-
-
-def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp_path):
+def test_slider_changes_labels_without_model_call(
+    scene, qtbot, monkeypatch, tmp_path, look_at_predictions
+):
     from napari_stpredict.model.predictor import Predictor
     from napari_stpredict.tumor import otsu_threshold
     from napari_stpredict.widgets import tumor as tumor_widget
@@ -129,7 +82,7 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
     assert calls == {"predict": 0, "score": 1}
     assert 0 < int(layer.data.sum()) < int(tw.score.predicted.sum())
     ARTIFACTS.mkdir(exist_ok=True)
-    _look_at_predictions(viewer, store, qtbot)
+    look_at_predictions(viewer, store, qtbot)
     viewer.window.screenshot(str(ARTIFACTS / "tumor_widget.png"), canvas_only=False)
     assert (ARTIFACTS / "tumor_widget.png").stat().st_size > 10_000
 
@@ -155,7 +108,7 @@ def test_slider_changes_labels_without_model_call(scene, qtbot, monkeypatch, tmp
     assert len(doc["features"]) >= 1
 
     ARTIFACTS.mkdir(exist_ok=True)
-    _look_at_predictions(viewer, store, qtbot)
+    look_at_predictions(viewer, store, qtbot)
     viewer.window.screenshot(str(ARTIFACTS / "export_widget.png"), canvas_only=False)
     assert (ARTIFACTS / "export_widget.png").stat().st_size > 10_000
 
