@@ -64,6 +64,12 @@ def _her2st_mpp(her2st_dir: Path, section: str) -> float:
 
 
 @pytest.fixture(scope="session")
+def her2st_mpp(her2st_dir: Path):
+    """``her2st_mpp(section)``: µm/px of a HER2ST image from its 200 µm spot grid."""
+    return lambda section: _her2st_mpp(her2st_dir, section)
+
+
+@pytest.fixture(scope="session")
 def real_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
     """``(store, model_path)``: HER2ST C3 (real H&E) with a block of tissue cells predicted.
 

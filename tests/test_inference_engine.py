@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -14,15 +13,6 @@ from napari_stpredict.inference.engine import Engine, order_cells
 from napari_stpredict.inference.grid import TileGrid
 from napari_stpredict.inference.store import PredictionStore
 from napari_stpredict.progress import CancelToken
-
-
-def her2st_mpp(her2st_dir, section: str) -> float:
-    """µm/px of a HER2ST image from its spot grid (legacy ST: 200 µm array pitch)."""
-    d = pd.read_csv(her2st_dir / "spots" / f"{section}_selection.tsv", sep="\t")
-    px_per_step = (
-        np.polyfit(d["x"], d["pixel_x"], 1)[0] + np.polyfit(d["y"], d["pixel_y"], 1)[0]
-    ) / 2
-    return 200.0 / px_per_step
 
 
 class Counting:
@@ -59,10 +49,10 @@ def predictor(tiny_model_file):
 
 
 @pytest.fixture(scope="module")
-def c2(her2st_dir):
+def c2(her2st_dir, her2st_mpp):
     from napari_stpredict.slide import open_slide
 
-    with open_slide(her2st_dir / "images" / "C2.jpg", mpp=her2st_mpp(her2st_dir, "C2")) as s:
+    with open_slide(her2st_dir / "images" / "C2.jpg", mpp=her2st_mpp("C2")) as s:
         yield s
 
 

@@ -16,16 +16,8 @@ from napari_stpredict.st.measured import compare, load_measured, spot_cells
 GENE = "ERBB2"
 
 
-def _her2st_mpp(her2st_dir: Path, section: str) -> float:
-    d = pd.read_csv(her2st_dir / "spots" / f"{section}_selection.tsv", sep="\t")
-    px_per_step = (
-        np.polyfit(d["x"], d["pixel_x"], 1)[0] + np.polyfit(d["y"], d["pixel_y"], 1)[0]
-    ) / 2
-    return 200.0 / px_per_step
-
-
 @pytest.fixture(scope="module")
-def c3_spot_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
+def c3_spot_store(tmp_path_factory, her2st_dir: Path, tiny_model_file, her2st_mpp):
     """HER2ST C3 with the tiles under about two thirds of its spots predicted by the tiny model."""
     from napari_stpredict.inference.engine import Engine
     from napari_stpredict.inference.grid import TileGrid
@@ -34,7 +26,7 @@ def c3_spot_store(tmp_path_factory, her2st_dir: Path, tiny_model_file):
     from napari_stpredict.slide import open_slide
 
     sel = pd.read_csv(her2st_dir / "spots" / "C3_selection.tsv", sep="\t")
-    slide = open_slide(her2st_dir / "images" / "C3.jpg", mpp=_her2st_mpp(her2st_dir, "C3"))
+    slide = open_slide(her2st_dir / "images" / "C3.jpg", mpp=her2st_mpp("C3"))
     predictor = Predictor(tiny_model_file, device="cpu")
     grid = TileGrid.for_slide(slide, predictor)
     store = PredictionStore.for_slide(
