@@ -14,7 +14,7 @@ from napari_stpredict.errors import StPredictError
 from napari_stpredict.model.checkpoint import ModelFile, load_model_file
 from napari_stpredict.model.retrieval import topk_mean_expression
 
-__all__ = ["Predictor", "resolve_device"]
+__all__ = ["Predictor", "live_view_tta", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -46,6 +46,29 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def live_view_tta(model_tta: int, device: str | torch.device) -> int:
+    """Test-time augmentation for the interactive view: the model's on a GPU, 1 on a CPU/MPS.
+
+    Every TTA view is one more backbone pass per tile, so a model trained with ``tta = 8``
+    costs 8× per tile; ``predict``, cohorts and ``evaluate`` pay it (it buys accuracy), but a
+    live view on a CPU must answer while the user pans, so it shows the single-view prediction
+    unless asked (the dock's "Test-time augmentation" choice, ``stpredict view --tta N``).
+
+    Parameters
+    ----------
+    model_tta
+        ``metadata["input"]["tta"]`` of the model file (:attr:`Predictor.tta`).
+    device
+        The device the view's model runs on (``"auto"`` is resolved first).
+
+    Returns
+    -------
+    int
+        ``model_tta`` on CUDA, else 1.
+    """
+    return int(model_tta) if resolve_device(device).type == "cuda" else 1
 
 
 class Predictor:
