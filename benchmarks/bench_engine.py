@@ -10,6 +10,10 @@ Everything is measured in one run, on the same slide and the same tiles:
    once, on ``--read-workers`` threads (tiles/s, and cells/s = N ÷ that time).
 3. *feed*: :meth:`Engine.run` on the same N cells with a model that costs nothing (returns
    zeros): patch reads + resize + store writes only. Goal: feed ≥ 0.3 × decode limit.
+   ``--feed-mpps native,0.5`` adds a row per declared µm/px: the same mosaic pixels written
+   with that µm/px (``c2_mosaic_NxN_mpp0.5.ome.tif``); at 0.5 µm/px a 112 µm patch is 224
+   stored px, read without resizing (``resize`` in the JSON counts the patches that were
+   resized). ``feed`` stays the native row; ``feed_by_mpp`` holds every row.
 4. *store*: write cost of the engine's buffered whole-block writes, and the read time of one
    gene's map for display, for several chunk layouts (``--layouts``).
 5. *engine ÷ raw*: ``Predictor.predict`` on the same tiles' patches already in memory (raw)
@@ -27,7 +31,8 @@ host buffers); the CPU parts (decode, feed) are the same.
 
     python benchmarks/bench_engine.py [--device cpu|cuda] [--cells 256] [--repeats 2]
         [--read-workers 2] [--torch-threads 0] [--batch-sizes 32] [--layouts 32x32,...]
-        [--mosaic 4] [--rss-sizes 1,4] [--rss-model fast|zero|same|FILE] [--workdir DIR] [--json OUT]
+        [--mosaic 4] [--feed-mpps native,0.5] [--rss-sizes 1,4] [--rss-model fast|zero|same|FILE]
+        [--workdir DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -78,11 +83,14 @@ class Mosaic:
         return np.take(np.take(self.image, ys, axis=0), xs, axis=1)
 
 
-def build_mosaics(workdir: Path, sizes: list[int], mpp: float) -> dict[int, Path]:
-    """Write the mosaic pyramids (reused when already in ``workdir``)."""
+def build_mosaics(workdir: Path, sizes: list[int], mpp: float, *, tag: str = "") -> dict[int, Path]:
+    """Write the mosaic pyramids (reused when already in ``workdir``).
+
+    ``tag`` names a variant (e.g. ``"_mpp0.5"``: the same pixels declared at another µm/px).
+    """
     from napari_stpredict.slide import open_slide, write_ome_tiff
 
-    out = {n: workdir / f"c2_mosaic_{n}x{n}.ome.tif" for n in sizes}
+    out = {n: workdir / f"c2_mosaic_{n}x{n}{tag}.ome.tif" for n in sizes}
     missing = [n for n, p in out.items() if not p.exists()]
     if missing:
         with open_slide(C2) as src:
@@ -232,11 +240,49 @@ def _cells(slide, grid, tissue, n: int, sets: int) -> tuple[list[np.ndarray], tu
 
 
 # --------------------------------------------------------------------------- feed + decode
+def resize_share(slide, grid, cells: np.ndarray) -> dict:
+    """How many of the cells' patches go through Pillow's resize (the rest: stored pixels).
+
+    ``Slide.read_resampled`` returns the stored pixels unchanged when the patch is read at its
+    level's own scale from integral pixel offsets; counted here by wrapping ``Image.resize``
+    while the engine's reader cuts the patches once.
+    """
+    from PIL import Image
+
+    from napari_stpredict.slide.patches import TileCache, read_patch_rects
+
+    rects = grid.cell_rects_px(cells)
+    rects[:, 2:] -= rects[:, :2]
+    calls = [0]
+    real = Image.Image.resize
+
+    def counting(self, *a, **kw):
+        calls[0] += 1
+        return real(self, *a, **kw)
+
+    Image.Image.resize = counting
+    try:
+        read_patch_rects(slide, rects, grid.patch_px, cache=TileCache(slide))
+    finally:
+        Image.Image.resize = real
+    origins = grid.cell_rects_px(cells)[:, :2]
+    return {
+        "cells": len(cells),
+        "resized": calls[0],
+        "stored_pixels": len(cells) - calls[0],
+        "integral_origins": int(np.all(origins == np.round(origins), axis=1).sum()),
+        "cell_px": grid.cell_px,
+        "stride_px": grid.stride_px,
+    }
+
+
 def feed(args, slide, grid, tissue, genes: list[str]) -> dict:
     zero = ZeroModel(genes, grid.patch_px, grid.patch_um)
     n = args.feed_cells
     (cells, warm), centre = _cells(slide, grid, tissue, n, 2)
-    out = {"cells": len(cells), "genes": len(genes), "runs": []}
+    out = {"cells": len(cells), "genes": len(genes), "mpp": slide.mpp, "runs": []}
+    out["resize"] = resize_share(slide, grid, cells)
+    print(f"  mpp {slide.mpp}: {out['resize']}", flush=True)
     for workers in args.read_workers:
         engine_run(slide, zero, grid, tissue, warm[:256], workers=workers, bs=64, center=centre)
         dec = decode_limit(slide, grid, cells, workers)
@@ -262,6 +308,34 @@ def feed(args, slide, grid, tissue, genes: list[str]) -> dict:
         print(f"  feed {row}", flush=True)
         out["runs"].append(row)
     return out
+
+
+def feed_at_mpp(args, workdir: Path, mpp: float, genes: list[str], meta) -> dict:
+    """The feed table on the same mosaic pixels written with another declared µm/px.
+
+    At 0.5 µm/px a 112 µm patch is 224 level-0 px = the model's 224 px: patches are read at the
+    level's own scale and, where the grid's origins are integral, returned without resizing.
+    """
+    from napari_stpredict.inference import TileGrid
+    from napari_stpredict.slide import open_slide, tissue_mask
+
+    path = build_mosaics(workdir, [args.mosaic], mpp, tag=f"_mpp{mpp:g}")[args.mosaic]
+    with open_slide(path) as slide:  # the file's own (declared) µm/px
+        grid = TileGrid.for_slide(slide, meta)
+        tissue = grid.tissue_cells(tissue_mask(slide), 0.2)
+        row = {
+            "slide": path.name,
+            "declared_mpp": mpp,
+            "grid": list(grid.shape),
+            "tissue_cells": int(tissue.sum()),
+        }
+        row.update(feed(args, slide, grid, tissue, genes))
+    return row
+
+
+def _feed_mpps(text: str) -> list[float | None]:
+    """``native,0.5`` → ``[None, 0.5]`` (``native`` = C2's own µm/px)."""
+    return [None if v.strip() == "native" else float(v) for v in text.split(",") if v.strip()]
 
 
 # --------------------------------------------------------------------------- store layouts
@@ -565,6 +639,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--mosaic", type=int, default=4, help="mosaic size for feed/store/ratio/full map (N×N)"
     )
+    ap.add_argument(
+        "--feed-mpps",
+        type=_feed_mpps,
+        default=[None],
+        help="declared µm/px of the feed runs, e.g. 'native,0.5' (native = C2's 0.689; others: "
+        "the same mosaic pixels written with that µm/px; 0.5 = patches at the stored scale)",
+    )
     ap.add_argument("--skip", default="", help="parts to skip: feed,store,ratio,fullmap")
     ap.add_argument("--workdir", type=Path, help="where mosaics go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -622,9 +703,19 @@ def main(argv: list[str] | None = None) -> None:
                 "patch_px": grid.patch_px,
             }
             del probe, meta
-            if "feed" not in skip:
+            if "feed" not in skip and None in args.feed_mpps:
                 print("feed rate (zero-cost model) and decode limit, same cells", flush=True)
                 result["feed"] = feed(args, slide, grid, tissue, genes)
+            if "feed" not in skip and any(m is not None for m in args.feed_mpps):
+                result["feed_by_mpp"] = [
+                    {"slide": slides[args.mosaic].name, "declared_mpp": mpp, **result["feed"]}
+                    if m is None
+                    else feed_at_mpp(
+                        args, workdir, m, genes, ZeroModel(genes, grid.patch_px, grid.patch_um)
+                    )
+                    for m in args.feed_mpps
+                    if m is not None or "feed" in result
+                ]
             if "store" not in skip and args.layouts:
                 print("store chunk layouts: buffered writes and one-gene reads", flush=True)
                 result["store"] = [

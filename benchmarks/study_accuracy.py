@@ -9,7 +9,10 @@ with the evaluation's own ``spot_patches`` (``Slide.read_resampled``) and
 - ``tta``: 1 (the patch as is) or 8 (pooled features averaged over the 8 symmetries, for the
   training spots and the held-out spots alike — what a frozen-backbone model with
   ``InputSpec.tta = 8`` computes);
-- ``context``: 0 or the context factor (pooled features of both fields concatenated).
+- ``context``: 0 or the context factor (pooled features of both fields concatenated);
+- ``8>1:1`` style arms train on one TTA and predict with another (here: heads trained on the
+  8-view average, held-out spots scored from the plain patch — what the live view on a CPU
+  does with a ``tta = 8`` model, see ``live_view_tta``).
 
 The heads are trained exactly like ``stpredict train --train-backbone none`` (AdamW, lr 1e-3,
 weight decay 1e-3, warm-up + cosine, gradient clip 1, 20 epochs × ≤ 15 steps × 64 spots, best
@@ -54,6 +57,7 @@ from napari_stpredict.model.ridge import fit_ridge
 from napari_stpredict.st import load_gene_list, load_manifest
 
 BACKBONE = "tf_efficientnet_lite0"
+MARKERS: list[str] = list(BREAST_CANCER_MARKERS)  # --markers none: []
 RETRIEVAL_GRID = [("mean", None, k) for k in (10, 25, 50, 100)] + [
     ("softmax", t, k) for t in (0.02, 0.05, 0.1) for k in (25, 50, 100)
 ]
@@ -188,7 +192,7 @@ def score(secs, names, preds, genes):
                 preds[name],
                 genes,
                 section=name,
-                markers=BREAST_CANCER_MARKERS,
+                markers=MARKERS,
                 labels=s["labels"],
             ).metrics
         )
@@ -196,21 +200,22 @@ def score(secs, names, preds, genes):
     return {k: float(np.nanmean([m[k] for m in ms])) for k in keys}
 
 
-def fit_predict(method, secs, train, test, *, tta, ctx, settings):
+def fit_predict(method, secs, train, test, *, tta, ctx, settings, test_tta=None):
     """{setting: {section: pred}} of one method trained on ``train`` sections."""
+    test_tta = tta if test_tta is None else test_tta
     xtr = np.concatenate([features(secs[n], tta=tta, context=ctx) for n in train])
     ytr = np.concatenate([secs[n]["truth"] for n in train])
     out: dict[str, dict[str, np.ndarray]] = {}
     if method == "ridge":
         groups = np.concatenate([[i] * len(secs[n]["truth"]) for i, n in enumerate(train)])
         fit = fit_ridge(xtr, ytr, groups=groups)
-        out["-"] = {n: fit.predict(features(secs[n], tta=tta, context=ctx)) for n in test}
+        out["-"] = {n: fit.predict(features(secs[n], tta=test_tta, context=ctx)) for n in test}
         return out, {"alpha_relative": fit.alpha_rel}
     ttr = np.concatenate([secs[n]["tokens"] for n in train])
     model, bank = train_head(method, xtr, ttr, ytr, n_fields=2 if ctx else 1)
     for n in test:
         for key, p in predict_head(
-            model, bank, xtr, ytr, features(secs[n], tta=tta, context=ctx), settings
+            model, bank, xtr, ytr, features(secs[n], tta=test_tta, context=ctx), settings
         ).items():
             out.setdefault(key, {})[n] = p
     return out, {}
@@ -225,7 +230,15 @@ def main() -> None:
     ap.add_argument("--context", type=float, default=3.0)
     ap.add_argument("--methods", default="ridge,regression,bleep,cmrc")
     ap.add_argument("--cv", default="leave-one-section-out,leave-one-patient-out")
-    ap.add_argument("--arms", default="1:0,8:0,1:1,8:1", help="tta:context pairs")
+    ap.add_argument(
+        "--arms",
+        default="1:0,8:0,1:1,8:1",
+        help="tta:context pairs; 'train>test:context' trains and predicts with different TTA",
+    )
+    ap.add_argument("--markers", default="breast", choices=["breast", "none"])
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the runs already in --out (add/replace arms)"
+    )
     ap.add_argument(
         "--tune",
         default="all",
@@ -234,10 +247,12 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    global MARKERS
+    MARKERS = [] if args.markers == "none" else MARKERS
     for method in args.methods.split(","):  # import every module now (a long run must not
         build_model(method, n_genes=2, backbone=BACKBONE)  # pick up half-edited source later)
     m = load_manifest(args.manifest)
-    genes = load_gene_list(args.genes)
+    genes = None if args.genes == "all" else load_gene_list(args.genes)
     t0 = time.perf_counter()
     # genes measured in every section (the evaluation's panel rule)
     from napari_stpredict.st import read_sections, select_genes
@@ -256,12 +271,19 @@ def main() -> None:
         },
         "runs": {},
     }
-    arms = [tuple(int(v) for v in a.split(":")) for a in args.arms.split(",")]
+    if args.merge and Path(args.out).is_file():
+        results["runs"] = json.loads(Path(args.out).read_text())["runs"]
+    arms = []
+    for a in args.arms.split(","):
+        tta_s, ctx_s = a.split(":")
+        train_tta, _, test_tta = tta_s.partition(">")
+        arms.append((int(train_tta), int(test_tta or train_tta), int(ctx_s)))
     for cv in args.cv.split(","):
         folds = make_folds(m.sections, cv=cv)
-        for tta, ctx in arms:
+        for tta, test_tta, ctx in arms:
             for method in args.methods.split(","):
-                label = f"{cv}|{method}|tta{tta}|ctx{args.context if ctx else 0:g}"
+                tta_label = f"{tta}" if test_tta == tta else f"{tta}>{test_tta}"
+                label = f"{cv}|{method}|tta{tta_label}|ctx{args.context if ctx else 0:g}"
                 per_fold = []
                 for fold in folds:
                     train = [n for n in names if n in fold.train]
@@ -284,7 +306,14 @@ def main() -> None:
                             (w, None if t == "None" else float(t), int(k)),
                         ]
                     preds, extra = fit_predict(
-                        method, secs, train, test, tta=tta, ctx=ctx, settings=settings
+                        method,
+                        secs,
+                        train,
+                        test,
+                        tta=tta,
+                        ctx=ctx,
+                        settings=settings,
+                        test_tta=test_tta,
                     )
                     row = {"test": test, **extra}
                     key0 = "-" if method in ("ridge", "regression") else "mean:None:50"

@@ -137,6 +137,10 @@ def tiny_model_config():
         device="cpu",
         seed=0,
         num_workers=2,
+        # pinned, not the training defaults (8 views + a context field = 16 backbone passes
+        # per tile): the tests that use this model need it fast, not accurate
+        tta=1,
+        context=0.0,
     )
 
 

@@ -82,3 +82,55 @@ def test_tile_cache_decodes_each_tile_once_and_stays_bounded(tiled_slide, monkey
     out = read_patches(tiled_slide, xy, 100.0, 100, cache=small)
     assert small.nbytes <= 3 * 128 * 128 * 3
     assert np.array_equal(out, read_patches(tiled_slide, xy, 100.0, 100))
+
+
+# --------------------------------------------------------------------------- device resize
+def test_torch_bilinear_is_pillow_bit_for_bit_on_random_boxes():
+    """The torch port of Pillow's BILINEAR resize (run on the CPU here; CUDA in use) gives
+    Pillow's pixels for random windows, boxes and scales, up and down, batched."""
+    import torch
+    from PIL import Image
+
+    from napari_stpredict.inference.device_resize import resize_windows
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        oh, ow = (int(v) for v in rng.integers(1, 90, 2))
+        sizes = rng.integers(3, 110, (4, 2))
+        hmax, wmax = sizes.max(axis=0)
+        windows = np.zeros((4, hmax, wmax, 3), np.uint8)
+        boxes, expected = [], []
+        for k, (h, w) in enumerate(sizes):
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            windows[k, :h, :w] = img
+            left, top = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
+            box = (left, top, rng.uniform(left + 0.05, w), rng.uniform(top + 0.05, h))
+            if k == 0:
+                box = (0.0, 0.0, float(w), float(h))  # the whole window
+            boxes.append(box)
+            pil = Image.fromarray(img).resize((ow, oh), Image.Resampling.BILINEAR, box=box)
+            expected.append(np.asarray(pil))
+        got = resize_windows(torch.from_numpy(windows), sizes, np.array(boxes), (oh, ow))
+        assert got.dtype == torch.uint8
+        np.testing.assert_array_equal(got.numpy(), np.stack(expected))
+
+
+@pytest.mark.parametrize("out_px", [32, 224])
+def test_device_resize_windows_equal_read_resampled(tiled_slide, out_px):
+    """Windows planned and cut as read_resampled cuts them, resized by the torch port, are
+    read_resampled's pixels (including its no-resize path and rectangles past the edge)."""
+    import torch
+
+    from napari_stpredict.inference.device_resize import plan_windows, read_windows, resize_windows
+
+    rng = np.random.default_rng(out_px + 1)
+    rects = _random_rects(tiled_slide, 30, rng)
+    rects[:3] = [[256, 128, out_px, out_px], [-4, -4, out_px, out_px], [3.5, 5, out_px, out_px]]
+    plan = plan_windows(tiled_slide, rects, out_px)
+    assert plan is not None
+    h, w = plan.max_window
+    windows = np.zeros((len(rects), h, w, 3), np.uint8)
+    read_windows(plan, TileCache(tiled_slide).read_region, windows)
+    got = resize_windows(torch.from_numpy(windows), plan.windows[:, 2:], plan.boxes, (out_px,) * 2)
+    expected = np.stack([tiled_slide.read_resampled(*r, out_shape=(out_px, out_px)) for r in rects])
+    np.testing.assert_array_equal(got.numpy(), expected)

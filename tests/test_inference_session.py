@@ -116,6 +116,45 @@ def test_engine_predictions_bit_identical_to_per_patch_reads(c3, tmp_path, tiny_
         np.testing.assert_array_equal(store.read_cells(b.cells), b.values)
 
 
+@pytest.mark.parametrize("n_fields", [1, 2])
+def test_resize_on_device_gives_the_model_the_same_pixels(c3, tmp_path, n_fields):
+    """Resizing on the model's device (the torch port of Pillow; CPU here, CUDA in use): the
+    readers cut stored windows only, and the model still sees per-patch read_resampled pixels."""
+    model = ExactModel(n_fields=n_fields)
+    grid = TileGrid.for_slide(c3, model, stride_um=70.0)  # fractional offsets, downscaled
+    store = PredictionStore.for_slide(c3, model, grid, cache_dir=tmp_path)
+    cells = _tissue_cells(grid, 40, seed=2)
+    with Engine(
+        c3, model, grid, store, tissue=None, batch_size=16, read_workers=2, resize_on_device=True
+    ) as eng:
+        assert eng._reader.resize_device == "cpu"
+        got = list(eng.run(cells))
+    seen = np.concatenate(model.calls)
+    for k, cell in enumerate(np.concatenate([b.cells for b in got])):
+        fields = seen[k] if n_fields > 1 else seen[k][None]
+        np.testing.assert_array_equal(fields[0], _reference_patch(c3, grid, cell))
+        if n_fields > 1:
+            np.testing.assert_array_equal(fields[1], _reference_patch(c3, grid, cell, 2.0))
+
+
+def test_resize_on_device_predictions_bit_identical(c3, tmp_path, tiny_model_file):
+    """The real model fed by the device resize (a torch tensor) predicts what it predicts on
+    per-patch read_resampled crops."""
+    from napari_stpredict.model import Predictor
+
+    pred = Predictor(tiny_model_file, device="cpu")
+    grid = TileGrid.for_slide(c3, pred, stride_um=70.0)
+    store = PredictionStore.for_slide(c3, pred, grid, cache_dir=tmp_path)
+    cells = _tissue_cells(grid, 24)
+    with Engine(
+        c3, pred, grid, store, tissue=None, batch_size=8, read_workers=2, resize_on_device=True
+    ) as eng:
+        batches = list(eng.run(cells))
+    for b in batches:
+        patches = np.stack([_reference_patch(c3, grid, c) for c in b.cells])
+        np.testing.assert_array_equal(b.values, pred.predict(patches))
+
+
 def test_block_ordered_run_with_context_and_spread(c3, tmp_path, monkeypatch):
     """A large run: block order, both fields read, values + spread stored exactly."""
     monkeypatch.setattr(engine_mod, "BLOCK_ORDER_MIN", 50)

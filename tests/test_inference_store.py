@@ -281,6 +281,45 @@ def test_model_key_needs_content_hash_or_file(tmp_path):
         model_key(type("P", (), {"metadata": {}, "genes": GENES})())
 
 
+def test_model_key_includes_duck_typed_inference_settings():
+    meta = {"content_sha256": "x" * 64}
+
+    def pred(**settings):
+        spec = type("Spec", (), {"tta": settings.pop("tta", None)})()
+        return type("P", (), {"metadata": meta, "genes": GENES, "input_spec": spec, **settings})()
+
+    bare = type("P", (), {"metadata": meta, "genes": GENES})()
+    # a setting that is absent or None leaves the key as it was
+    assert model_key(bare) == model_key(pred()) == model_key(pred(top_k=None))
+    base = pred(tta=1, top_k=50, weighting="mean", temperature=0.05)
+    assert model_key(base) == model_key(pred(tta=1, top_k=50, weighting="mean", temperature=0.05))
+    for change in ({"tta": 8}, {"top_k": 5}, {"weighting": "softmax"}, {"temperature": 0.5}):
+        settings = {"tta": 1, "top_k": 50, "weighting": "mean", "temperature": 0.05, **change}
+        assert model_key(pred(**settings)) != model_key(base), change
+
+
+def test_model_key_of_predictors_with_other_settings(tiny_model_file):
+    """Predictor(path, tta=1) (a live view) never shares cached values with tta=8 (predict)."""
+    from napari_stpredict.model import Predictor
+
+    def key(**overrides) -> str:
+        return model_key(Predictor(tiny_model_file, device="cpu", **overrides))
+
+    file_settings = Predictor(tiny_model_file, device="cpu")
+    assert key(tta=1) != key(tta=8)
+    assert key(tta=1) == key(tta=1)  # same settings, same key
+    # the file's own settings, given explicitly, are the same predictor
+    assert model_key(file_settings) == key(
+        tta=file_settings.tta,
+        top_k=file_settings.top_k,
+        weighting=file_settings.weighting,
+        temperature=file_settings.temperature,
+    )
+    other_k = 1 if file_settings.top_k != 1 else 2
+    assert key(top_k=other_k) != model_key(file_settings)
+    assert key(temperature=file_settings.temperature * 2) != model_key(file_settings)
+
+
 # --------------------------------------------------------------------------- real slide + model
 def test_for_slide_with_real_slide_and_model(tmp_path, wsi_dir, tiny_model_file):
     from napari_stpredict.model import Predictor

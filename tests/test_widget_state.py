@@ -66,6 +66,35 @@ def test_predict_state_events_and_exact_mpp():
     assert s.mpp_override is None and s.mpp == 0.5
 
 
+def test_predict_state_tta_choice():
+    """The live view's test-time augmentation: the file's TTA, the Predictor's, the choices."""
+    from napari_stpredict.model.preprocess import InputSpec
+    from napari_stpredict.widgets._state import PredictState
+
+    s = PredictState()
+    asked: list[int] = []
+    s.events.connect("tta", asked.append)
+    with pytest.raises(StPredictError, match="load a model"):
+        s.request_tta(8)
+    p = _predictor()
+    p.metadata, p.tta = {"input": InputSpec(112.0, 64, tta=8).to_dict()}, 1
+    s.set_model(p, None)
+    assert (s.model_tta, s.tta) == (8, 1)  # the file says 8; this Predictor averages 1
+    assert s.tta_choices == [1, 8]
+    assert [s.tta_label(v) for v in s.tta_choices] == ["1 view (fast)", "8 views (as predict)"]
+    assert s.tta_note == "8 views: 8× slower per tile"
+    assert s.request_tta(8) and s.tta == 8 and asked == [8]
+    assert not s.request_tta(8) and asked == [8]  # unchanged: no rebuild
+    with pytest.raises(StPredictError, match="1, 2, 4 or 8"):
+        s.request_tta(3)
+    p.tta = 2  # e.g. `stpredict view --tta 2`: offered beside 1 and the model's
+    s.set_model(p, None)
+    assert s.tta_choices == [1, 2, 8] and s.tta_label(2) == "2 views"
+    plain = _predictor()  # a model without TTA (or a stand-in without an input spec)
+    s.set_model(plain, None)
+    assert (s.model_tta, s.tta, s.tta_choices, s.tta_note) == (1, 1, [1], "")
+
+
 def test_contrast_limits_from_model_metadata_both_formats():
     from napari_stpredict.widgets._heatmaps import contrast_limits, model_gene_stats
 

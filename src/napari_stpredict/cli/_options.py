@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+
+from napari_stpredict.errors import StPredictError
 
 #: µm per pixel for slides whose file records none
 Mpp = Annotated[
@@ -12,6 +18,33 @@ Mpp = Annotated[
     typer.Option(
         "--mpp",
         help="µm per pixel for slides whose file records none (JPEG/PNG); others keep theirs.",
+        show_default=False,
+    ),
+]
+
+#: µm per pixel that replaces the file's own (a single slide: info, view)
+MppOverride = Annotated[
+    float | None,
+    typer.Option("--mpp", help="µm per pixel, overriding the file.", show_default=False),
+]
+
+#: the model file of a prediction
+ModelFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model file (.safetensors) from `stpredict train`.",
+        show_default=False,
+    ),
+]
+
+#: grid stride of a prediction
+StrideUm = Annotated[
+    float | None,
+    typer.Option(
+        "--stride-um",
+        help="Grid stride in µm (default: the model's patch size).",
         show_default=False,
     ),
 ]
@@ -47,3 +80,46 @@ def flags_without_metavar() -> None:
 
     cls.display_type_rich = display_type_rich  # type: ignore[method-assign]
     cls._stpredict_flag_display = True  # type: ignore[attr-defined]
+
+
+#: shown for a training flag whose default is :class:`~napari_stpredict.training.TrainConfig`'s
+TRAIN_DEFAULT = "training default, docs/training.md"
+
+
+def split_commas(values: str | Sequence[str] | None) -> list[str]:
+    """``"A,B"`` (or repeated options, each comma-separated) → ``["A", "B"]``; empty entries
+    are dropped."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [part.strip() for v in values for part in v.split(",") if part.strip()]
+
+
+def json_object_option(flag: str, text: str | None) -> dict[str, Any] | None:
+    """The JSON object given to ``flag`` (``None`` when not given); one line when it is not
+    valid JSON or not an object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StPredictError(f"{flag}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise StPredictError(f"{flag}: expected a JSON object")
+    return value
+
+
+def train_config(options: Mapping[str, Any]) -> Any:
+    """A :class:`~napari_stpredict.training.TrainConfig` with the given options over its own
+    defaults (``None`` = keep the default), so every training default is written once, in
+    ``training/config.py``; an option the config lacks is one line."""
+    from napari_stpredict.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        opts = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise StPredictError(f"{opts}: not a training option of this version")
+    return dataclasses.replace(TrainConfig(), **given)

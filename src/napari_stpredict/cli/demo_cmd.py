@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import Device
 from napari_stpredict.cli._progress import Bars
-from napari_stpredict.errors import StPredictError
+from napari_stpredict.cli._viewer import check_display, load_view_predictor, open_viewer
 
 
 class _StageBar(Bars):
@@ -38,16 +38,6 @@ class _StageBar(Bars):
     def __call__(self, done: int, total: int | None, message: str = "") -> None:
         if self._stage is not None:
             self.update(self._stage, done, total, message[:60])
-
-
-def _check_display() -> None:
-    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
-        return
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise StPredictError(
-            "no display: napari needs one (use 'stpredict demo --no-viewer', or "
-            "'xvfb-run -a stpredict demo' on a headless machine)"
-        )
 
 
 @app.command("demo")
@@ -93,7 +83,7 @@ def demo(
         help="A tiny budget (seconds): a few training steps on one section, few tiles. "
         "For smoke tests; the model is not meant to be looked at.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: Device = "auto",
     as_json: bool = typer.Option(False, "--json", help="With --no-viewer: print JSON on stdout."),
 ) -> None:
     """Show the whole product on a real slide: download, train (cached), predict, explore.
@@ -102,72 +92,74 @@ def demo(
     and trains a small model on three of them on the CPU (minutes); napari then opens the
     fourth with live heatmaps of a few markers and the tumour layer.
     """
-    from rich.console import Console
-
     from napari_stpredict.cli.view_cmd import parse_genes
-    from napari_stpredict.demo import DemoConfig, pick_markers, prepare_demo, run_demo
+    from napari_stpredict.demo import DemoConfig
 
     config = DemoConfig.quick() if quick else DemoConfig()
-    gene_list = parse_genes(genes)
-    console = Console(stderr=True)
-    if not no_viewer:
-        _check_display()  # before minutes of training, not after
-    if data_dir is not None:  # File > Open Sample then uses it too, without a download
-        from napari_stpredict._sample_data import remember_local_data
-
-        remember_local_data(data_dir)
-    with _StageBar(console) as bar:
-        if no_viewer:
-            summary = run_demo(
-                data_dir=data_dir,
-                model=model,
-                slide=slide,
-                cache_dir=cache_dir,
-                config=config,
-                device=device,
-                genes=gene_list,
-                progress=bar,
-                on_stage=bar.stage,
-            )
-        else:
-            inputs = prepare_demo(
-                data_dir=data_dir,
-                model=model,
-                slide=slide,
-                cache_dir=cache_dir,
-                config=config,
-                progress=bar,
-                on_stage=bar.stage,
-            )
+    where = {"data_dir": data_dir, "model": model, "slide": slide, "cache_dir": cache_dir}
     if no_viewer:
-        _print_summary(console, summary)
-        if as_json:
-            typer.echo(json.dumps(summary, indent=2))
-        return
-
-    # torch/timm load before the first OpenGL context (see cli/view_cmd.py)
-    from napari_stpredict.model import Predictor
-
-    predictor = Predictor(inputs.model, device=device)
-    if gene_list:
-        known = {g.upper(): g for g in predictor.genes}
-        unknown = [g for g in gene_list if g.upper() not in known]
-        if unknown:
-            raise StPredictError(
-                f"{inputs.model}: genes not predicted by the model: {', '.join(unknown)}"
-            )
-        shown = [known[g.upper()] for g in gene_list]
+        _run_headless(where, config, device=device, genes=parse_genes(genes), as_json=as_json)
     else:
-        shown = pick_markers(predictor.genes, config.markers)
+        _run_with_viewer(where, config, device=device, genes=parse_genes(genes))
+
+
+def _run_headless(
+    where: dict[str, Any], config: Any, *, device: str, genes: list[str], as_json: bool
+) -> None:
+    """``--no-viewer``: :func:`~napari_stpredict.demo.run_demo` with a stage bar, then the
+    summary table (and the JSON)."""
+    from rich.console import Console
+
+    from napari_stpredict.demo import run_demo
+
+    console = Console(stderr=True)
+    _remember_data_dir(where["data_dir"])
+    with _StageBar(console) as bar:
+        summary = run_demo(
+            **where,
+            config=config,
+            device=device,
+            genes=genes,
+            progress=bar,
+            on_stage=bar.stage,
+        )
+    _print_summary(console, summary)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+
+
+def _run_with_viewer(where: dict[str, Any], config: Any, *, device: str, genes: list[str]) -> None:
+    """Prepare data and model with a stage bar, load the model, open napari."""
+    from rich.console import Console
+
+    from napari_stpredict.demo import cache_root, genes_to_show, prepare_demo
+
+    # before minutes of training, not after
+    check_display(
+        "use 'stpredict demo --no-viewer', or 'xvfb-run -a stpredict demo' on a headless machine"
+    )
+    console = Console(stderr=True)
+    _remember_data_dir(where["data_dir"])
+    with _StageBar(console) as bar:
+        inputs = prepare_demo(**where, config=config, progress=bar, on_stage=bar.stage)
+    # torch/timm load before the first OpenGL context (see cli/view_cmd.py)
+    predictor, _ = load_view_predictor(inputs.model, device=device)
+    shown = genes_to_show(predictor, genes, config.markers, inputs.model)
     console.print(
         f"· opening napari: {inputs.slide.name}, model {inputs.model.name}, genes {', '.join(shown)}",
         highlight=False,
     )
-    from napari_stpredict.demo import default_cache_dir
-
     # the same prediction cache as the headless demo: what one predicted, the other reuses
-    predictions = (cache_dir.expanduser() if cache_dir else default_cache_dir()) / "predictions"
+    predictions = cache_root(where["cache_dir"]) / "predictions"
     open_demo_viewer(inputs, predictor, shown, device=device, cache_dir=predictions)
+
+
+def _remember_data_dir(data_dir: Path | None) -> None:
+    """File > Open Sample then uses ``--data-dir`` too, without a download."""
+    if data_dir is not None:
+        from napari_stpredict._sample_data import remember_local_data
+
+        remember_local_data(data_dir)
 
 
 def open_demo_viewer(
@@ -206,65 +198,26 @@ def open_demo_viewer(
         ``tumor_widget`` is ``None`` when the tumour widget is not available. The tumour layer
         is computed by the tumour widget as soon as the first view is predicted.
     """
-    import napari
-
-    from napari_stpredict.cli.view_cmd import dock_predict_widget
-
-    viewer = napari.Viewer(title=f"stpredict demo · {inputs.slide.name}", show=show)
-    viewer.window.resize(*window_size)
     # the HER2ST JPEGs record no pixel size: the spot grid gave it (kept exact)
-    widget, _dock = dock_predict_widget(
-        viewer,
+    parts = open_viewer(
         Path(inputs.slide),
+        title=f"stpredict demo · {inputs.slide.name}",
         mpp=inputs.mpp,
         predictor=predictor,
         model=Path(inputs.model),
         genes=genes,
         device=device,
         cache_dir=cache_dir,
+        tumor=True,
+        show=show,
+        window_size=window_size,
     )
-    tumor_widget = _dock_tumor_widget(viewer)
-    if tumor_widget is not None:
-        from napari_stpredict.cli.view_cmd import balance_docks
-
-        balance_docks(viewer, _dock, tumor_widget.dock)
-        _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
-    viewer.reset_view()
     if run:
+        import napari
+
         napari.run()
-        widget.close_workers(wait_s=30)
-    return viewer, widget, tumor_widget
-
-
-def _dock_tumor_widget(viewer) -> Any:
-    """Dock "Tumour localization" (it builds the tumour layer from the heatmaps' store)."""
-    try:
-        from napari_stpredict.widgets.tumor import TumorWidget
-    except ImportError:  # the tumour widget is optional for the demo
-        return None
-    tumor = TumorWidget(viewer)
-    tumor.dock = viewer.window.add_dock_widget(tumor, name="Tumour localization", area="right")
-    return tumor
-
-
-def _tumor_when_view_is_predicted(widget, tumor_widget, predictor) -> None:
-    """Compute the tumour layer once the first view is predicted (if the model has markers)."""
-    from qtpy.QtCore import QTimer
-
-    from napari_stpredict.st.genesets import tumour_support
-
-    if not tumour_support(predictor)[0]:
-        return  # a score from too few signature genes would only raise an error notification
-    timer = QTimer(tumor_widget)
-    timer.setInterval(300)
-
-    def poll() -> None:
-        if widget.view_complete():
-            timer.stop()
-            tumor_widget.compute()
-
-    timer.timeout.connect(poll)
-    timer.start()
+        parts.widget.close_workers(wait_s=30)
+    return parts.viewer, parts.widget, parts.tumor_widget
 
 
 def _print_summary(console, s: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -10,29 +9,12 @@ from typing import Any
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import json_object_option, split_commas, train_config
 from napari_stpredict.errors import StPredictError
 
-_TRAIN_HELP = "Training (forwarded to every method of every fold)"
-
-
-def _split(values: list[str] | None) -> list[str]:
-    out: list[str] = []
-    for v in values or []:
-        out += [p.strip() for p in v.split(",") if p.strip()]
-    return out
-
-
-def _train_config(options: dict[str, Any]) -> Any:
-    """A TrainConfig with the given options over its defaults (``None`` = keep the default)."""
-    from napari_stpredict.training import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        opts = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise StPredictError(f"{opts}: not a training option of this version")
-    return dataclasses.replace(TrainConfig(), **given)
+_TRAIN_HELP = (
+    "Training (forwarded to every method of every fold; unset: `stpredict train`'s default)"
+)
 
 
 def _genes_option(genes: str | None) -> Any:
@@ -40,19 +22,7 @@ def _genes_option(genes: str | None) -> Any:
         return None
     if Path(genes).exists() or genes.endswith((".txt", ".csv", ".tsv", ".npy", ".json")):
         return genes  # a gene list file: TrainConfig takes its path
-    return _split([genes])
-
-
-def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise StPredictError(f"{flag} {text!r}: not valid JSON ({err.msg})") from None
-    if not isinstance(value, dict):
-        raise StPredictError(f"{flag} {text!r}: expected a JSON object")
-    return value
+    return split_commas(genes)
 
 
 def _print_table(result: Any) -> None:
@@ -103,7 +73,14 @@ def _print_table(result: Any) -> None:
         )
 
 
-@app.command("evaluate")
+@app.command(
+    "evaluate",
+    help="Cross-validate CMRCNet, BLEEP, ST-Net-style regression and PCA+ridge (or score one "
+    "model).\n\nPer-gene PCC across the spots of each held-out section on log-normalised values "
+    "(NaN → 0), averaged over the top HEG/HVG genes of that section, a marker list and all "
+    "genes; MSE, MAE, gene–gene correlation preservation and, for labelled sections, tumour "
+    "AUROC.",
+)
 def evaluate_cmd(
     data: Path = typer.Argument(..., help="Dataset manifest (YAML).", show_default=False),
     cv: str = typer.Option(
@@ -203,83 +180,98 @@ def evaluate_cmd(
         rich_help_panel=_TRAIN_HELP,
     ),
 ) -> None:
-    """Cross-validate CMRCNet, BLEEP, ST-Net-style regression and PCA+ridge (or score one model).
+    """``stpredict evaluate``: check inputs, then score one model or cross-validate the
+    methods with progress bars, then print and write the results.
 
-    Per-gene PCC across the spots of each held-out section on log-normalised values (NaN → 0),
-    averaged over the top HEG/HVG genes of that section, a marker list and all genes; MSE, MAE,
-    gene–gene correlation preservation and, for labelled sections, tumour AUROC.
+    Long because the typer signature lists every flag (the user's help is the command's
+    ``help=``).
     """
-    from napari_stpredict.evaluation import evaluate, load_markers, score_model, write_report
-    from napari_stpredict.io_utils import atomic_path, check_target
+    flags = dict(locals())  # the options, before any other local is set
+    from napari_stpredict.cli._progress import Bars
+    from napari_stpredict.evaluation import evaluate, load_markers, score_model
     from napari_stpredict.st import load_manifest
 
     # fail on bad input before any training starts
     manifest = load_manifest(data)
-    if out is not None:
-        check_target(out, overwrite=overwrite)
-    if report is not None and report.exists() and not report.is_dir():
-        raise StPredictError(f"--report {report}: exists and is not a folder")
+    _check_outputs(out, report, overwrite=overwrite)
     marker_list = load_markers(markers) if markers is not None else None
-    tests = _split(test_sections) or None
-    method_list = _split([methods])
+    tests = split_commas(test_sections) or None
     predictor_options = {"tta": tta, "weighting": weighting, "temperature": temperature}
-
-    from napari_stpredict.cli._progress import Bars
-
+    scoring = dict(markers=marker_list, n_top=n_top, predictor_options=predictor_options)
+    if model is not None and tests is None:
+        raise StPredictError("--model: give the held-out sections with --test-sections")
+    if model is None:
+        options = {k: flags[k] for k in _TRAIN_FLAGS}
+        config = _evaluation_config(options, genes, val_sections, feature_cache, model_kwargs)
     with Bars() as bars:
         outer, inner = _progress_pair(bars)
         if model is not None:
-            if tests is None:
-                raise StPredictError("--model: give the held-out sections with --test-sections")
             result = score_model(
                 model,
                 manifest,
                 test_sections=tests,
-                markers=marker_list,
-                n_top=n_top,
                 device=device or "auto",
-                predictor_options=predictor_options,
                 progress=outer,
+                **scoring,
             )
         else:
-            config = _train_config(
-                {
-                    "epochs": epochs,
-                    "batch_size": batch_size,
-                    "lr": lr,
-                    "backbone": backbone,
-                    "pretrained": pretrained,
-                    "patch_px": patch_px,
-                    "patch_um": patch_um,
-                    "train_backbone": train_backbone,
-                    "seed": seed,
-                    "device": device,
-                    "genes": _genes_option(genes),
-                    "n_top_genes": n_top_genes,
-                    "max_steps": max_steps,
-                    "top_k": top_k,
-                    "val_sections": _split(val_sections) or None,
-                    "num_workers": num_workers,
-                    "steps_per_epoch": steps_per_epoch,
-                    "feature_cache_dir": None if feature_cache is None else str(feature_cache),
-                    "context": context,
-                    "tta": tta,
-                    "model_kwargs": _json_option("--model-kwargs", model_kwargs),
-                }
-            )
             result = evaluate(
                 manifest,
-                methods=method_list,
+                methods=split_commas(methods),
                 cv=cv,
                 test_sections=tests,
                 config=config,
-                markers=marker_list,
-                n_top=n_top,
                 work_dir=work_dir,
-                predictor_options=predictor_options,
                 progress=outer,
                 step_progress=inner,
+                **scoring,
             )
+    _write_results(result, out, report)
+
+
+#: ``evaluate`` flags that are :class:`TrainConfig` fields of the same name
+_TRAIN_FLAGS = (
+    "epochs", "batch_size", "lr", "backbone", "pretrained", "patch_px", "patch_um",
+    "train_backbone", "seed", "device", "n_top_genes", "max_steps", "top_k", "num_workers",
+    "steps_per_epoch", "context", "tta",
+)  # fmt: skip
+
+
+def _evaluation_config(
+    options: dict[str, Any],
+    genes: str | None,
+    val_sections: list[str] | None,
+    feature_cache: Path | None,
+    model_kwargs: str | None,
+) -> Any:
+    """The training settings of every fold: the flags given over ``TrainConfig``'s defaults."""
+    return train_config(
+        {
+            **options,
+            "genes": _genes_option(genes),
+            "val_sections": split_commas(val_sections) or None,
+            "feature_cache_dir": None if feature_cache is None else str(feature_cache),
+            "model_kwargs": json_object_option("--model-kwargs", model_kwargs),
+        }
+    )
+
+
+def _check_outputs(out: Path | None, report: Path | None, *, overwrite: bool) -> None:
+    """``--out`` and ``--report`` can be written (checked before any training)."""
+    from napari_stpredict.io_utils import check_target
+
+    if out is not None:
+        check_target(out, overwrite=overwrite)
+    if report is not None and report.exists() and not report.is_dir():
+        raise StPredictError(f"--report {report}: exists and is not a folder")
+
+
+def _write_results(result: Any, out: Path | None, report: Path | None) -> None:
+    """Print the table, write ``--out`` (JSON) and ``--report`` (Markdown + PNGs); exit 1 when
+    a fold failed."""
+    from napari_stpredict.evaluation import write_report
+    from napari_stpredict.io_utils import atomic_path
+
     _print_table(result)
     if out is not None:
         with atomic_path(out, overwrite=True) as tmp:

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from napari_stpredict.cli import app
-from napari_stpredict.cli._options import Overwrite
+from napari_stpredict.cli._options import MppOverride, Overwrite
 from napari_stpredict.errors import StPredictError
 
 
@@ -47,7 +47,7 @@ def slide_info(slide: Any) -> dict[str, Any]:
 def info(
     slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide file or OME-Zarr folder."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel, overriding the file."),
+    mpp: MppOverride = None,
 ) -> None:
     """Show a slide's format, pyramid levels, tile size and resolution."""
     from napari_stpredict.slide import open_slide

@@ -6,10 +6,17 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import (
+    TRAIN_DEFAULT,
+    json_object_option,
+    split_commas,
+    train_config,
+)
 from napari_stpredict.errors import StPredictError
 
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)")
@@ -33,46 +40,61 @@ def _train_progress(bars):
 def _section_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
+    names = split_commas(value)
     if not names:
         raise StPredictError(f"section list {value!r} is empty")
     return names
 
 
-@app.command("train")
+#: flags that are :class:`TrainConfig` fields of the same name (``None`` = its default)
+_CONFIG_FLAGS = (
+    "method", "backbone", "pretrained", "epochs", "batch_size", "lr", "n_top_genes", "markers",
+    "patch_um", "patch_px", "val_fraction", "device", "seed", "max_steps", "steps_per_epoch",
+    "train_backbone", "stain_augment", "context", "tta", "top_k", "num_workers",
+)  # fmt: skip
+_D = {"show_default": TRAIN_DEFAULT}
+
+
+@app.command(
+    "train",
+    help="Train a model on sections with paired spatial transcriptomics and write a model file.",
+)
 def train_command(
     manifest: Path = typer.Argument(
         ..., metavar="DATA.yaml", help="Dataset manifest (see docs/datasets.md)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors)."),
-    method: str = typer.Option(
-        "cmrc", "--method", help="cmrc (CMRCNet), bleep or regression (ST-Net style)."
+    method: str | None = typer.Option(
+        None, "--method", help="cmrc (CMRCNet), bleep, regression (ST-Net style) or ridge.", **_D
     ),
-    backbone: str = typer.Option(
-        "tf_efficientnet_lite0", "--backbone", help="Any timm model name."
+    backbone: str | None = typer.Option(None, "--backbone", help="Any timm model name.", **_D),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="auto, offline, hub, none or a weights file.", **_D
     ),
-    pretrained: str = typer.Option(
-        "auto", "--pretrained", help="auto, offline, hub, none or a weights file."
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs.", **_D),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Spots per batch (≥ 2).", **_D
     ),
-    epochs: int = typer.Option(20, "--epochs", help="Training epochs."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Spots per batch (≥ 2)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of the heads (backbone: lr × 0.1)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Learning rate of the heads (backbone: lr × 0.1).", **_D
+    ),
     genes: Path | None = typer.Option(
         None, "--genes", help="Gene list file (.txt/.csv/.tsv/.npy/.json)."
     ),
-    n_top_genes: int = typer.Option(
-        1000, "--n-top-genes", help="Without --genes: top-N HVGs per section."
+    n_top_genes: int | None = typer.Option(
+        None, "--n-top-genes", help="Without --genes: top-N HVGs per section.", **_D
     ),
-    markers: str = typer.Option(
-        "breast",
+    markers: str | None = typer.Option(
+        None,
         "--markers",
         help="Marker genes always in the default panel: breast, pan-cancer, none, or a gene "
         "list file.",
+        **_D,
     ),
     add_genes: str | None = typer.Option(
         None, "--add-genes", help="More genes for the panel, comma-separated (e.g. FASN,SCD)."
     ),
-    patch_um: float = typer.Option(112.0, "--patch-um", help="Patch side in µm."),
+    patch_um: float | None = typer.Option(None, "--patch-um", help="Patch side in µm.", **_D),
     patch_px: int | None = typer.Option(
         None,
         "--patch-px",
@@ -84,13 +106,15 @@ def train_command(
     val_sections: str | None = typer.Option(
         None,
         "--val-sections",
-        help="Validation sections, comma-separated (default: random 10% of spots).",
+        help="Validation sections, comma-separated (default: a random fraction of spots).",
     ),
-    val_fraction: float = typer.Option(
-        0.1, "--val-fraction", help="Random validation fraction of spots."
+    val_fraction: float | None = typer.Option(
+        None, "--val-fraction", help="Random validation fraction of spots.", **_D
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (deterministic on CPU)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or mps.", **_D),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Random seed (deterministic on CPU).", **_D
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run (same options)."
     ),
@@ -100,30 +124,38 @@ def train_command(
     steps_per_epoch: int | None = typer.Option(
         None, "--steps-per-epoch", help="Cap steps per epoch."
     ),
-    train_backbone: str = typer.Option(
-        "auto",
+    train_backbone: str | None = typer.Option(
+        None,
         "--train-backbone",
         help="auto (all on CUDA; on a CPU last or none by measured cost), all, last (last "
         "stage only) or none (frozen, cached features).",
+        **_D,
     ),
-    stain_augment: str = typer.Option(
-        "auto",
+    stain_augment: str | None = typer.Option(
+        None,
         "--stain-augment",
         help="Stain jitter of training patches: auto (hed when the backbone trains), none, hed, "
         "color or hed+color.",
+        **_D,
     ),
-    context: float = typer.Option(
-        0.0,
+    context: float | None = typer.Option(
+        None,
         "--context",
         help="0 = none; else a second, wider field of view of this many patch sides (e.g. 3).",
+        **_D,
     ),
-    tta: int = typer.Option(
-        1, "--tta", help="Flips/rotations averaged at inference: 1, 2, 4 or 8 (in the model file)."
+    tta: int | None = typer.Option(
+        None,
+        "--tta",
+        help="Flips/rotations averaged at inference: 1, 2, 4 or 8 (in the model file).",
+        **_D,
     ),
     feature_cache: Path | None = typer.Option(
         None, "--feature-cache", help="Folder keeping frozen backbone features across runs."
     ),
-    top_k: int = typer.Option(50, "--top-k", help="Retrieval neighbours at inference."),
+    top_k: int | None = typer.Option(
+        None, "--top-k", help="Retrieval neighbours at inference.", **_D
+    ),
     model_kwargs: str | None = typer.Option(
         None, "--model-kwargs", help="Method hyper-parameters as JSON, e.g. '{\"mask_prob\": 0.3}'."
     ),
@@ -132,13 +164,25 @@ def train_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Train a model on sections with paired spatial transcriptomics and write a model file."""
-    from napari_stpredict.cli._progress import Bars
-    from napari_stpredict.training import train
+    """``stpredict train``: options → TrainConfig → train → summary.
 
+    Long because the typer signature lists every flag (the user's help is the command's
+    ``help=``); a flag left out keeps :class:`~napari_stpredict.training.TrainConfig`'s
+    default, written once, there.
+    """
     config = _make_config(dict(locals()))
     if genes is not None and not genes.exists():
         raise StPredictError(f"{genes}: gene list not found")
+    run = dict(sections=_section_list(sections), resume=resume, overwrite=overwrite)
+    result = _train_with_bars(manifest, config, out, run, quiet=quiet)
+    _print_summary(result, as_json=as_json)
+
+
+def _train_with_bars(manifest: Path, config: Any, out: Path, run: dict, *, quiet: bool) -> Any:
+    """:func:`~napari_stpredict.training.train` with a bar per epoch and phase, and a line per
+    epoch and per note (none with ``quiet``)."""
+    from napari_stpredict.cli._progress import Bars
+    from napari_stpredict.training import train
 
     with Bars(enabled=not quiet) as bars:
 
@@ -146,46 +190,29 @@ def train_command(
             if not quiet:
                 bars.progress.console.print(message, markup=False, highlight=False)
 
-        result = train(
+        return train(
             manifest,
             config,
             out=out,
-            sections=_section_list(sections),
-            resume=resume,
-            overwrite=overwrite,
+            **run,
             progress=_train_progress(bars),
             on_epoch=lambda entry: note(_epoch_line(entry)),
             log=note,
         )
-    _print_summary(result, as_json=as_json)
 
 
-def _make_config(options: dict):
+def _make_config(options: dict) -> Any:
     """The :class:`TrainConfig` of the command's options (checked, one line on bad values)."""
-    from napari_stpredict.training import TrainConfig
-
-    kwargs: dict = {}
-    if options["model_kwargs"]:
-        try:
-            kwargs = json.loads(options["model_kwargs"])
-        except json.JSONDecodeError as err:
-            raise StPredictError(f"--model-kwargs: not valid JSON ({err.msg})") from None
-        if not isinstance(kwargs, dict):
-            raise StPredictError("--model-kwargs: expected a JSON object")
-    same = [
-        "method", "backbone", "pretrained", "epochs", "batch_size", "lr", "n_top_genes",
-        "patch_um", "patch_px", "val_fraction", "device", "seed", "max_steps", "steps_per_epoch",
-        "train_backbone", "stain_augment", "context", "tta", "top_k", "num_workers",
-    ]  # fmt: skip
     genes, cache = options["genes"], options["feature_cache"]
-    config = TrainConfig(
-        **{k: options[k] for k in same},
-        genes=str(genes) if genes is not None else None,
-        val_sections=_section_list(options["val_sections"]),
-        markers=options["markers"],
-        add_genes=[g.strip() for g in (options["add_genes"] or "").split(",") if g.strip()] or None,
-        feature_cache_dir=str(cache) if cache is not None else None,
-        model_kwargs=kwargs,
+    config = train_config(
+        {
+            **{k: options[k] for k in _CONFIG_FLAGS},
+            "genes": str(genes) if genes is not None else None,
+            "val_sections": _section_list(options["val_sections"]),
+            "add_genes": split_commas(options["add_genes"]) or None,
+            "feature_cache_dir": str(cache) if cache is not None else None,
+            "model_kwargs": json_object_option("--model-kwargs", options["model_kwargs"]),
+        }
     )
     config.validate()
     return config

@@ -7,7 +7,6 @@ product under ``xvfb-run``.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,15 @@ from typing import Any
 import typer
 
 from napari_stpredict.cli import app
+from napari_stpredict.cli._options import Device, ModelFile, MppOverride, StrideUm, split_commas
+from napari_stpredict.cli._viewer import (  # noqa: F401  (importable from here, as before)
+    ViewerParts,
+    balance_docks,
+    check_display,
+    dock_predict_widget,
+    load_view_predictor,
+    open_viewer,
+)
 from napari_stpredict.errors import StPredictError
 
 
@@ -40,24 +48,13 @@ def parse_pair(text: str | None, name: str) -> tuple[float, float] | None:
 
 def parse_genes(text: str | None) -> list[str]:
     """Split ``"G1,G2"`` into gene names (empty entries dropped)."""
-    if not text:
-        return []
-    return [g.strip() for g in text.split(",") if g.strip()]
-
-
-def _check_display() -> None:
-    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
-        return
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise StPredictError(
-            "no display: napari needs one (on a headless machine run 'xvfb-run -a stpredict view ...')"
-        )
+    return split_commas(text)
 
 
 @app.command("view")
 def view(
     slide_path: Path = typer.Argument(..., metavar="SLIDE", help="Slide file or OME-Zarr folder."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Model file (.safetensors)."),
+    model: ModelFile = None,
     genes: str | None = typer.Option(
         None, "--genes", "-g", help="Comma-separated genes to show as heatmaps, e.g. ERBB2,KRT19."
     ),
@@ -67,10 +64,15 @@ def view(
     zoom: float | None = typer.Option(
         None, "--zoom", help="Screen pixels per µm (napari camera zoom in µm units)."
     ),
-    stride_um: float | None = typer.Option(
-        None, "--stride-um", help="Grid stride in µm (default: the model's patch size)."
+    stride_um: StrideUm = None,
+    mpp: MppOverride = None,
+    tta: int | None = typer.Option(
+        None,
+        "--tta",
+        help="Flips/rotations averaged per tile: 1, 2, 4 or 8 (default: the model's on CUDA, "
+        "1 on a CPU, where the view must keep up with panning).",
+        show_default=False,
     ),
-    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel, overriding the file."),
     smooth: bool = typer.Option(
         False, "--smooth", help="Interpolate heatmaps between tile centres (display only)."
     ),
@@ -85,7 +87,7 @@ def view(
         help="Dock 'Tumour localization' and outline the tumour regions (default signature) "
         "once the view is predicted.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: Device = "auto",
     screenshot: Path | None = typer.Option(
         None,
         "--screenshot",
@@ -105,113 +107,79 @@ def view(
     gene_list = parse_genes(genes)
     center = parse_pair(center_um, "--center-um")
     win = parse_pair(size, "--size")
+    _check_options(model, gene_list, zoom=zoom, stride_um=stride_um, tta=tta, screenshot=screenshot)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        slide_mpp = slide.mpp
+    predictor = None
+    if model is not None:  # before the first OpenGL context: see guard_llvm_clash
+        predictor, gene_list = load_view_predictor(model, device=device, tta=tta, genes=gene_list)
+    check_display("on a headless machine run 'xvfb-run -a stpredict view ...'")
+    parts = open_viewer(
+        slide_path,
+        title=f"stpredict · {slide_path.name}",
+        mpp=mpp,
+        predictor=predictor,
+        model=model,
+        genes=gene_list,
+        stride_um=stride_um,
+        device=device,
+        tumor=tumor,
+        window_size=(int(win[0]), int(win[1])) if win else (1200, 900),
+    )
+    parts.widget.set_smooth(smooth)
+    parts.widget.set_uncertainty(uncertainty)
+    _place_camera(parts.viewer, predictor, slide_mpp, center_um=center, zoom=zoom)
+    code = _run_viewer(parts, predictor, screenshot, whole_window=window, timeout=timeout)
+    if code:
+        raise typer.Exit(code)
+
+
+def _check_options(
+    model: Path | None,
+    genes: list[str],
+    *,
+    zoom: float | None,
+    stride_um: float | None,
+    tta: int | None,
+    screenshot: Path | None,
+) -> None:
+    """Bad options are one line before any file is read."""
+    from napari_stpredict.cohort.inputs import check_tta
+
     if zoom is not None and not zoom > 0:
         raise StPredictError(f"--zoom={zoom}: must be positive")
     if stride_um is not None and not stride_um > 0:
         raise StPredictError(f"--stride-um={stride_um}: must be positive")
-    if gene_list and model is None:
-        raise StPredictError("--genes needs --model")
+    check_tta(tta)
+    if model is None:
+        for flag, given in (("--genes", bool(genes)), ("--tta", tta is not None)):
+            if given:
+                raise StPredictError(f"{flag} needs --model")
     if screenshot is not None:
         from napari_stpredict.io_utils import check_target
 
         if screenshot.suffix.lower() != ".png":
             raise StPredictError(f"{screenshot}: --screenshot writes a .png file")
         check_target(screenshot, overwrite=True)
-    with open_slide(slide_path, mpp=mpp) as slide:
-        slide_mpp = slide.mpp
-    predictor = None
-    if model is not None:
-        # load (and import torch/timm) before the first OpenGL context: see guard_llvm_clash
-        from napari_stpredict.model import Predictor
-
-        if not model.is_file():
-            raise StPredictError(f"{model}: no such model file")
-        predictor = Predictor(model, device=device)
-        lookup = {g.upper() for g in predictor.genes}
-        unknown = [g for g in gene_list if g.upper() not in lookup]
-        if unknown:
-            raise StPredictError(f"{model}: genes not predicted by the model: {', '.join(unknown)}")
-    _check_display()
-    code = _run_viewer(
-        slide_path,
-        predictor=predictor,
-        model=model,
-        genes=gene_list,
-        center_um=center,
-        zoom=zoom,
-        stride_um=stride_um,
-        mpp=mpp,
-        slide_mpp=slide_mpp,
-        smooth=smooth,
-        uncertainty=uncertainty,
-        tumor=tumor,
-        device=device,
-        screenshot=screenshot,
-        whole_window=window,
-        window_size=(int(win[0]), int(win[1])) if win else (1200, 900),
-        timeout=timeout,
-    )
-    if code:
-        raise typer.Exit(code)
 
 
-def _run_viewer(
-    slide_path: Path,
-    *,
+def _place_camera(
+    viewer: Any,
     predictor: Any,
-    model: Path | None,
-    genes: list[str],
+    slide_mpp: float | None,
+    *,
     center_um: tuple[float, float] | None,
     zoom: float | None,
-    stride_um: float | None,
-    mpp: float | None,
-    slide_mpp: float | None,
-    smooth: bool,
-    uncertainty: bool,
-    tumor: bool,
-    device: str,
-    screenshot: Path | None,
-    whole_window: bool,
-    window_size: tuple[int, int],
-    timeout: float,
-) -> int:
-    import napari
-    from qtpy.QtCore import QTimer
-
+) -> None:
+    """Centre and zoom the camera; the µm options are converted to the slide layer's units
+    (µm when the slide has a pixel size, the file's or --mpp; else pixels at the model's
+    scale)."""
     from napari_stpredict.widgets._common import camera_of
 
-    viewer = napari.Viewer(title=f"stpredict · {slide_path.name}", show=True)
-    viewer.window.resize(*window_size)
-    widget, dock = dock_predict_widget(
-        viewer,
-        slide_path,
-        mpp=mpp,
-        predictor=predictor,
-        model=model,
-        genes=genes,
-        stride_um=stride_um,
-        device=device,
-    )
-    widget.set_smooth(smooth)
-    widget.set_uncertainty(uncertainty)
-    tumor_widget = None
-    if tumor and predictor is not None:
-        from napari_stpredict.cli.demo_cmd import _dock_tumor_widget, _tumor_when_view_is_predicted
-        from napari_stpredict.tumor import DEFAULT_TUMOR_GENES
-
-        tumor_widget = _dock_tumor_widget(viewer)
-        _tumor_when_view_is_predicted(widget, tumor_widget, predictor)
-        if not set(DEFAULT_TUMOR_GENES) & set(predictor.genes):
-            tumor_widget.failed = True  # no marker of the signature: nothing to wait for
-        balance_docks(viewer, dock, tumor_widget.dock)
-
-    # the layer is in µm when the slide has a pixel size (the file's or --mpp), else in pixels
-    # at the model's scale: convert the µm options to layer units
     units_per_um = 1.0
     if not slide_mpp:
         assumed = predictor.patch_um / predictor.patch_px if predictor is not None else 1.0
         units_per_um = 1.0 / assumed
-    viewer.reset_view()
     camera = camera_of(viewer)
     if center_um is not None:
         x, y = center_um
@@ -219,22 +187,50 @@ def _run_viewer(
     if zoom is not None:
         camera.zoom = zoom / units_per_um
 
+
+def _run_viewer(
+    parts: ViewerParts,
+    predictor: Any,
+    screenshot: Path | None,
+    *,
+    whole_window: bool,
+    timeout: float,
+) -> int:
+    """Enter the Qt event loop; with ``screenshot``, save it once the view is predicted (and
+    the tumour outlined when asked) and close. Returns the exit code."""
+    import napari
+
     if screenshot is None:
         napari.run()
-        widget.close_workers(wait_s=30)
+        parts.widget.close_workers(wait_s=30)
         return 0
-
     if not whole_window:
-        _canvas_only_window(viewer, dock, *([tumor_widget.dock] if tumor_widget else []))
+        tumor_dock = [parts.tumor_widget.dock] if parts.tumor_widget else []
+        _canvas_only_window(parts.viewer, parts.dock, *tumor_dock)
+    return _screenshot_when_ready(parts, predictor, screenshot, whole_window, timeout)
+
+
+def _screenshot_when_ready(
+    parts: ViewerParts, predictor: Any, screenshot: Path, whole_window: bool, timeout: float
+) -> int:
+    """Poll until every visible tile is predicted and drawn, save the PNG, close the viewer;
+    a prediction error or the timeout ends it with code 1."""
+    import napari
+    from qtpy.QtCore import QTimer
+
+    viewer, widget, tumor_widget = parts.viewer, parts.widget, parts.tumor_widget
     state: dict[str, Any] = {"code": None, "error": None}
     t0 = time.perf_counter()
+    widget.scheduler.error.connect(lambda text: state.update(error=text))
 
-    def on_error(text: str) -> None:
-        state["error"] = text
+    def ready() -> bool:
+        if predictor is None:
+            return True
+        tumor_done = tumor_widget is None or tumor_widget.outline is not None or tumor_widget.failed
+        return widget.view_complete() and tumor_done
 
-    widget.scheduler.error.connect(on_error)
-
-    def finish(code: int) -> None:
+    def finish(code: int, message: str) -> None:
+        print(message, file=sys.stderr)
         state["code"] = code
         timer.stop()
         widget.close_workers(wait_s=30)
@@ -242,25 +238,13 @@ def _run_viewer(
 
     def poll() -> None:
         if state["error"]:
-            print(f"stpredict: error: {state['error']}", file=sys.stderr)
-            finish(1)
-        elif predictor is None or (
-            widget.view_complete()
-            and (tumor_widget is None or tumor_widget.outline is not None or tumor_widget.failed)
-        ):
+            finish(1, f"stpredict: error: {state['error']}")
+        elif ready():
             _save_screenshot(viewer, screenshot, canvas_only=not whole_window)
-            print(
-                f"saved {screenshot} ({widget.n_done} tiles predicted, "
-                f"{time.perf_counter() - t0:.1f} s)",
-                file=sys.stderr,
-            )
-            finish(0)
+            seconds = time.perf_counter() - t0
+            finish(0, f"saved {screenshot} ({widget.n_done} tiles predicted, {seconds:.1f} s)")
         elif time.perf_counter() - t0 > timeout:
-            print(
-                f"stpredict: error: timed out after {timeout:g} s waiting for predictions",
-                file=sys.stderr,
-            )
-            finish(1)
+            finish(1, f"stpredict: error: timed out after {timeout:g} s waiting for predictions")
 
     timer = QTimer()
     timer.setInterval(200)
@@ -268,61 +252,6 @@ def _run_viewer(
     timer.start()
     napari.run()
     return int(state["code"] if state["code"] is not None else 1)
-
-
-def dock_predict_widget(
-    viewer: Any,
-    slide_path: Path,
-    *,
-    mpp: float | None,
-    predictor: Any,
-    model: Path | None,
-    genes: list[str],
-    stride_um: float | None = None,
-    device: str = "auto",
-    cache_dir: str | os.PathLike | None = None,
-) -> tuple[Any, Any]:
-    """The viewer set-up shared by ``view`` and ``demo``: the slide layer (our reader, µm when
-    the pixel size is known, ``mpp`` kept exact), the Predict dock docked and set.
-
-    Returns ``(widget, dock)``.
-    """
-    from napari_stpredict._reader import slide_layer_data
-    from napari_stpredict.slide import open_slide
-    from napari_stpredict.widgets.predict import PredictWidget
-
-    data, kwargs, _ = slide_layer_data(open_slide(slide_path, mpp=mpp))
-    slide_layer = viewer.add_image(data, **kwargs)
-    widget = PredictWidget(viewer, device=device, cache_dir=cache_dir)
-    dock = viewer.window.add_dock_widget(widget, name="Predict expression", area="right")
-    widget.set_slide_layer(slide_layer)
-    if mpp is not None:
-        widget.set_mpp(mpp)  # exact: the cache key is the CLI's
-    if stride_um is not None:
-        widget.set_stride(stride_um)
-    if predictor is not None:
-        widget.set_predictor(predictor, model)
-    if genes:
-        widget.set_genes(genes)
-    return widget, dock
-
-
-def balance_docks(viewer: Any, *docks: Any, shares: tuple[int, ...] = (55, 45)) -> None:
-    """Share the right-hand column between stacked docks (else the first one takes it all)."""
-    from qtpy.QtCore import Qt
-
-    window = getattr(viewer.window, "_qt_window", None)
-    docks = tuple(d for d in docks if d is not None)
-    if window is None or len(docks) < 2:
-        return
-    from qtpy.QtCore import QTimer
-
-    def apply() -> None:  # once the window is laid out (sizes are in pixels)
-        height = max(sum(d.height() for d in docks), 400)
-        sizes = [int(height * s / sum(shares[: len(docks)])) for s in shares[: len(docks)]]
-        window.resizeDocks(list(docks), sizes, Qt.Orientation.Vertical)
-
-    QTimer.singleShot(300, apply)
 
 
 def _save_screenshot(viewer: Any, path: Path, *, canvas_only: bool = True) -> None:

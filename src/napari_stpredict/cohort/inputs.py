@@ -33,6 +33,35 @@ TUMOR_EXPORTS = ("geojson", "mask-ome-tiff")
 _MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 #: a grid larger than this is refused before any work (memory and time would explode)
 MAX_GRID_TILES = 4_000_000
+#: symmetries of the square a prediction may average (test-time augmentation)
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def check_tta(tta: int | None, flag: str = "--tta") -> None:
+    """Refuse a test-time augmentation other than 1, 2, 4 or 8 (``None``: the model's) in one
+    line, before any model is loaded."""
+    if tta is not None and tta not in TTA_CHOICES:
+        raise StPredictError(f"{flag} {tta}: choose 1, 2, 4 or 8 (flips/rotations averaged)")
+
+
+def check_options(
+    *,
+    stride_um: float | None,
+    batch_size: int | None,
+    mpp: float | None,
+    min_tissue: float,
+    tta: int | None = None,
+) -> None:
+    """The cohort's numeric options, each refused in one line when out of range."""
+    if stride_um is not None and not stride_um > 0:
+        raise StPredictError(f"--stride-um {stride_um}: must be positive")
+    if batch_size is not None and batch_size < 1:
+        raise StPredictError(f"--batch-size {batch_size}: must be at least 1")
+    if mpp is not None and not mpp > 0:
+        raise StPredictError(f"--mpp {mpp}: must be positive")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise StPredictError(f"min_tissue {min_tissue}: must be within [0, 1]")
+    check_tta(tta)
 
 
 def slide_suffixes() -> tuple[str, ...]:

@@ -57,6 +57,8 @@ class SlideJob:
         Replace existing export files.
     skip_exports
         ``{export: reason}`` of exports known up front not to be possible with this model.
+    tta
+        Test-time augmentation for every slide (1, 2, 4 or 8; ``None``: the model file's).
     """
 
     slide: str
@@ -72,6 +74,7 @@ class SlideJob:
     min_tissue: float = 0.2
     overwrite_exports: bool = True
     skip_exports: tuple[tuple[str, str], ...] = ()
+    tta: int | None = None
 
     @property
     def folder(self) -> Path:
@@ -79,14 +82,18 @@ class SlideJob:
         return Path(self.out) / self.name
 
     def config_key(self) -> dict[str, Any]:
-        """What must match for a finished slide to be skipped on a rerun."""
-        return {
+        """What must match for a finished slide to be skipped on a rerun (``tta`` only when
+        it overrides the model's, so markers of earlier runs still match)."""
+        key: dict[str, Any] = {
             "slide": str(Path(self.slide).resolve()),
             "model_sha256": self.model_sha256,
             "stride_um": self.stride_um,
             "mpp": self.mpp,
             "min_tissue": self.min_tissue,
         }
+        if self.tta is not None:
+            key["tta"] = self.tta
+        return key
 
 
 def worker_name() -> str:

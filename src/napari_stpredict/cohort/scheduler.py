@@ -13,6 +13,7 @@ from typing import Any
 from napari_stpredict import __version__
 from napari_stpredict.cohort.inputs import (
     check_model,
+    check_options,
     check_output,
     check_slides,
     collect_slides,
@@ -83,19 +84,6 @@ class CohortResult:
         }
 
 
-def _check_options(
-    stride_um: float | None, batch_size: int | None, mpp: float | None, min_tissue: float
-) -> None:
-    if stride_um is not None and not stride_um > 0:
-        raise StPredictError(f"--stride-um {stride_um}: must be positive")
-    if batch_size is not None and batch_size < 1:
-        raise StPredictError(f"--batch-size {batch_size}: must be at least 1")
-    if mpp is not None and not mpp > 0:
-        raise StPredictError(f"--mpp {mpp}: must be positive")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise StPredictError(f"min_tissue {min_tissue}: must be within [0, 1]")
-
-
 def predict_cohort(
     slides: Sequence[str | os.PathLike],
     model: str | os.PathLike,
@@ -109,6 +97,7 @@ def predict_cohort(
     device: str = "auto",
     mpp: float | None = None,
     min_tissue: float = 0.2,
+    tta: int | None = None,
     on_slide_progress: JobProgress | None = None,
     on_slide_done: Callable[[SlideRow], None] | None = None,
     on_start: Callable[[list[tuple[Path, str]]], None] | None = None,
@@ -117,6 +106,10 @@ def predict_cohort(
     cancel: CancelToken | None = None,
 ) -> CohortResult:
     """Predict every slide of a cohort; write ``OUT/<name>/`` per slide and ``OUT/summary.json``.
+
+    Long because its docstring lists every option; the body reads top to bottom: check the
+    inputs and make the jobs (:func:`_plan_jobs`), run them (:func:`_run_pending`), write the
+    summary (:func:`_write_summary`).
 
     Inputs are checked before any work (bad input raises): options, the model, every slide's
     output name and location (never outside ``OUT``, never over an input), each slide's µm/px
@@ -150,6 +143,9 @@ def predict_cohort(
         required when such a slide is given.
     min_tissue
         Minimum tissue fraction of a grid tile to predict it.
+    tta
+        Test-time augmentation for every slide (1, 2, 4 or 8 symmetries averaged); ``None``:
+        the model file's.
     on_slide_progress
         ``(name, done_tiles, total_tiles, message)`` as slides progress.
     on_slide_done
@@ -175,18 +171,85 @@ def predict_cohort(
     """
     t0 = time.perf_counter()
     choice = scheduler if isinstance(scheduler, SchedulerChoice) else parse_scheduler(scheduler)
-    export_names = parse_exports(exports)
-    _check_options(stride_um, batch_size, mpp, min_tissue)
+    check_options(
+        stride_um=stride_um, batch_size=batch_size, mpp=mpp, min_tissue=min_tissue, tta=tta
+    )
     if not slides:
         raise StPredictError("no slides given")
+    settings = dict(
+        stride_um=stride_um, batch_size=batch_size, device=device, mpp=mpp, min_tissue=min_tissue
+    )
+    plan = _plan_jobs(slides, model, out, exports, settings, tta=tta, on_note=on_note)
+    if on_start is not None:
+        on_start(plan.pairs)
+    rows, interrupted = _run_pending(
+        plan.jobs,
+        choice,
+        workers=workers,
+        on_slide_progress=on_slide_progress,
+        on_slide_done=on_slide_done,
+        on_cluster=on_cluster,
+        cancel=cancel,
+    )
+    result = CohortResult(
+        rows=[rows.get(j.name) or SlideRow.cancelled(j.payload) for j in plan.jobs],
+        summary_path=plan.out_dir / SUMMARY_FILE,
+        scheduler=str(choice),
+        wall_s=time.perf_counter() - t0,
+    )
+    _write_summary(result, plan, stride_um=stride_um, interrupted=interrupted)
+    if interrupted is not None:
+        raise interrupted
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _CohortPlan:
+    """The checked inputs of a run: one job per slide, in input order.
+
+    Attributes
+    ----------
+    jobs
+        :class:`~napari_stpredict.distributed.Job` of a :class:`SlideJob` per slide.
+    pairs
+        ``(path, output name)`` per slide.
+    out_dir
+        The output folder.
+    model_path, digest
+        The model file (resolved) and its SHA-256.
+    exports
+        The export names asked for.
+    """
+
+    jobs: list[Job]
+    pairs: list[tuple[Path, str]]
+    out_dir: Path
+    model_path: Path
+    digest: str
+    exports: tuple[str, ...]
+
+
+def _plan_jobs(
+    slides: Sequence[str | os.PathLike],
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    exports: Sequence[str] | str | None,
+    settings: dict[str, Any],
+    *,
+    tta: int | None,
+    on_note: Callable[[str], None] | None,
+) -> _CohortPlan:
+    """Check the model, every slide and the output, announce exports this model cannot make,
+    and make one :class:`SlideJob` per slide (``settings``: its grid and device fields)."""
+    export_names = parse_exports(exports)
     model_path = Path(model).expanduser()
     metadata = check_model(model_path)
     pairs = collect_slides(slides)
     patch_um = metadata.get("patch_um")
     check_slides(
         pairs,
-        mpp=mpp,
-        stride_um=stride_um,
+        mpp=settings["mpp"],
+        stride_um=settings["stride_um"],
         patch_um=float(patch_um) if patch_um else None,
     )
     out_dir = check_output(out, pairs)
@@ -195,40 +258,43 @@ def predict_cohort(
         if on_note is not None:
             on_note(f"{kind} export will be skipped: {reason}")
     digest = model_digest(model_path)
+    common = dict(
+        model=str(model_path.resolve()),
+        model_sha256=digest,
+        out=str(out_dir.resolve()),
+        exports=export_names,
+        skip_exports=tuple(skips.items()),
+        tta=tta,
+        **settings,
+    )
     jobs = [
-        Job(
-            name,
-            SlideJob(
-                slide=str(path.resolve()),
-                name=name,
-                model=str(model_path.resolve()),
-                model_sha256=digest,
-                out=str(out_dir.resolve()),
-                exports=export_names,
-                stride_um=stride_um,
-                batch_size=batch_size,
-                device=device,
-                mpp=mpp,
-                min_tissue=min_tissue,
-                skip_exports=tuple(skips.items()),
-            ),
-        )
-        for path, name in pairs
+        Job(name, SlideJob(slide=str(path.resolve()), name=name, **common)) for path, name in pairs
     ]
-    if on_start is not None:
-        on_start(pairs)
+    return _CohortPlan(jobs, pairs, out_dir, model_path, digest, export_names)
+
+
+def _run_pending(
+    jobs: list[Job],
+    choice: SchedulerChoice,
+    *,
+    workers: int | None,
+    on_slide_progress: JobProgress | None,
+    on_slide_done: Callable[[SlideRow], None] | None,
+    on_cluster: Callable[[str], None] | None,
+    cancel: CancelToken | None,
+) -> tuple[dict[str, SlideRow], BaseException | None]:
+    """Skip the finished slides, run the others on the scheduler; ``(rows by job name, the
+    interruption)`` — a cancel or Ctrl-C is returned, so the summary is still written."""
+    done = on_slide_done or (lambda _row: None)
     rows: dict[str, SlideRow] = {}
     # finished slides are skipped here, so a rerun with nothing left starts no cluster
     pending: list[Job] = []
     for j in jobs:
         if is_skippable(j.payload, read_done(j.payload.folder)):
-            row = slide_task(j.payload)  # reads the marker, returns the "skipped" row
-            rows[j.name] = row
-            if on_slide_done is not None:
-                on_slide_done(row)
+            rows[j.name] = slide_task(j.payload)  # reads the marker, returns the "skipped" row
+            done(rows[j.name])
         else:
             pending.append(j)
-    interrupted: BaseException | None = None
     try:
         for outcome in run_jobs(
             slide_task,
@@ -244,21 +310,26 @@ def predict_cohort(
             else:
                 row = outcome.result
             rows[outcome.job.name] = row
-            if on_slide_done is not None:
-                on_slide_done(row)
+            done(row)
     except (Cancelled, KeyboardInterrupt) as err:
-        interrupted = err
-    result = CohortResult(
-        rows=[rows.get(j.name) or SlideRow.cancelled(j.payload) for j in jobs],
-        summary_path=out_dir / SUMMARY_FILE,
-        scheduler=str(choice),
-        wall_s=time.perf_counter() - t0,
-    )
+        return rows, err
+    return rows, None
+
+
+def _write_summary(
+    result: CohortResult,
+    plan: _CohortPlan,
+    *,
+    stride_um: float | None,
+    interrupted: BaseException | None,
+) -> None:
+    """``OUT/summary.json``; a write error is raised unless the run was interrupted (the
+    interruption is what the caller reports then)."""
     summary = {
         **result.to_dict(),
-        "model": str(model_path.resolve()),
-        "model_sha256": digest,
-        "exports": list(export_names),
+        "model": str(plan.model_path.resolve()),
+        "model_sha256": plan.digest,
+        "exports": list(plan.exports),
         "stride_um": stride_um,
         "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "version": __version__,
@@ -268,9 +339,6 @@ def predict_cohort(
     except StPredictError:
         if interrupted is None:
             raise
-    if interrupted is not None:
-        raise interrupted
-    return result
 
 
 __all__ = ["CohortResult", "predict_cohort", "predict_slide"]

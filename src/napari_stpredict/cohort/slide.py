@@ -51,10 +51,12 @@ def _load_predictor(job: SlideJob):
         st.st_mtime_ns,
         job.device,
         job.batch_size,
+        job.tta,
     )
     cached = worker_cache_contains(key)
     predictor = worker_cache(
-        key, lambda: Predictor(job.model, device=job.device, batch_size=job.batch_size)
+        key,
+        lambda: Predictor(job.model, device=job.device, batch_size=job.batch_size, tta=job.tta),
     )
     return predictor, cached
 

@@ -1,5 +1,6 @@
-"""Running jobs on the chosen scheduler: the worker cache, progress events, cancel, outcomes
-(see :mod:`napari_stpredict.distributed`)."""
+"""Running jobs on the chosen scheduler (inline, a LocalCluster, a cluster address): submit,
+relay progress and cancel, yield outcomes (see :mod:`napari_stpredict.distributed`; what runs
+on the worker is in :mod:`.worker`)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,26 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
-import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from napari_stpredict.distributed.cluster import (
-    THREADS_ENV,
     SchedulerChoice,
     _close_quietly,
     connect,
     plan_local_cluster,
     start_local_cluster,
+)
+from napari_stpredict.distributed.worker import (  # noqa: F401  (importable from here, as before)
+    CANCELLED,
+    clear_worker_cache,
+    remote_call,
+    worker_cache,
+    worker_cache_contains,
+    worker_threads,
 )
 from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.progress import CancelToken, ProgressCallback
@@ -28,64 +35,6 @@ from napari_stpredict.progress import CancelToken, ProgressCallback
 logger = logging.getLogger("napari_stpredict.distributed")
 
 PROGRESS_TOPIC_PREFIX = "stpredict-progress-"
-#: seconds between two progress events of one job (the last one is always sent)
-_EVENT_INTERVAL_S = 0.25
-#: seconds between two looks at the cluster-wide cancel flag from a worker
-_CANCEL_POLL_S = 0.5
-
-
-# --------------------------------------------------------------------------------------------
-# per-worker cache
-
-_CACHE: dict[Hashable, Any] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def worker_cache(key: Hashable, factory: Callable[[], Any], *, max_items: int = 1) -> Any:
-    """Return the object cached under ``key`` in this process, building it once with ``factory``.
-
-    Worker processes outlive their tasks, so a model loaded by the first slide of a worker is
-    reused by the next ones. At most ``max_items`` objects are kept (a model can hold a GPU's
-    memory), least recently used first out. Thread-safe: a worker with several task slots
-    builds each object once.
-
-    Parameters
-    ----------
-    key
-        Must change whenever the object would (e.g. model path, size, mtime, device).
-    factory
-        Builds the object.
-    max_items
-        How many objects to keep.
-    """
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            value = _CACHE.pop(key)
-            _CACHE[key] = value  # most recent last
-            return value
-        value = factory()
-        _CACHE[key] = value
-        while len(_CACHE) > max(1, max_items):
-            _CACHE.pop(next(iter(_CACHE)))
-        return value
-
-
-def worker_cache_contains(key: Hashable) -> bool:
-    """Whether :func:`worker_cache` holds ``key`` in this process."""
-    with _CACHE_LOCK:
-        return key in _CACHE
-
-
-def clear_worker_cache() -> None:
-    """Drop everything :func:`worker_cache` holds in this process."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def worker_threads() -> int | None:
-    """CPU threads a job on this worker may use (set by :func:`start_local_cluster`), or None."""
-    value = os.environ.get(THREADS_ENV)
-    return int(value) if value and value.isdigit() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,73 +82,6 @@ JobFunction = Callable[..., Any]
 JobProgress = Callable[[str, int, "int | None", str], None]
 
 
-class _ThrottledEvents:
-    """Progress callback on a worker: sends ``log_event`` at most every few hundred ms."""
-
-    def __init__(self, topic: str, name: str) -> None:
-        self.topic, self.name = topic, name
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int | None, message: str = "") -> None:
-        now = time.monotonic()
-        final = total is not None and done >= total
-        if not final and now - self._last < _EVENT_INTERVAL_S:
-            return
-        self._last = now
-        from distributed import get_worker
-
-        with contextlib.suppress(Exception):  # progress must never fail a job
-            get_worker().log_event(
-                self.topic,
-                {"job": self.name, "done": int(done), "total": total, "message": str(message)},
-            )
-
-
-class _ClusterCancelToken(CancelToken):
-    """A cancel token that is also set when the client sets a cluster-wide Event."""
-
-    def __init__(self, event_name: str) -> None:
-        super().__init__()
-        self._event_name = event_name
-        self._next_poll = 0.0
-
-    @property
-    def cancelled(self) -> bool:
-        if self._event.is_set():
-            return True
-        now = time.monotonic()
-        if now >= self._next_poll:
-            self._next_poll = now + _CANCEL_POLL_S
-            try:
-                from distributed import Event
-
-                if Event(self._event_name).is_set():
-                    self._event.set()
-            except Exception:  # scheduler gone: the nanny will stop us anyway
-                pass
-        return self._event.is_set()
-
-    def raise_if_cancelled(self, what: str = "work") -> None:
-        if self.cancelled:
-            raise Cancelled(f"{what} cancelled")
-
-
-#: what a job cancelled on a worker returns (raising would log a "Compute Failed" error there)
-CANCELLED = "__stpredict_cancelled__"
-
-
-def _remote_call(fn: JobFunction, job: Job, topic: str, cancel_event: str) -> Any:
-    """Runs on a worker: call ``fn`` with a progress relay and a cluster-aware cancel token."""
-    try:
-        return fn(
-            job.payload,
-            progress=_ThrottledEvents(topic, job.name),
-            cancel=_ClusterCancelToken(cancel_event),
-        )
-    except Cancelled:
-        return CANCELLED
-
-
 def _run_inline(
     fn: JobFunction,
     jobs: Sequence[Job],
@@ -226,35 +108,68 @@ def _run_inline(
             yield JobOutcome(job, result=result)
 
 
-def _run_on_client(
-    client,
+def _relay_progress(client: Any, topic: str, on_progress: JobProgress) -> None:
+    """Subscribe ``on_progress`` to the workers' progress events of this run."""
+
+    def handler(event: Any) -> None:
+        _, msg = event
+        try:
+            on_progress(msg["job"], msg["done"], msg["total"], msg.get("message", ""))
+        except Exception:  # a drawing glitch must not kill the client's event loop
+            logger.debug("progress handler failed", exc_info=True)
+
+    client.subscribe_topic(topic, handler)
+
+
+class _ClusterStop:
+    """Stops a run's jobs on the cluster once: running jobs after their batch in progress
+    (a cluster-wide Event), queued ones dropped; a thread relays a local cancel token to it
+    (``as_completed`` blocks until a job ends)."""
+
+    def __init__(self, client: Any, cancel_name: str, futures: list[Any]) -> None:
+        self.client, self.cancel_name, self.futures = client, cancel_name, futures
+        self.requested = threading.Event()
+        self.finished = False
+
+    def __call__(self) -> None:
+        if self.requested.is_set():
+            return
+        self.requested.set()
+        from distributed import Event
+
+        with contextlib.suppress(Exception):
+            Event(self.cancel_name, client=self.client).set()
+        with contextlib.suppress(Exception):
+            self.client.cancel([f for f in self.futures if f.status == "pending"])
+
+    def watch(self, cancel: CancelToken) -> None:
+        """Relay ``cancel`` from a daemon thread until the run finishes or is stopped."""
+
+        def loop() -> None:
+            while not self.finished and not self.requested.is_set():
+                if cancel.cancelled:
+                    self()
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, name="stpredict-cancel-watch", daemon=True).start()
+
+
+def _submit_all(
+    client: Any,
     fn: JobFunction,
     jobs: Sequence[Job],
     *,
-    on_progress: JobProgress | None,
-    cancel: CancelToken | None,
+    run_id: str,
+    topic: str,
+    cancel_name: str,
     resources: dict[str, float] | None,
-) -> Iterator[JobOutcome]:
-    from distributed import Event, as_completed
-
-    run_id = uuid.uuid4().hex[:8]
-    topic = PROGRESS_TOPIC_PREFIX + run_id
-    cancel_name = f"stpredict-cancel-{run_id}"
-    if on_progress is not None:
-
-        def handler(event):
-            _, msg = event
-            try:
-                on_progress(msg["job"], msg["done"], msg["total"], msg.get("message", ""))
-            except Exception:  # a drawing glitch must not kill the client's event loop
-                logger.debug("progress handler failed", exc_info=True)
-
-        client.subscribe_topic(topic, handler)
-    by_key = {}
-    futures = []
+) -> dict[Any, tuple[Any, Job]]:
+    """Submit every job (first jobs first); ``{task key: (future, job)}``."""
+    submitted = {}
     for i, job in enumerate(jobs):
         fut = client.submit(
-            _remote_call,
+            remote_call,
             fn,
             job,
             topic,
@@ -264,59 +179,67 @@ def _run_on_client(
             priority=len(jobs) - i,  # first slides first
             resources=resources,
         )
-        by_key[fut.key] = job
-        futures.append(fut)
-    finished = False
-    stop_requested = threading.Event()
+        submitted[fut.key] = (fut, job)
+    return submitted
 
-    def stop_cluster_jobs() -> None:
-        # running jobs stop after their batch in progress; queued ones are dropped
-        if stop_requested.is_set():
-            return
-        stop_requested.set()
-        with contextlib.suppress(Exception):
-            Event(cancel_name, client=client).set()
-        with contextlib.suppress(Exception):
-            client.cancel([f for f in futures if f.status == "pending"])
 
-    watcher = None
+def _run_on_client(
+    client,
+    fn: JobFunction,
+    jobs: Sequence[Job],
+    *,
+    on_progress: JobProgress | None,
+    cancel: CancelToken | None,
+    resources: dict[str, float] | None,
+) -> Iterator[JobOutcome]:
+    """Run the jobs on a dask client and yield their outcomes as they finish; a cancel stops
+    the cluster's jobs and raises :class:`~napari_stpredict.errors.Cancelled` here."""
+    from distributed import as_completed
+
+    run_id = uuid.uuid4().hex[:8]
+    topic = PROGRESS_TOPIC_PREFIX + run_id
+    cancel_name = f"stpredict-cancel-{run_id}"
+    if on_progress is not None:
+        _relay_progress(client, topic, on_progress)
+    submitted = _submit_all(
+        client, fn, jobs, run_id=run_id, topic=topic, cancel_name=cancel_name, resources=resources
+    )
+    futures = [fut for fut, _ in submitted.values()]
+    stop = _ClusterStop(client, cancel_name, futures)
     if cancel is not None:
-        # as_completed blocks until a job ends: a thread relays the token meanwhile
-        def watch() -> None:
-            while not finished and not stop_requested.is_set():
-                if cancel.cancelled:
-                    stop_cluster_jobs()
-                    return
-                time.sleep(0.2)
-
-        watcher = threading.Thread(target=watch, name="stpredict-cancel-watch", daemon=True)
-        watcher.start()
+        stop.watch(cancel)
     try:
         for fut in as_completed(futures, loop=client.loop):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("cohort cancelled")
-            job = by_key[fut.key]
             if fut.cancelled():
                 continue  # dropped by a cancel: reported when the loop ends
-            try:
-                result = fut.result()
-            except Exception as err:  # the job raised, or its worker died (KilledWorker)
-                yield JobOutcome(job, error=err)
-                continue
-            if isinstance(result, str) and result == CANCELLED:
+            outcome = _outcome(fut, submitted[fut.key][1])
+            if outcome is None:
                 raise Cancelled("cohort cancelled")
-            yield JobOutcome(job, result=result)
-        if stop_requested.is_set():
+            yield outcome
+        if stop.requested.is_set():
             raise Cancelled("cohort cancelled")
-        finished = True
+        stop.finished = True
     finally:
-        if not finished:
-            stop_cluster_jobs()
+        if not stop.finished:
+            stop()
             with contextlib.suppress(Exception):
                 client.cancel(futures)
         if on_progress is not None:
             with contextlib.suppress(Exception):
                 client.unsubscribe_topic(topic)
+
+
+def _outcome(fut: Any, job: Job) -> JobOutcome | None:
+    """The outcome of a finished future; ``None`` when the job was cancelled on its worker."""
+    try:
+        result = fut.result()
+    except Exception as err:  # the job raised, or its worker died (KilledWorker)
+        return JobOutcome(job, error=err)
+    if isinstance(result, str) and result == CANCELLED:
+        return None
+    return JobOutcome(job, result=result)
 
 
 def run_jobs(
@@ -369,37 +292,69 @@ def run_jobs(
         yield from _run_inline(fn, jobs, on_progress=on_progress, cancel=cancel)
         return
 
+    if scheduler.kind == "local":
+        yield from _run_on_local_cluster(
+            fn, jobs, workers=workers, on_progress=on_progress, on_cluster=on_cluster, cancel=cancel
+        )
+        return
+    assert scheduler.address is not None
+    yield from _run_on_address(
+        fn,
+        jobs,
+        scheduler.address,
+        on_progress=on_progress,
+        on_cluster=on_cluster,
+        cancel=cancel,
+    )
+
+
+def _run_on_local_cluster(
+    fn: JobFunction,
+    jobs: Sequence[Job],
+    *,
+    workers: int | None,
+    on_progress: JobProgress | None,
+    on_cluster: Callable[[str], None] | None,
+    cancel: CancelToken | None,
+) -> Iterator[JobOutcome]:
+    """A LocalCluster sized to this machine for the run (closed at the end)."""
     from distributed import Client
 
-    if scheduler.kind == "local":
-        plan = plan_local_cluster(n_jobs=len(jobs), workers=workers)
-        cluster = start_local_cluster(plan)
-        try:
-            with Client(cluster, set_as_default=False) as client:
-                if on_cluster is not None:
-                    has_bokeh = importlib.util.find_spec("bokeh") is not None
-                    link = client.dashboard_link if has_bokeh else None
-                    on_cluster(
-                        f"scheduler: LocalCluster, {plan.describe()}"
-                        + (f"; dashboard {link}" if link else "")
-                    )
-                yield from _run_on_client(
-                    client, fn, jobs, on_progress=on_progress, cancel=cancel, resources=None
+    plan = plan_local_cluster(n_jobs=len(jobs), workers=workers)
+    cluster = start_local_cluster(plan)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            if on_cluster is not None:
+                has_bokeh = importlib.util.find_spec("bokeh") is not None
+                link = client.dashboard_link if has_bokeh else None
+                on_cluster(
+                    f"scheduler: LocalCluster, {plan.describe()}"
+                    + (f"; dashboard {link}" if link else "")
                 )
-        finally:
-            _close_quietly(cluster)
-        return
+            yield from _run_on_client(
+                client, fn, jobs, on_progress=on_progress, cancel=cancel, resources=None
+            )
+    finally:
+        _close_quietly(cluster)
 
-    assert scheduler.address is not None
-    with connect(scheduler.address) as client:
-        info = client.scheduler_info()
-        wk = info.get("workers", {})
-        # workers that declare a GPU resource run one slide per GPU at a time
+
+def _run_on_address(
+    fn: JobFunction,
+    jobs: Sequence[Job],
+    address: str,
+    *,
+    on_progress: JobProgress | None,
+    on_cluster: Callable[[str], None] | None,
+    cancel: CancelToken | None,
+) -> Iterator[JobOutcome]:
+    """A running dask cluster; workers that declare a GPU resource run one job per GPU."""
+    with connect(address) as client:
+        wk = client.scheduler_info().get("workers", {})
         gpu_res = any("GPU" in (w.get("resources") or {}) for w in wk.values())
         if on_cluster is not None:
             link = getattr(client, "dashboard_link", None)
             on_cluster(
-                f"scheduler: dask cluster {scheduler.address}, {len(wk)} worker(s)"
+                f"scheduler: dask cluster {address}, {len(wk)} worker(s)"
                 + (" with GPU resources" if gpu_res else "")
                 + (f"; dashboard {link}" if link else "")
             )

@@ -4,49 +4,57 @@ Each method is trained with the same :class:`~napari_stpredict.training.TrainCon
 genes, backbone, seed, budget) except ``method``, so the comparison is fair. Before a model is
 scored, its file is checked: the held-out sections must be neither among its training sections
 nor in its reference bank (:func:`~napari_stpredict.evaluation.folds.check_no_leakage`).
+
+The pieces: up-front checks (:mod:`.checks`), scoring one model on a fold with each section
+read once (:mod:`.model_scoring`), and what is recorded beside the numbers (:mod:`.provenance`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
-import platform
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from napari_stpredict.errors import Cancelled, StPredictError
-from napari_stpredict.evaluation.data import (
-    ModelInfo,
-    SectionData,
-    load_section,
-    measured_expression,
-    model_info,
-    predict_section,
-    section_patches,
+from napari_stpredict.evaluation.checks import (
+    METHODS,
+    check_genes,
+    check_method_configs,
+    check_methods,
+    check_n_top,
+    check_predictor_options,
 )
-from napari_stpredict.evaluation.folds import Fold, check_no_leakage, make_folds
-from napari_stpredict.evaluation.markers import BREAST_CANCER_MARKERS, match_genes
+from napari_stpredict.evaluation.data import model_info
+from napari_stpredict.evaluation.folds import Fold, make_folds
+from napari_stpredict.evaluation.markers import BREAST_CANCER_MARKERS
+from napari_stpredict.evaluation.model_scoring import (
+    TUMOR_SCORE_DOC,
+    SectionCache,
+    score_model_on,
+    tumor_score_fn,
+)
+from napari_stpredict.evaluation.provenance import (
+    config_dict,
+    error_text,
+    training_summary,
+    used_and_missing,
+    versions,
+)
 from napari_stpredict.evaluation.results import EvaluationResult, FoldResult, MethodResult
-from napari_stpredict.evaluation.scoring import score_section
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 
-__all__ = ["METHODS", "check_genes", "evaluate", "score_model"]
+# names kept importable from here (tests, older callers)
+_tumor_score_fn = tumor_score_fn
+_check_predictor_options = check_predictor_options
 
-METHODS: tuple[str, ...] = ("cmrc", "bleep", "regression", "ridge")
-_PATCH_CACHE_BYTES = 2 << 30
-_TUMOR_SCORE_DOC = (
-    "napari_stpredict.tumor.score_matrix (default signature, z-scores over the section); "
-    "mean z-score of evaluation.markers.TUMOR_MARKERS when the panel has none of its genes"
-)
+__all__ = ["METHODS", "check_genes", "evaluate", "score_model"]
 
 
 def _load_manifest(manifest: Any) -> Any:
@@ -55,126 +63,6 @@ def _load_manifest(manifest: Any) -> Any:
 
         return load_manifest(manifest)
     return manifest
-
-
-def _versions() -> dict[str, str]:
-    import napari_stpredict
-
-    out = {"napari_stpredict": napari_stpredict.__version__, "python": platform.python_version()}
-    for mod in ("numpy", "torch", "timm", "anndata"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[mod] = importlib.metadata.version(mod)
-    out["platform"] = platform.platform(terse=True)
-    return out
-
-
-def _tumor_score_fn() -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
-    """The tumour module's default signature score; the marker z-score where it has no gene."""
-    from napari_stpredict.evaluation.scoring import marker_zscore
-    from napari_stpredict.tumor import TumorError, score_matrix
-
-    def _score(expr: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-        try:
-            # z-scores over the section's own spots: the AUROC only needs a ranking within it
-            return np.asarray(score_matrix(expr, list(genes)), dtype=np.float64)
-        except TumorError:
-            return marker_zscore(expr, genes)
-
-    return _score
-
-
-class _Sections:
-    """Reads each section once; measured expression cached per (gene panel, normalization)."""
-
-    def __init__(self, manifest: Any) -> None:
-        self._specs = {str(s.name): s for s in manifest.sections}
-        self._data: dict[str, SectionData] = {}
-        self._truth: dict[tuple, np.ndarray] = {}
-        self._patches: dict[tuple, np.ndarray] = {}
-
-    def get(self, name: str) -> SectionData:
-        if name not in self._data:
-            self._data[name] = load_section(self._specs[name])
-        return self._data[name]
-
-    def patches(self, name: str, predictor: Any, *, cancel: CancelToken | None) -> np.ndarray:
-        """The section's spot patches at the predictor's scale, read once for all methods."""
-        key = (
-            name,
-            predictor.patch_um,
-            predictor.patch_px,
-            repr(predictor.metadata.get("config", {}).get("patch_px_level0")),
-            tuple(getattr(getattr(predictor, "input_spec", None), "scales", (1.0,))),
-        )
-        if key not in self._patches:
-            arr = section_patches(predictor, self.get(name), cancel=cancel)
-            # bounded: a cohort whose patches would not fit is read again per model instead
-            if sum(a.nbytes for a in self._patches.values()) + arr.nbytes <= _PATCH_CACHE_BYTES:
-                self._patches[key] = arr
-            return arr
-        return self._patches[key]
-
-    def truth(self, name: str, genes: Sequence[str], normalization: Any) -> np.ndarray:
-        key = (name, tuple(genes), repr(normalization))
-        if key not in self._truth:
-            self._truth[key] = measured_expression(self.get(name), genes, normalization)
-        return self._truth[key]
-
-
-def _score_model_on(
-    info: ModelInfo,
-    fold: Fold,
-    sections: _Sections,
-    *,
-    markers: Sequence[str],
-    n_top: int,
-    device: str,
-    tumor_score: Any,
-    progress: ProgressCallback | None,
-    cancel: CancelToken | None,
-    predictor_options: dict[str, Any] | None = None,
-) -> FoldResult:
-    from napari_stpredict.model import Predictor
-
-    # the guard: no number is ever computed on a section the model has seen
-    check_no_leakage(
-        fold.test,
-        training_sections=info.training_sections,
-        bank_sections=info.bank_sections,
-        what=f"{info.path}",
-    )
-    t0 = time.perf_counter()
-    predictor = Predictor(info.path, device=device, **(predictor_options or {}))
-    result = FoldResult(test=list(fold.test), train=list(info.training_sections or fold.train))
-    for name in fold.test:
-        check_cancel(cancel, "evaluation")
-        sec = sections.get(name)
-        patches = sections.patches(name, predictor, cancel=cancel)
-        pred = predict_section(predictor, sec, patches=patches, progress=progress, cancel=cancel)
-        true = sections.truth(name, predictor.genes, info.normalization)
-        result.sections.append(
-            score_section(
-                true,
-                pred,
-                predictor.genes,
-                section=name,
-                markers=markers,
-                xy=sec.xy,
-                n_top=n_top,
-                labels=sec.labels,
-                tumor_score=tumor_score,
-            )
-        )
-    # a fold's number = mean over its held-out sections (the paper's code does the same)
-    keys = dict.fromkeys(k for s in result.sections for k in s.metrics)
-    for k in keys:
-        vals = [
-            s.metrics[k] for s in result.sections if k in s.metrics and np.isfinite(s.metrics[k])
-        ]
-        result.metrics[k] = float(np.mean(vals)) if vals else float("nan")
-    result.model_path = info.path
-    result.score_wall_s = time.perf_counter() - t0
-    return result
 
 
 def _fold_config(config: Any, method: str, fold: Fold, root: Path) -> tuple[Any, list[str]]:
@@ -196,17 +84,207 @@ def _fold_config(config: Any, method: str, fold: Fold, root: Path) -> tuple[Any,
     return dataclasses.replace(config, **changes), train_sections
 
 
-def _error_text(err: BaseException) -> str:
-    msg = str(err).splitlines()[0] if str(err) else ""
-    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+@dataclass
+class _Plan:
+    """One evaluation, checked: what is trained on which folds and how it is scored."""
+
+    manifest: Any
+    methods: list[str]
+    folds: list[Fold]
+    config: Any
+    markers: list[str]
+    n_top: int
+    sections: SectionCache
+    predictor_options: dict[str, Any]
+    tumor_score: Callable[..., Any]
+
+    def record(self, cv: str, test_sections: Sequence[str] | None) -> dict[str, Any]:
+        """The results' ``config``: manifest, folds, methods, training config, scoring."""
+        return {
+            "manifest": str(getattr(self.manifest, "path", "")),
+            "cv": "test-sections" if test_sections is not None else cv,
+            "folds": [{"train": list(f.train), "test": list(f.test)} for f in self.folds],
+            "methods": self.methods,
+            "n_top": self.n_top,
+            "train": config_dict(self.config),
+            "tumor_score": TUMOR_SCORE_DOC,
+            "predictor": dict(self.predictor_options or {}),
+        }
 
 
-def _used_and_missing(
-    markers: Sequence[str], panels: Sequence[Sequence[str]]
-) -> tuple[list[str], list[str]]:
-    union: list[str] = list(dict.fromkeys(g for p in panels for g in p))
-    idx, missing = match_genes(union, markers)
-    return [union[i] for i in idx], missing
+def _plan(
+    manifest: Any,
+    *,
+    methods: Sequence[str],
+    cv: str,
+    test_sections: Sequence[str] | None,
+    config: Any,
+    markers: Sequence[str] | None,
+    n_top: int,
+    predictor_options: dict[str, Any] | None,
+) -> _Plan:
+    """Every check that can fail before a fold trains, in the order the errors are reported."""
+    from napari_stpredict.training import TrainConfig
+
+    manifest = _load_manifest(manifest)
+    methods = check_methods(methods)
+    check_n_top(n_top)
+    config = config if config is not None else TrainConfig()
+    folds = make_folds(manifest.sections, cv=cv, test_sections=test_sections)
+    check_method_configs(config, methods)
+    sections = SectionCache(manifest)
+    # a gene list that cannot be met fails here, before any fold trains
+    check_genes(config, [sections.get(n) for f in folds for n in (*f.train, *f.test)])
+    return _Plan(
+        manifest=manifest,
+        methods=methods,
+        folds=folds,
+        config=config,
+        markers=list(markers) if markers is not None else list(BREAST_CANCER_MARKERS),
+        n_top=n_top,
+        sections=sections,
+        predictor_options=check_predictor_options(predictor_options),
+        tumor_score=tumor_score_fn(),
+    )
+
+
+@contextlib.contextmanager
+def _work_root(work_dir: str | os.PathLike | None) -> Iterator[Path]:
+    """Where fold models are written: ``work_dir`` (kept), else a temporary folder (removed)."""
+    if work_dir is not None:
+        root = Path(work_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    root = Path(tempfile.mkdtemp(prefix="stpredict-eval-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_folds(
+    plan: _Plan,
+    train: Callable[..., Any],
+    root: Path,
+    *,
+    keep_models: bool,
+    progress: ProgressCallback | None,
+    step_progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> tuple[dict[str, MethodResult], list[list[str]]]:
+    """Train and score every (fold, method) unit; the results per method and the gene panels
+    of the models trained."""
+    results = {m: MethodResult(name=m) for m in plan.methods}
+    panels: list[list[str]] = []
+    total = len(plan.folds) * len(plan.methods)
+    done = 0
+    for i, fold in enumerate(plan.folds):
+        for method in plan.methods:
+            check_cancel(cancel, "evaluation")
+            label = f"fold {i + 1}/{len(plan.folds)} (test {'+'.join(fold.test)}) {method}"
+            report(progress, done, total, label)
+            fold_dir = root / f"fold{i + 1:02d}-{'+'.join(fold.test)}"
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            unit = _Unit(
+                plan,
+                method,
+                fold,
+                root,
+                out=fold_dir / f"{method}.safetensors",
+                train=train,
+                keep_model=keep_models,
+                progress=step_progress,
+                cancel=cancel,
+            )
+            fr = unit.run()
+            if unit.genes is not None:
+                panels.append(unit.genes)
+            results[method].folds.append(fr)
+            done += 1
+            report(progress, done, total, label)
+    return results, panels
+
+
+@dataclass
+class _Unit:
+    """One method trained on one fold, then scored on the fold's held-out sections."""
+
+    plan: _Plan
+    method: str
+    fold: Fold
+    root: Path
+    out: Path
+    train: Callable[..., Any]
+    keep_model: bool
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+    #: the trained model's gene panel (``None`` until it is scored)
+    genes: list[str] | None = None
+
+    def run(self) -> FoldResult:
+        """The fold's result; a failure is recorded in it (the other folds still run)."""
+        try:
+            return self._train_and_score()
+        except (Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as err:  # a failed fold is reported; the others still run
+            fold = self.fold
+            return FoldResult(test=list(fold.test), train=list(fold.train), error=error_text(err))
+
+    def _train_and_score(self) -> FoldResult:
+        plan, fold = self.plan, self.fold
+        t0 = time.perf_counter()
+        fold_config, train_sections = _fold_config(plan.config, self.method, fold, self.root)
+        tr = self.train(
+            plan.manifest,
+            fold_config,
+            out=self.out,
+            sections=train_sections,
+            progress=self.progress,
+            cancel=self.cancel,
+        )
+        t_train = time.perf_counter() - t0
+        info = model_info(str(getattr(tr, "model_path", self.out)))
+        fr = score_model_on(
+            info,
+            fold,
+            plan.sections,
+            markers=plan.markers,
+            n_top=plan.n_top,
+            device=str(getattr(plan.config, "device", "auto")),
+            tumor_score=plan.tumor_score,
+            progress=self.progress,
+            cancel=self.cancel,
+            predictor_options=plan.predictor_options,
+        )
+        fr.train = list(fold.train)
+        fr.train_wall_s = t_train
+        fr.training = training_summary(info.metadata)
+        if not self.keep_model:
+            fr.model_path = None
+        self.genes = info.genes
+        return fr
+
+
+def _result(
+    methods: dict[str, MethodResult],
+    config: dict[str, Any],
+    t_start: float,
+    markers: Sequence[str],
+    panels: Sequence[Sequence[str]],
+) -> EvaluationResult:
+    """The evaluation's result: the markers found in the panels, versions and wall time."""
+    used, missing = used_and_missing(markers, panels)
+    return EvaluationResult(
+        methods=methods,
+        config=config,
+        versions=versions(),
+        wall_time_s=time.perf_counter() - t_start,
+        genes=list(panels[0]) if panels else [],
+        markers_used=used,
+        markers_missing=missing,
+    )
 
 
 def evaluate(
@@ -262,114 +340,33 @@ def evaluate(
         Per-method folds and their mean ± sd; a fold whose training or scoring fails carries
         the error and the other folds still run.
     """
-    from napari_stpredict.training import TrainConfig, train
+    from napari_stpredict.training import train
 
     t_start = time.perf_counter()
-    manifest = _load_manifest(manifest)
-    methods = list(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise StPredictError(
-            f"--methods {','.join(methods)}: unknown {unknown} (use {','.join(METHODS)})"
-        )
-    if n_top < 1:
-        raise StPredictError(f"--n-top {n_top}: must be at least 1")
-    config = config if config is not None else TrainConfig()
-    markers = list(markers) if markers is not None else list(BREAST_CANCER_MARKERS)
-    folds = make_folds(manifest.sections, cv=cv, test_sections=test_sections)
-    # bad training options fail here, in a second, not once per fold
-    for method in methods:
-        validate = getattr(dataclasses.replace(config, method=method), "validate", None)
-        if validate is not None:
-            validate()
-    sections = _Sections(manifest)
-    # a gene list that cannot be met fails here, before any fold trains
-    check_genes(config, [sections.get(n) for f in folds for n in (*f.train, *f.test)])
-    predictor_options = _check_predictor_options(predictor_options)
-    tumor_score = _tumor_score_fn()
-    results = {m: MethodResult(name=m) for m in methods}
-    panels: list[list[str]] = []
-
-    own_tmp = work_dir is None
-    root = Path(tempfile.mkdtemp(prefix="stpredict-eval-")) if own_tmp else Path(work_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    total = len(folds) * len(methods)
-    done = 0
-    try:
-        for i, fold in enumerate(folds):
-            for method in methods:
-                check_cancel(cancel, "evaluation")
-                label = f"fold {i + 1}/{len(folds)} (test {'+'.join(fold.test)}) {method}"
-                report(progress, done, total, label)
-                fold_dir = root / f"fold{i + 1:02d}-{'+'.join(fold.test)}"
-                fold_dir.mkdir(parents=True, exist_ok=True)
-                out = fold_dir / f"{method}.safetensors"
-                try:
-                    t0 = time.perf_counter()
-                    fold_config, train_sections = _fold_config(config, method, fold, root)
-                    tr = train(
-                        manifest,
-                        fold_config,
-                        out=out,
-                        sections=train_sections,
-                        progress=step_progress,
-                        cancel=cancel,
-                    )
-                    t_train = time.perf_counter() - t0
-                    info = model_info(str(getattr(tr, "model_path", out)))
-                    fr = _score_model_on(
-                        info,
-                        fold,
-                        sections,
-                        markers=markers,
-                        n_top=n_top,
-                        device=str(getattr(config, "device", "auto")),
-                        tumor_score=tumor_score,
-                        progress=step_progress,
-                        cancel=cancel,
-                        predictor_options=predictor_options,
-                    )
-                    fr.train = list(fold.train)
-                    fr.train_wall_s = t_train
-                    fr.training = _training_summary(info.metadata)
-                    if own_tmp:
-                        fr.model_path = None
-                    panels.append(info.genes)
-                except (Cancelled, KeyboardInterrupt):
-                    raise
-                except Exception as err:  # a failed fold is reported; the others still run
-                    fr = FoldResult(
-                        test=list(fold.test), train=list(fold.train), error=_error_text(err)
-                    )
-                results[method].folds.append(fr)
-                done += 1
-                report(progress, done, total, label)
-    finally:
-        if own_tmp:
-            shutil.rmtree(root, ignore_errors=True)
-
-    used, missing = _used_and_missing(markers, panels)
-    cfg = {
-        "manifest": str(getattr(manifest, "path", "")),
-        "cv": "test-sections" if test_sections is not None else cv,
-        "folds": [{"train": list(f.train), "test": list(f.test)} for f in folds],
-        "methods": methods,
-        "n_top": n_top,
-        "train": _config_dict(config),
-        "tumor_score": _TUMOR_SCORE_DOC,
-        "predictor": dict(predictor_options or {}),
-    }
-    if not own_tmp:
-        cfg["work_dir"] = str(root)
-    return EvaluationResult(
-        methods=results,
-        config=cfg,
-        versions=_versions(),
-        wall_time_s=time.perf_counter() - t_start,
-        genes=panels[0] if panels else [],
-        markers_used=used,
-        markers_missing=missing,
+    plan = _plan(
+        manifest,
+        methods=methods,
+        cv=cv,
+        test_sections=test_sections,
+        config=config,
+        markers=markers,
+        n_top=n_top,
+        predictor_options=predictor_options,
     )
+    with _work_root(work_dir) as root:
+        results, panels = _run_folds(
+            plan,
+            train,
+            root,
+            keep_models=work_dir is not None,
+            progress=progress,
+            step_progress=step_progress,
+            cancel=cancel,
+        )
+    record = plan.record(cv, test_sections)
+    if work_dir is not None:
+        record["work_dir"] = str(root)
+    return _result(results, record, t_start, plan.markers, panels)
 
 
 def score_model(
@@ -397,36 +394,29 @@ def score_model(
     """
     t_start = time.perf_counter()
     manifest = _load_manifest(manifest)
-    if n_top < 1:
-        raise StPredictError(f"--n-top {n_top}: must be at least 1")
-    if not test_sections:
-        raise StPredictError("--test-sections: give the held-out sections to score the model on")
-    names = [str(s.name) for s in manifest.sections]
-    unknown = [t for t in test_sections if t not in names]
-    if unknown:
-        raise StPredictError(f"--test-sections: unknown sections {unknown} (have {names})")
+    check_n_top(n_top)
+    _check_test_sections(manifest, test_sections)
     markers = list(markers) if markers is not None else list(BREAST_CANCER_MARKERS)
-    predictor_options = _check_predictor_options(predictor_options)
+    predictor_options = check_predictor_options(predictor_options)
     info = model_info(str(model_path))
     fold = Fold(
         name="+".join(test_sections),
         train=tuple(t for t in (info.training_sections or []) if t not in test_sections),
         test=tuple(dict.fromkeys(test_sections)),
     )
-    fr = _score_model_on(
+    fr = score_model_on(
         info,
         fold,
-        _Sections(manifest),
+        SectionCache(manifest),
         markers=markers,
         n_top=n_top,
         device=device,
-        tumor_score=_tumor_score_fn(),
+        tumor_score=tumor_score_fn(),
         progress=progress,
         cancel=cancel,
         predictor_options=predictor_options,
     )
-    used, missing = _used_and_missing(markers, [info.genes])
-    cfg = {
+    record = {
         "manifest": str(getattr(manifest, "path", "")),
         "cv": "model",
         "model": str(model_path),
@@ -438,90 +428,15 @@ def score_model(
             k: v for k, v in info.metadata.items() if k not in ("genes", "gene_stats")
         },
     }
-    return EvaluationResult(
-        methods={info.method: MethodResult(name=info.method, folds=[fr])},
-        config=cfg,
-        versions=_versions(),
-        wall_time_s=time.perf_counter() - t_start,
-        genes=info.genes,
-        markers_used=used,
-        markers_missing=missing,
-    )
+    methods = {info.method: MethodResult(name=info.method, folds=[fr])}
+    return _result(methods, record, t_start, markers, [info.genes])
 
 
-_PREDICTOR_OPTIONS = ("tta", "top_k", "weighting", "temperature")
-
-
-def _check_predictor_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate scoring overrides up front (one line naming the bad value)."""
-    from napari_stpredict.model.retrieval import WEIGHTINGS
-
-    opts = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(opts) - set(_PREDICTOR_OPTIONS))
+def _check_test_sections(manifest: Any, test_sections: Sequence[str]) -> None:
+    """The held-out sections must be given and be sections of the manifest."""
+    if not test_sections:
+        raise StPredictError("--test-sections: give the held-out sections to score the model on")
+    names = [str(s.name) for s in manifest.sections]
+    unknown = [t for t in test_sections if t not in names]
     if unknown:
-        raise StPredictError(
-            f"predictor option {unknown[0]!r}: unknown (use {', '.join(_PREDICTOR_OPTIONS)})"
-        )
-    if "tta" in opts and opts["tta"] not in (1, 2, 4, 8):
-        raise StPredictError(f"--tta {opts['tta']}: choose 1, 2, 4 or 8")
-    if "top_k" in opts and int(opts["top_k"]) < 1:
-        raise StPredictError(f"--top-k {opts['top_k']}: must be ≥ 1")
-    if "weighting" in opts and opts["weighting"] not in WEIGHTINGS:
-        raise StPredictError(f"--weighting {opts['weighting']}: choose {' or '.join(WEIGHTINGS)}")
-    if "temperature" in opts and not float(opts["temperature"]) > 0:
-        raise StPredictError(f"--temperature {opts['temperature']}: must be > 0")
-    return opts
-
-
-def check_genes(config: Any, sections: Sequence[SectionData]) -> None:
-    """Refuse, before any training, a gene list the sections cannot satisfy.
-
-    Genes are resolved like training does (:func:`napari_stpredict.st.select_genes` with the
-    config's ``missing_genes``): with ``"error"`` every listed gene must be measured in every
-    section, with ``"drop"`` at least one must be. ``genes=None`` (the default panel) passes.
-    """
-    genes = getattr(config, "genes", None)
-    if genes is None:
-        return
-    from napari_stpredict.st import select_genes
-
-    adatas = list({s.name: s.adata for s in sections}.values())
-    missing = getattr(config, "missing_genes", "error")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kept = select_genes(adatas, gene_list=genes, missing=missing)
-    if not kept:
-        raise StPredictError("--genes: none of the listed genes is measured in every section")
-
-
-def _training_summary(meta: dict[str, Any]) -> dict[str, Any]:
-    """What the fold's training did: best epoch, steps, validation scores (validation spots of
-    the training sections only)."""
-    m = meta.get("metrics") or {}
-    keep = (
-        "best_epoch",
-        "epochs_run",
-        "steps",
-        "n_train_spots",
-        "n_val_spots",
-        "val_pcc",
-        "val_loss",
-    )
-    return {k: m[k] for k in keep if k in m}
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(config):
-        d = dataclasses.asdict(config)
-    else:
-        d = dict(vars(config))
-    out = {}
-    for k, v in d.items():
-        if k == "method":
-            continue
-        if isinstance(v, Path):
-            v = str(v)
-        elif isinstance(v, list | tuple) and len(v) > 20:
-            v = f"<{len(v)} items>"
-        out[k] = v
-    return out
+        raise StPredictError(f"--test-sections: unknown sections {unknown} (have {names})")

@@ -6,16 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from napari_stpredict.evaluation import metrics
 from napari_stpredict.evaluation.markers import TUMOR_MARKERS, match_genes
-from napari_stpredict.evaluation.metrics import (
-    auroc,
-    gene_gene_corr,
-    mae,
-    mse,
-    pearson_per_gene,
-    select_heg,
-    select_hvg,
-)
 from napari_stpredict.evaluation.results import SectionPrediction
 from napari_stpredict.tumor.signature import EXCLUDED_LABELS
 from napari_stpredict.tumor.signature import TUMOR_LABELS as _TUMOR_LABELS
@@ -98,18 +90,18 @@ def score_section(
     """
     true = np.asarray(true, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
-    pcc = pearson_per_gene(true, pred)
-    heg = select_heg(true, n_top)
-    hvg = select_hvg(true, n_top)
+    pcc = metrics.pearson_per_gene(true, pred)
+    heg = metrics.select_heg(true, n_top)
+    hvg = metrics.select_hvg(true, n_top)
     mg = np.asarray(match_genes(genes, markers)[0], dtype=int)
     m: dict[str, float] = {
         "pcc_heg": float(pcc[heg].mean()),
         "pcc_hvg": float(pcc[hvg].mean()),
         "pcc_mg": float(pcc[mg].mean()) if mg.size else float("nan"),
         "pcc_all": float(pcc.mean()),
-        "mse": mse(true, pred),
-        "mae": mae(true, pred),
-        "gene_gene_corr": gene_gene_corr(true, pred, hvg),
+        "mse": metrics.mse(true, pred),
+        "mae": metrics.mae(true, pred),
+        "gene_gene_corr": metrics.gene_gene_corr(true, pred, hvg),
     }
     lab_arr = None
     if labels is not None:
@@ -117,8 +109,8 @@ def score_section(
         keep, pos = tumor_positive(lab_arr)
         if keep.any() and 0 < pos[keep].sum() < keep.sum():
             fn = tumor_score or marker_zscore
-            m["tumor_auroc"] = auroc(np.asarray(fn(pred, genes))[keep], pos[keep])
-            m["tumor_auroc_measured"] = auroc(np.asarray(fn(true, genes))[keep], pos[keep])
+            m["tumor_auroc"] = metrics.auroc(np.asarray(fn(pred, genes))[keep], pos[keep])
+            m["tumor_auroc_measured"] = metrics.auroc(np.asarray(fn(true, genes))[keep], pos[keep])
     return SectionPrediction(
         section=section,
         genes=list(genes),

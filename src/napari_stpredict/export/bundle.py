@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from napari_stpredict.errors import Cancelled, StPredictError
 from napari_stpredict.export._common import ExportError, ExportResult
@@ -89,6 +89,24 @@ class ExportReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+class ExportOptions(TypedDict, total=False):
+    """The options :func:`export_predictions` passes on to :func:`export_report` (defaults there)."""
+
+    kinds: str | Iterable[str]
+    genes: Sequence[str] | None
+    slide: Any
+    model: Any
+    tumor: Any
+    gene_set: Any
+    threshold: float | str
+    tissue: Any
+    figure_gene: str | None
+    dpi: int
+    overwrite: bool
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+
+
 def export_targets(
     out_dir: str | os.PathLike, name: str, kinds: Iterable[str], gene: str = "gene"
 ) -> dict[str, Path]:
@@ -107,19 +125,7 @@ def export_predictions(
     out_dir: str | os.PathLike,
     *,
     name: str,
-    kinds: str | Iterable[str] = ("h5ad", "ome-tiff", "geojson"),
-    genes: Sequence[str] | None = None,
-    slide: Any = None,
-    model: Any = None,
-    tumor: Any = "auto",
-    gene_set: Any = None,
-    threshold: float | str = "otsu",
-    tissue: Any = None,
-    figure_gene: str | None = None,
-    dpi: int = 150,
-    overwrite: bool = False,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
+    **options: Unpack[ExportOptions],
 ) -> list[ExportResult]:
     """Write the requested exports of one slide into ``out_dir``.
 
@@ -133,7 +139,8 @@ def export_predictions(
         File name stem (see :data:`EXPORT_KINDS`); sanitised (``..`` or ``a/b`` never leave
         ``out_dir``).
     kinds
-        Any of ``h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png`` (list or comma-separated).
+        Any of ``h5ad, csv, ome-tiff, geojson, mask-ome-tiff, png`` (list or comma-separated;
+        default ``h5ad, ome-tiff, geojson``). Every option and its default: :func:`export_report`.
     genes
         Genes in the h5ad/CSV/OME-TIFF (default all) and measured in the GeoJSON.
     slide, model
@@ -159,26 +166,7 @@ def export_predictions(
         Unknown kind, nothing predicted, an existing file without ``overwrite`` (checked for
         every target before anything is written), unwritable folder.
     """
-    report_ = export_report(
-        predictions,
-        out_dir,
-        name=name,
-        kinds=kinds,
-        genes=genes,
-        slide=slide,
-        model=model,
-        tumor=tumor,
-        gene_set=gene_set,
-        threshold=threshold,
-        tissue=tissue,
-        figure_gene=figure_gene,
-        dpi=dpi,
-        overwrite=overwrite,
-        progress=progress,
-        cancel=cancel,
-        keep_going=False,
-    )
-    return report_.results
+    return export_report(predictions, out_dir, name=name, keep_going=False, **options).results
 
 
 def export_report(
@@ -220,64 +208,107 @@ def export_report(
     targets = export_targets(folder, name, todo, gene_for_fig)
     for t in targets.values():
         check_target(t, overwrite=overwrite)
-    out = ExportReport()
-    for k, why in (skip or {}).items():
-        if k in todo:
-            out.failed[k] = why
-    if isinstance(tumor, str):
-        if tumor != "auto":
-            raise ExportError(f"tumor={tumor!r}: expected a TumorMap, None or 'auto'")
-        tumor = None
-        wanted = [k for k in todo if k in _TUMOR_KINDS and k not in out.failed]
-        if wanted:
-            from napari_stpredict.tumor import tumor_map_for_store
-
-            try:
-                tumor = tumor_map_for_store(
-                    pred, gene_set=gene_set, threshold=threshold, tissue=tissue, model=model
-                )
-            except (StPredictError, OSError) as err:
-                if not keep_going:
-                    raise
-                for k in wanted:
-                    out.failed[k] = _reason(err)
-    elif tumor is None and any(k in _TUMOR_KINDS for k in todo):
-        raise ExportError("tumour exports need a tumour map (pass tumor= or 'auto')")
+    out = ExportReport(failed={k: why for k, why in (skip or {}).items() if k in todo})
+    tumor = _tumor_map(
+        tumor,
+        todo,
+        pred,
+        out,
+        gene_set=gene_set,
+        threshold=threshold,
+        tissue=tissue,
+        model=model,
+        keep_going=keep_going,
+    )
+    write_options: dict[str, Any] = {
+        "genes": genes,
+        "slide": slide,
+        "model": model,
+        "tumor": tumor,
+        "gene": gene_for_fig,
+        "dpi": dpi,
+        "overwrite": overwrite,
+        "cancel": cancel,
+    }
     for n, k in enumerate(todo):
         check_cancel(cancel, "export")
         if k in out.failed:
             continue
         report(progress, n, len(todo), f"exporting {k}")
-        try:
-            res = _one(
-                k,
-                pred,
-                targets[k],
-                genes=genes,
-                slide=slide,
-                model=model,
-                tumor=tumor,
-                gene=gene_for_fig,
-                dpi=dpi,
-                overwrite=overwrite,
-                cancel=cancel,
-            )
-        except Cancelled:
-            raise
-        except (StPredictError, OSError) as err:
-            if keep_going:
-                out.failed[k] = _reason(err)
-                continue
-            if isinstance(err, StPredictError):
-                raise
-            raise ExportError(
-                f"{targets[k]}: cannot write the {k} export ({_reason(err)})"
-            ) from None
-        if pred.tissue is not None and res.n_missing is None:
-            res = dataclasses.replace(res, **pred.result_counts())
-        out.results.append(res)
+        res = _write_one(k, pred, targets[k], out, keep_going, write_options)
+        if res is not None:
+            out.results.append(res)
     report(progress, len(todo), len(todo), "exports written")
     return out
+
+
+def _write_one(
+    kind: str,
+    pred: Any,
+    dst: Path,
+    out: ExportReport,
+    keep_going: bool,
+    options: dict[str, Any],
+) -> ExportResult | None:
+    """Write one export; with ``keep_going`` a failure is recorded in ``out`` (``None`` back).
+
+    Without it, our errors are raised as they are and an ``OSError`` as one line naming the
+    target. Results lacking tissue counts get those of the predictions.
+    """
+    try:
+        res = _one(kind, pred, dst, **options)
+    except Cancelled:
+        raise
+    except (StPredictError, OSError) as err:
+        if keep_going:
+            out.failed[kind] = _reason(err)
+            return None
+        if isinstance(err, StPredictError):
+            raise
+        raise ExportError(f"{dst}: cannot write the {kind} export ({_reason(err)})") from None
+    if pred.tissue is not None and res.n_missing is None:
+        res = dataclasses.replace(res, **pred.result_counts())
+    return res
+
+
+def _tumor_map(
+    tumor: Any,
+    todo: list[str],
+    pred: Any,
+    out: ExportReport,
+    *,
+    gene_set: Any,
+    threshold: float | str,
+    tissue: Any,
+    model: Any,
+    keep_going: bool,
+) -> Any:
+    """The tumour map the exports use: ``tumor`` as given, or computed for ``"auto"``.
+
+    ``"auto"`` computes it only when a tumour export is asked for (and not skipped); when it
+    cannot be computed, with ``keep_going`` each tumour export is recorded as failed in ``out``.
+    """
+    if not isinstance(tumor, str):
+        if tumor is None and any(k in _TUMOR_KINDS for k in todo):
+            raise ExportError("tumour exports need a tumour map (pass tumor= or 'auto')")
+        return tumor
+    if tumor != "auto":
+        raise ExportError(f"tumor={tumor!r}: expected a TumorMap, None or 'auto'")
+    wanted = [k for k in todo if k in _TUMOR_KINDS and k not in out.failed]
+    if not wanted:
+        return None
+    from napari_stpredict.tumor import tumor_map_for_store
+
+    try:
+        return tumor_map_for_store(
+            pred, gene_set=gene_set, threshold=threshold, tissue=tissue, model=model
+        )
+    except (StPredictError, OSError) as err:
+        if not keep_going:
+            raise
+        for k in wanted:
+            out.failed[k] = _reason(err)
+        return None
 
 
 def _reason(err: BaseException) -> str:

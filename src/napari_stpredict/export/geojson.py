@@ -15,7 +15,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -156,21 +156,28 @@ def _grid_dict(geo: GridGeometry) -> dict[str, Any]:
     }
 
 
+class GeoJSONOptions(TypedDict, total=False):
+    """What :func:`export_tumor_geojson` passes on to :func:`tumor_geojson` (defaults there)."""
+
+    genes: Sequence[str] | None
+    name: str
+    color: Sequence[int]
+    provenance: dict[str, Any] | None
+
+
 def export_tumor_geojson(
     tumor: Any,
     dst: str | os.PathLike,
     *,
     grid: Any = None,
     predictions: Any = None,
-    genes: Sequence[str] | None = None,
-    name: str = "Tumor",
-    color: Sequence[int] = TUMOR_COLOR,
-    provenance: dict[str, Any] | None = None,
     overwrite: bool = False,
+    **options: Unpack[GeoJSONOptions],
 ) -> ExportResult:
     """Write tumour regions as QuPath GeoJSON (see :func:`tumor_geojson`).
 
-    An empty mask writes an empty FeatureCollection (and says so).
+    ``options`` (``genes``, ``name``, ``color``, ``provenance``) are those of
+    :func:`tumor_geojson`. An empty mask writes an empty FeatureCollection (and says so).
 
     Raises
     ------
@@ -180,15 +187,7 @@ def export_tumor_geojson(
     """
     pred = as_predictions(predictions) if predictions is not None else None
     n_pred = int(pred.require("GeoJSON export").sum()) if pred is not None else None
-    doc = tumor_geojson(
-        tumor,
-        grid=grid,
-        predictions=pred,
-        genes=genes,
-        name=name,
-        color=color,
-        provenance=provenance,
-    )
+    doc = tumor_geojson(tumor, grid=grid, predictions=pred, **options)
     text = json.dumps(doc, ensure_ascii=False, allow_nan=False)
     with writing(dst, overwrite=overwrite, what="GeoJSON") as tmp:
         tmp.write_text(text, encoding="utf-8")

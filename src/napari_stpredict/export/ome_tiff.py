@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -89,6 +89,20 @@ def _tiles(
                 yield out
 
 
+class GridTiffOptions(TypedDict, total=False):
+    """How the OME-TIFF exports write (defaults: :func:`write_grid_ome_tiff`).
+
+    ``pixel_size_um``: output pixel size (default: the coarsest aligned with the cell edges,
+    :func:`default_pixel_px`); ``overwrite``: replace an existing target; ``progress``,
+    ``cancel``: as everywhere.
+    """
+
+    pixel_size_um: float | None
+    overwrite: bool
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+
+
 def write_grid_ome_tiff(
     dst: str | os.PathLike,
     planes: Callable[[int], np.ndarray],
@@ -130,18 +144,7 @@ def write_grid_ome_tiff(
 
     geo = GridGeometry.from_grid(grid)
     mpp = geo.mpp
-    if pixel_size_um is None:
-        pixel_px = default_pixel_px(geo)
-    else:
-        if not (
-            isinstance(pixel_size_um, int | float)
-            and math.isfinite(pixel_size_um)
-            and pixel_size_um > 0
-        ):
-            raise ExportError(f"pixel size {pixel_size_um!r} µm: must be a positive number")
-        if not mpp:
-            raise ExportError("pixel size in µm: the slide has no pixel size (mpp); leave it unset")
-        pixel_px = pixel_size_um / mpp
+    pixel_px = _pixel_px(geo, pixel_size_um)
     levels = _levels(geo.shape0, pixel_px, tile)
     if levels[0][1] * levels[0][2] > 2**31:
         raise ExportError(
@@ -150,22 +153,9 @@ def write_grid_ome_tiff(
     n = len(channel_names)
     dtype = np.dtype(dtype)
     total = sum(n * math.ceil(h / tile) * math.ceil(w / tile) for _, h, w in levels)
-    done = [0]
-
-    def tick() -> None:
-        done[0] += 1
-        if done[0] % 64 == 0:
-            check_cancel(cancel, "OME-TIFF export")
-            report(progress, done[0], total, "writing OME-TIFF")
-
+    tick = _ticker(total, progress, cancel)
     phys = pixel_px * mpp if mpp else None
-    meta: dict[str, Any] = {"axes": "CYX", "Name": name, "Channel": {"Name": list(channel_names)}}
-    if phys:
-        meta.update(
-            PhysicalSizeX=phys, PhysicalSizeXUnit="µm", PhysicalSizeY=phys, PhysicalSizeYUnit="µm"
-        )
-    if description:
-        meta["Description"] = description
+    meta = _ome_metadata(channel_names, name, description, phys)
     opts: dict[str, Any] = {
         "tile": (tile, tile),
         "dtype": dtype,
@@ -177,26 +167,14 @@ def write_grid_ome_tiff(
         tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif,
     ):
         for k, level in enumerate(levels):
-            res = {}
-            if phys:
-                res = {
-                    "resolution": (1e4 / (level[0] * mpp), 1e4 / (level[0] * mpp)),
-                    "resolutionunit": "CENTIMETER",
-                }
+            if phys:  # pixels per cm of this level
+                opts.update(resolution=(1e4 / (level[0] * mpp),) * 2, resolutionunit="CENTIMETER")
             data = _tiles(planes, n, geo, level, dtype=dtype, fill=fill, tile=tile, tick=tick)
-            if k == 0:
-                tif.write(
-                    data,
-                    shape=(n, level[1], level[2]),
-                    subifds=len(levels) - 1,
-                    metadata=meta,
-                    **res,
-                    **opts,
-                )
+            shape = (n, level[1], level[2])
+            if k == 0:  # full resolution: the OME metadata, the coarser levels as SubIFDs
+                tif.write(data, shape=shape, subifds=len(levels) - 1, metadata=meta, **opts)
             else:
-                tif.write(
-                    data, shape=(n, level[1], level[2]), subfiletype=1, metadata=None, **res, **opts
-                )
+                tif.write(data, shape=shape, subfiletype=1, metadata=None, **opts)
     report(progress, total, total, "OME-TIFF written")
     return {
         "shape": (n, levels[0][1], levels[0][2]),
@@ -206,16 +184,57 @@ def write_grid_ome_tiff(
     }
 
 
+def _pixel_px(geo: GridGeometry, pixel_size_um: float | None) -> float:
+    """The output pixel size in level-0 px: ``pixel_size_um`` (needs an mpp) or the default."""
+    if pixel_size_um is None:
+        return default_pixel_px(geo)
+    if not (
+        isinstance(pixel_size_um, int | float)
+        and math.isfinite(pixel_size_um)
+        and pixel_size_um > 0
+    ):
+        raise ExportError(f"pixel size {pixel_size_um!r} µm: must be a positive number")
+    if not geo.mpp:
+        raise ExportError("pixel size in µm: the slide has no pixel size (mpp); leave it unset")
+    return pixel_size_um / geo.mpp
+
+
+def _ticker(
+    total: int, progress: ProgressCallback | None, cancel: CancelToken | None
+) -> Callable[[], None]:
+    """Called once per tile: every 64 tiles, checks ``cancel`` and reports progress."""
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if done[0] % 64 == 0:
+            check_cancel(cancel, "OME-TIFF export")
+            report(progress, done[0], total, "writing OME-TIFF")
+
+    return tick
+
+
+def _ome_metadata(
+    channel_names: Sequence[str], name: str, description: str, phys: float | None
+) -> dict[str, Any]:
+    """tifffile's OME metadata: axes, image name, channel names, physical pixel size (µm)."""
+    meta: dict[str, Any] = {"axes": "CYX", "Name": name, "Channel": {"Name": list(channel_names)}}
+    if phys:
+        meta.update(
+            PhysicalSizeX=phys, PhysicalSizeXUnit="µm", PhysicalSizeY=phys, PhysicalSizeYUnit="µm"
+        )
+    if description:
+        meta["Description"] = description
+    return meta
+
+
 def export_heatmaps_ome_tiff(
     predictions: Any,
     dst: str | os.PathLike,
     *,
     genes: Sequence[str] | None = None,
     slide: Any = None,
-    pixel_size_um: float | None = None,
-    overwrite: bool = False,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
+    **options: Unpack[GridTiffOptions],
 ) -> ExportResult:
     """Predicted expression as a pyramidal float32 OME-TIFF, one channel per gene.
 
@@ -229,8 +248,9 @@ def export_heatmaps_ome_tiff(
         Channels to write (default: every gene of the model).
     slide
         Unused except as provenance (name); geometry comes from the store's grid.
-    pixel_size_um
-        Output pixel size (default: one pixel per grid cell when the grid allows it).
+    **options
+        ``pixel_size_um`` (default: one pixel per grid cell when the grid allows it),
+        ``overwrite``, ``progress``, ``cancel`` (:class:`GridTiffOptions`).
 
     Returns
     -------
@@ -254,12 +274,9 @@ def export_heatmaps_ome_tiff(
         pred.grid,
         dtype=np.float32,
         fill=np.nan,
-        pixel_size_um=pixel_size_um,
         name=f"{title} predicted expression",
         description="napari-stpredict predicted log-normalised expression; NaN = not predicted",
-        overwrite=overwrite,
-        progress=progress,
-        cancel=cancel,
+        **options,
     )
     c, h, w = info["shape"]
     px = f"{info['pixel_size_um']:.4g} µm/px" if info["pixel_size_um"] else "no mpp"
@@ -278,10 +295,7 @@ def export_tumor_mask_ome_tiff(
     dst: str | os.PathLike,
     *,
     grid: Any,
-    pixel_size_um: float | None = None,
-    overwrite: bool = False,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
+    **options: Unpack[GridTiffOptions],
 ) -> ExportResult:
     """The tumour mask as a uint8 OME-TIFF (1 = tumour, 0 = not) aligned with the slide.
 
@@ -291,6 +305,8 @@ def export_tumor_mask_ome_tiff(
         A :class:`~napari_stpredict.tumor.TumorMap` or a (gh, gw) bool mask.
     grid
         The ``TileGrid`` of the mask.
+    **options
+        ``pixel_size_um``, ``overwrite``, ``progress``, ``cancel`` (:class:`GridTiffOptions`).
     """
     mask = np.asarray(getattr(tumor, "mask", tumor), dtype=bool)
     geo = GridGeometry.from_grid(grid)
@@ -305,12 +321,9 @@ def export_tumor_mask_ome_tiff(
         grid,
         dtype=np.uint8,
         fill=0,
-        pixel_size_um=pixel_size_um,
         name="tumour mask",
         description="napari-stpredict tumour mask: 1 = tumour",
-        overwrite=overwrite,
-        progress=progress,
-        cancel=cancel,
+        **options,
     )
     _, h, w = info["shape"]
     return ExportResult(

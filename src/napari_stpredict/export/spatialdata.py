@@ -24,7 +24,6 @@ Needs the optional extra ``pip install 'napari-stpredict[spatialdata]'``; withou
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,12 @@ from napari_stpredict.export._common import (
     writing,
 )
 from napari_stpredict.export._predictions import as_predictions
+from napari_stpredict.export._spatialdata_image import (  # noqa: F401 (DEFAULT_*: re-exported)
+    DEFAULT_IMAGE_MPP,
+    DEFAULT_IMAGE_SIDE,
+    image_element,
+    image_plan,
+)
 from napari_stpredict.io_utils import MARKER_ATTR, check_free_space, check_target
 from napari_stpredict.progress import CancelToken, ProgressCallback, check_cancel, report
 
@@ -52,11 +57,6 @@ INSTALL_HINT = "pip install 'napari-stpredict[spatialdata]'"
 IMAGE, TILES, TUMOR, TABLE = "slide", "tiles", "tumor_regions", "predictions"
 #: coordinate system every element is placed in (µm when the slide has an mpp)
 COORDINATE_SYSTEM = "global"
-#: default resolution of the image copy: the coarsest resolution at or below this (µm/px)
-DEFAULT_IMAGE_MPP = 2.0
-#: without mpp: the image copy's longest side is at most this (px)
-DEFAULT_IMAGE_SIDE = 8192
-_MIN_PYRAMID_SIDE = 512
 
 
 def have_spatialdata() -> bool:
@@ -75,89 +75,6 @@ def require_spatialdata(what: str = "the spatialdata export") -> None:
     """Raise :class:`ExportError` (one line naming the extra) when spatialdata is missing."""
     if not have_spatialdata():
         raise ExportError(missing_extra_message(what))
-
-
-# --------------------------------------------------------------------------------------------
-# the image copy
-
-
-def _level_shapes(slide: Any) -> list[tuple[int, int]]:
-    return [(int(a.shape[0]), int(a.shape[1])) for a in slide.levels]
-
-
-def image_plan(
-    slide: Any, image: int | str | None = "auto", *, image_mpp: float = DEFAULT_IMAGE_MPP
-) -> tuple[int, int] | None:
-    """``(level, extra integer downsample)`` of the image copy, or ``None`` for no image.
-
-    ``image="auto"``: the coarsest stored level whose resolution is ≤ ``image_mpp`` µm/px,
-    further coarsened by the largest integer factor that keeps it ≤ ``image_mpp`` (a slide
-    without mpp: longest side ≤ :data:`DEFAULT_IMAGE_SIDE`). An integer picks that stored level
-    as it is.
-    """
-    if image is None or image is False or (isinstance(image, str) and image.lower() == "none"):
-        return None
-    shapes = _level_shapes(slide)
-    h0, w0 = shapes[0]
-    if isinstance(image, bool):  # True = auto
-        image = "auto"
-    if isinstance(image, str) and image.lower() != "auto":
-        try:
-            image = int(image)
-        except ValueError:
-            raise ExportError(
-                f"image {image!r}: expected 'auto', 'none' or a slide level number"
-            ) from None
-    if isinstance(image, (int, np.integer)):
-        if not 0 <= int(image) < len(shapes):
-            raise ExportError(
-                f"image level {int(image)}: the slide has levels 0..{len(shapes) - 1}"
-            )
-        return int(image), 1
-    if not (image_mpp > 0 and math.isfinite(image_mpp)):
-        raise ExportError(f"image_mpp {image_mpp!r}: expected a positive number")
-    mpp = getattr(slide, "mpp", None)
-    best = 0
-    for k, (h, w) in enumerate(shapes):
-        ds = max(h0 / h, w0 / w)
-        ok = (mpp * ds <= image_mpp * 1.001) if mpp else (max(h, w) >= DEFAULT_IMAGE_SIDE)
-        if ok or k == 0:
-            best = k
-    h, w = shapes[best]
-    ds = max(h0 / h, w0 / w)
-    if mpp:
-        factor = max(1, math.floor(image_mpp / (mpp * ds) * 1.001))
-    else:
-        factor = max(1, math.ceil(max(h, w) / DEFAULT_IMAGE_SIDE))
-    return best, factor
-
-
-def _image_element(slide: Any, level: int, factor: int, mpp: float | None) -> Any:
-    import dask.array as da
-    from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Scale
-
-    h0, w0 = _level_shapes(slide)[0]
-    arr = slide.levels[level]
-    h, w = int(arr.shape[0]), int(arr.shape[1])
-    dsy, dsx = h0 / h, w0 / w
-    if factor > 1:
-        arr = da.coarsen(np.mean, arr, {0: factor, 1: factor}, trim_excess=True).astype(np.uint8)
-        dsy, dsx = dsy * factor, dsx * factor
-    arr = arr.rechunk((1024, 1024, 3)).transpose(2, 0, 1)  # (c, y, x)
-    unit = mpp or 1.0
-    side = max(arr.shape[1:])
-    scale_factors = []
-    while side / 2 >= _MIN_PYRAMID_SIDE and len(scale_factors) < 8:
-        scale_factors.append(2)
-        side /= 2
-    return Image2DModel.parse(
-        arr,
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
-        scale_factors=scale_factors or None,
-        transformations={COORDINATE_SYSTEM: Scale([dsy * unit, dsx * unit], axes=("y", "x"))},
-    ), (level, factor, dsy, dsx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,21 +118,9 @@ def predictions_to_spatialdata(
         spatialdata not installed, nothing predicted, unknown genes, bad image level.
     """
     require_spatialdata()
-    import anndata as ad
-    import geopandas as gpd
-    import pandas as pd
-    from shapely import points
     from spatialdata import SpatialData
-    from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
 
-    from napari_stpredict.export.tables import (
-        _gathered,
-        _selection,
-        _tumor_arrays,
-        model_provenance,
-        slide_provenance,
-    )
+    from napari_stpredict.export.tables import _gathered, _selection, _tumor_arrays, cell_table
 
     pred, idx, done, names = _selection(predictions, genes, "spatialdata export")
     geo = pred.geometry
@@ -227,43 +132,89 @@ def predictions_to_spatialdata(
     mask, score = _tumor_arrays(tumor, geo.shape)
 
     cells, x = _gathered(pred, idx, done, cancel, "spatialdata export")
-    spread = None
-    if getattr(pred, "path", None) is not None:
-        spread = _spread(pred, idx, cells)
-    yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
-    mpp = geo.mpp
-    to_cs = (
-        Scale([mpp, mpp], axes=("x", "y"))
-        if mpp
-        else Identity()  # no mpp: the coordinate system is level-0 pixels
+    spread = _spread(pred, idx, cells) if getattr(pred, "path", None) is not None else None
+    to_cs = _to_coordinate_system(geo.mpp)
+    columns = _table_columns(cells)
+    table = cell_table(
+        cells, x, names, geo, mask=mask, score=score, columns=columns, index_name="tile"
     )
+    if spread is not None:
+        table.layers["spread"] = spread
+    prov = _provenance(pred, geo, done, model=model, slide=slide, spread=spread, tumor=tumor)
+    table.uns["stpredict"] = h5_safe(prov)
+    table = _parse_table(table)
+
+    shapes = {TILES: _tiles(cells, geo, to_cs)}
+    if mask is not None:
+        regions = _tumor_polygons(mask, pred, score)
+        if regions is not None:
+            shapes[TUMOR] = _shapes(regions, to_cs)
+    images, image_info = {}, None
+    if plan is not None:
+        check_cancel(cancel, "spatialdata export")
+        images[IMAGE], image_info = image_element(slide, plan, geo.mpp, COORDINATE_SYSTEM)
+    sdata = SpatialData(images=images, shapes=shapes, tables={TABLE: table})
+    sdata.attrs[MARKER_ATTR] = json_safe(
+        {"owner": "napari-stpredict", "kind": "spatialdata", "version": __version__}
+    )
+    sdata.attrs["stpredict"] = json_safe({**prov, "image": image_info})
+    return sdata
+
+
+def _to_coordinate_system(mpp: float | None) -> Any:
+    """Level-0 px → the coordinate system: µm with an mpp, level-0 pixels without."""
+    from spatialdata.transformations import Identity, Scale
+
+    return Scale([mpp, mpp], axes=("x", "y")) if mpp else Identity()
+
+
+def _shapes(frame: Any, to_cs: Any) -> Any:
+    from spatialdata.models import ShapesModel
+
+    return ShapesModel.parse(frame, transformations={COORDINATE_SYSTEM: to_cs})
+
+
+def _tiles(cells: np.ndarray, geo: Any, to_cs: Any) -> Any:
+    """One circle per predicted tile: centred on it, diameter = the grid stride."""
+    import geopandas as gpd
+    import pandas as pd
+    from shapely import points
+
     n = len(cells)
-    tile_ids = [f"{i}_{j}" for i, j in cells]
+    yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
     tiles = gpd.GeoDataFrame(
-        {"radius": np.full(n, geo.stride_px / 2.0), "tile_id": tile_ids},
+        {"radius": np.full(n, geo.stride_px / 2.0), "tile_id": [f"{i}_{j}" for i, j in cells]},
         geometry=points(np.stack([xc, yc], axis=1)),
         index=pd.RangeIndex(n, name="instance_id"),
     )
-    tiles = ShapesModel.parse(tiles, transformations={COORDINATE_SYSTEM: to_cs})
+    return _shapes(tiles, to_cs)
 
-    obs = pd.DataFrame(
-        {
-            "region": pd.Categorical([TILES] * n),
-            "instance_id": np.arange(n, dtype=np.int64),
-            "tile_id": tile_ids,
-            "i": cells[:, 0].astype(np.int32),
-            "j": cells[:, 1].astype(np.int32),
-        },
-        index=pd.Index(tile_ids, name="tile"),
-    )
-    if score is not None:
-        obs["tumor_score"] = score[cells[:, 0], cells[:, 1]].astype(np.float32)
-    if mask is not None:
-        obs["tumor"] = mask[cells[:, 0], cells[:, 1]]
-    table = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, name="gene")))
-    table.obsm["spatial"] = np.stack([xc, yc], axis=1).astype(np.float64)
-    if spread is not None:
-        table.layers["spread"] = spread
+
+def _table_columns(cells: np.ndarray) -> dict[str, Any]:
+    """The table's first ``obs`` columns: rows annotate the ``tiles`` shapes by instance id."""
+    import pandas as pd
+
+    n = len(cells)
+    return {
+        "region": pd.Categorical([TILES] * n),
+        "instance_id": np.arange(n, dtype=np.int64),
+        "tile_id": [f"{i}_{j}" for i, j in cells],
+    }
+
+
+def _parse_table(table: Any) -> Any:
+    from spatialdata.models import TableModel
+
+    return TableModel.parse(table, region=TILES, region_key="region", instance_key="instance_id")
+
+
+def _provenance(
+    pred: Any, geo: Any, done: np.ndarray, *, model: Any, slide: Any, spread: Any, tumor: Any
+) -> dict[str, Any]:
+    """``uns["stpredict"]`` of the table (and the store's attrs): model, slide, grid, units."""
+    from napari_stpredict.export.tables import model_provenance, slide_provenance
+
+    mpp = geo.mpp
     model_info = model_provenance(model, pred)
     slide_info = slide_provenance(slide, pred)
     prov: dict[str, Any] = {
@@ -286,31 +237,7 @@ def predictions_to_spatialdata(
     }
     if hasattr(tumor, "to_dict"):
         prov["tumor"] = tumor.to_dict()
-    table.uns["stpredict"] = h5_safe(prov)
-    table = TableModel.parse(table, region=TILES, region_key="region", instance_key="instance_id")
-
-    shapes = {TILES: tiles}
-    if mask is not None:
-        regions = _tumor_polygons(mask, pred, score)
-        if regions is not None:
-            shapes[TUMOR] = ShapesModel.parse(regions, transformations={COORDINATE_SYSTEM: to_cs})
-    images = {}
-    image_info = None
-    if plan is not None:
-        check_cancel(cancel, "spatialdata export")
-        images[IMAGE], (lvl, factor, dsy, dsx) = _image_element(slide, plan[0], plan[1], mpp)
-        image_info = {
-            "level": lvl,
-            "coarsen": factor,
-            "downsample": [dsy, dsx],
-            "mpp": [dsy * mpp, dsx * mpp] if mpp else None,
-        }
-    sdata = SpatialData(images=images, shapes=shapes, tables={TABLE: table})
-    sdata.attrs[MARKER_ATTR] = json_safe(
-        {"owner": "napari-stpredict", "kind": "spatialdata", "version": __version__}
-    )
-    sdata.attrs["stpredict"] = json_safe({**prov, "image": image_info})
-    return sdata
+    return prov
 
 
 def _auto_tumor(pred: Any, model: Any) -> Any:

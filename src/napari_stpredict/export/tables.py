@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -182,24 +182,11 @@ def predictions_to_anndata(
     ExportError
         Nothing predicted; unknown genes.
     """
-    import anndata as ad
-    import pandas as pd
-
     pred, idx, done, names = _selection(predictions, genes, "h5ad export")
     geo = pred.geometry
     mask, score = _tumor_arrays(tumor, geo.shape)
     cells, x = _gathered(pred, idx, done, cancel, "h5ad export")
-    yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
-    obs = pd.DataFrame(
-        {"i": cells[:, 0].astype(np.int32), "j": cells[:, 1].astype(np.int32)},
-        index=pd.Index([f"{i}_{j}" for i, j in cells], name="cell"),
-    )
-    if score is not None:
-        obs["tumor_score"] = score[cells[:, 0], cells[:, 1]]
-    if mask is not None:
-        obs["tumor"] = mask[cells[:, 0], cells[:, 1]]
-    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, name="gene")))
-    adata.obsm["spatial"] = np.stack([xc, yc], axis=1).astype(np.float64)
+    adata = cell_table(cells, x, names, geo, mask=mask, score=score)
     slide_info = slide_provenance(slide, pred)
     model_info = model_provenance(model, pred)
     lib = (
@@ -207,22 +194,7 @@ def predictions_to_anndata(
         or (Path(slide_info["path"]).stem if slide_info.get("path") else "slide")
         or "slide"
     )
-    scalef: dict[str, float] = {"spot_diameter_fullres": float(geo.stride_px)}
-    imgs: dict[str, np.ndarray] = {}
-    if images and slide is not None:
-        for key, side in (("hires", HIRES_MAX), ("lowres", LOWRES_MAX)):
-            img, f = _thumbnail(slide, side)
-            imgs[key] = img
-            scalef[f"tissue_{key}_scalef"] = f
-    else:
-        scalef["tissue_hires_scalef"] = 1.0  # images absent; scanpy still finds the key
-    adata.uns["spatial"] = {
-        lib: {
-            "images": imgs,
-            "scalefactors": scalef,
-            "metadata": {"source": "napari-stpredict", "software_version": __version__},
-        }
-    }
+    adata.uns["spatial"] = {lib: _visium_library(slide if images else None, geo.stride_px)}
     provenance = {
         "software": f"napari-stpredict {__version__}",
         "slide": slide_info,
@@ -246,6 +218,60 @@ def predictions_to_anndata(
     return adata
 
 
+def cell_table(
+    cells: np.ndarray,
+    values: np.ndarray,
+    genes: Sequence[str],
+    geo: Any,
+    *,
+    mask: np.ndarray | None,
+    score: np.ndarray | None,
+    columns: Mapping[str, Any] | None = None,
+    index_name: str = "cell",
+) -> Any:
+    """An AnnData of predicted cells: one row per cell of ``cells`` ``(n, 2)``.
+
+    ``X`` = ``values`` ``(n, len(genes))``; ``obs`` = ``columns`` (first, in order), grid
+    ``i``/``j``, then ``tumor_score``/``tumor`` when ``score``/``mask`` are given, indexed by
+    ``"{i}_{j}"``; ``obsm["spatial"]`` = cell centres ``[x, y]`` in level-0 px (float64).
+    Shared by the h5ad and the SpatialData table.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    ids = [f"{i}_{j}" for i, j in cells]
+    obs = pd.DataFrame(
+        {**(columns or {}), "i": cells[:, 0].astype(np.int32), "j": cells[:, 1].astype(np.int32)},
+        index=pd.Index(ids, name=index_name),
+    )
+    if score is not None:
+        obs["tumor_score"] = score[cells[:, 0], cells[:, 1]].astype(np.float32)
+    if mask is not None:
+        obs["tumor"] = mask[cells[:, 0], cells[:, 1]]
+    adata = ad.AnnData(X=values, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
+    yc, xc = geo.centers_px(cells[:, 0], cells[:, 1])
+    adata.obsm["spatial"] = np.stack([xc, yc], axis=1).astype(np.float64)
+    return adata
+
+
+def _visium_library(slide: Any, stride_px: float) -> dict[str, Any]:
+    """``uns["spatial"][library_id]``: Visium-style scale factors, thumbnails of ``slide``."""
+    scalef: dict[str, float] = {"spot_diameter_fullres": float(stride_px)}
+    imgs: dict[str, np.ndarray] = {}
+    if slide is not None:
+        for key, side in (("hires", HIRES_MAX), ("lowres", LOWRES_MAX)):
+            img, f = _thumbnail(slide, side)
+            imgs[key] = img
+            scalef[f"tissue_{key}_scalef"] = f
+    else:
+        scalef["tissue_hires_scalef"] = 1.0  # images absent; scanpy still finds the key
+    return {
+        "images": imgs,
+        "scalefactors": scalef,
+        "metadata": {"source": "napari-stpredict", "software_version": __version__},
+    }
+
+
 def _thumbnail(slide: Any, side: int) -> tuple[np.ndarray, float]:
     h0, w0 = (int(v) for v in slide.shape[:2])
     f = min(1.0, side / max(h0, w0))
@@ -254,21 +280,30 @@ def _thumbnail(slide: Any, side: int) -> tuple[np.ndarray, float]:
     return img, ow / w0
 
 
+class AnnDataOptions(TypedDict, total=False):
+    """What :func:`export_h5ad` passes on to :func:`predictions_to_anndata` (defaults there)."""
+
+    genes: Sequence[str] | None
+    tumor: Any
+    slide: Any
+    model: Any
+    library_id: str | None
+    images: bool
+    cancel: CancelToken | None
+
+
 def export_h5ad(
     predictions: Any,
     dst: str | os.PathLike,
     *,
-    genes: Sequence[str] | None = None,
-    tumor: Any = None,
-    slide: Any = None,
-    model: Any = None,
-    library_id: str | None = None,
-    images: bool = True,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
+    **options: Unpack[AnnDataOptions],
 ) -> ExportResult:
-    """Write per-cell predictions as ``.h5ad`` (see :func:`predictions_to_anndata`).
+    """Write per-cell predictions as ``.h5ad``.
+
+    ``options`` (``genes``, ``tumor``, ``slide``, ``model``, ``library_id``, ``images``,
+    ``cancel``) are those of :func:`predictions_to_anndata`.
 
     Raises
     ------
@@ -280,16 +315,7 @@ def export_h5ad(
 
     check_target(dst, overwrite=overwrite)  # fail before the work
     report(progress, 0, 2, "collecting predictions")
-    adata = predictions_to_anndata(
-        predictions,
-        genes=genes,
-        tumor=tumor,
-        slide=slide,
-        model=model,
-        library_id=library_id,
-        images=images,
-        cancel=cancel,
-    )
+    adata = predictions_to_anndata(predictions, **options)
     report(progress, 1, 2, "writing h5ad")
     image = h5ad_bytes(adata)
     with writing(dst, overwrite=overwrite, what="h5ad file") as tmp:

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+from napari_stpredict.inference import store as _store
 from napari_stpredict.inference.engine import (
     BatchResult,
     Engine,
@@ -31,44 +32,18 @@ from napari_stpredict.inference.engine import (
 from napari_stpredict.inference.grid import TileGrid, layer_placement
 from napari_stpredict.inference.protocol import PredictorProtocol
 from napari_stpredict.inference.session import PredictSession, open_session
-from napari_stpredict.inference.store import (
-    CacheEntry,
-    PredictionStore,
-    VerifyReport,
-    WriteBuffer,
-    cache_max_bytes,
-    clear_cache,
-    default_cache_dir,
-    evict_cache,
-    is_our_store,
-    list_cache,
-    model_key,
-    remove_store,
-    store_key,
-)
+from napari_stpredict.inference.store import *  # noqa: F403 — the names of store.__all__
 
 __all__ = [
     "BatchResult",
-    "CacheEntry",
     "Engine",
     "EngineStats",
     "PredictSession",
-    "PredictionStore",
     "PredictorProtocol",
     "RunSummary",
     "TileGrid",
-    "VerifyReport",
-    "WriteBuffer",
-    "cache_max_bytes",
-    "clear_cache",
-    "default_cache_dir",
-    "evict_cache",
-    "is_our_store",
     "layer_placement",
-    "list_cache",
-    "model_key",
     "open_session",
     "order_cells",
-    "remove_store",
-    "store_key",
 ]
+__all__ += _store.__all__  # PredictionStore, WriteBuffer, the cache folder, keys, ...

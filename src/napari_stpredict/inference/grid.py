@@ -61,13 +61,6 @@ class _MaskLike(Protocol):
     def fraction(self, y0: float, x0: float, y1: float, x1: float) -> float: ...
 
 
-def _positive(value: float, name: str) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise StPredictError(f"{name}={value!r}: must be a positive number")
-    return value
-
-
 @dataclass(frozen=True)
 class TileGrid:
     """Model patches laid over a slide, with mappings between cells, level-0 px and µm.
@@ -422,6 +415,14 @@ class TileGrid:
             f"TileGrid(shape={self.shape}, cell={self.cell_px:.4g} px, "
             f"stride={self.stride_px:.4g} px, {self.patch_um:g} µm → {self.patch_px} px, {mpp})"
         )
+
+
+def _positive(value: float, name: str) -> float:
+    """``value`` as a float, or a one-line error naming ``name`` if not finite and > 0."""
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise StPredictError(f"{name}={value!r}: must be a positive number")
+    return value
 
 
 def layer_placement(

@@ -21,6 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from napari_stpredict.errors import StPredictError
+from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.store import PredictionStore
+from napari_stpredict.slide import open_slide, tissue_mask
+
 __all__ = ["MARGIN", "MIN_TISSUE", "PredictSession", "open_session"]
 
 #: Minimum tissue fraction of a cell's footprint for the cell to be predicted.
@@ -145,6 +150,9 @@ def open_session(
 ) -> PredictSession:
     """Open the slide, its tissue mask, the grid, the prediction store and the engine.
 
+    Long because its docstring documents sixteen keyword options; the body is a short recipe
+    of helpers (grid, tissue, store, engine) that reads top to bottom.
+
     Slow (reads the slide's coarse level): run it in a worker thread in a GUI. Core only, no Qt.
 
     Parameters
@@ -186,47 +194,24 @@ def open_session(
         Check a reused store (done mask vs values) and heal broken chunks
         (:meth:`PredictionStore.verify`).
     """
-    from napari_stpredict.inference.engine import Engine
-    from napari_stpredict.inference.grid import TileGrid
-    from napari_stpredict.inference.store import PredictionStore
-    from napari_stpredict.slide import open_slide, tissue_mask
+    from napari_stpredict.inference.engine import Engine  # looked up now (tests replace it)
 
     if (slide is None) == (slide_path is None):
-        from napari_stpredict.errors import StPredictError
-
         raise StPredictError("open_session: give exactly one of slide_path and slide")
     owns = slide is None
     if owns:
         slide = open_slide(slide_path, mpp=mpp)
     model_path = Path(model_path if model_path is not None else getattr(predictor, "path", ""))
     store = None
+    notes: list[str] = []
     try:
-        notes: list[str] = []
-        grid = TileGrid.for_slide(slide, predictor, stride_um=stride_um)
-        if grid.mpp_assumed:
-            notes.append(
-                f"{Path(str(slide.path)).name}: no µm/px in the file; assuming the model's "
-                f"scale ({grid.effective_mpp:.3g} µm/px). Set the slide's µm/px if known."
-            )
+        grid = _grid_for(slide, predictor, stride_um, notes)
         if tissue is None:
             tissue = grid.tissue_cells(tissue_mask(slide), min_tissue)
         tissue = np.asarray(tissue, dtype=bool)
-        if store_path is not None:
-            store = PredictionStore.open_at(
-                store_path, slide=slide, predictor=predictor, grid=grid, attrs=store_attrs
-            )
-        else:
-            store = PredictionStore.for_slide(slide, predictor, grid, cache_dir=cache_dir)
+        store = _open_store(slide, predictor, grid, store_path, store_attrs, cache_dir)
         if verify_store:
-            report = store.verify(heal=True)
-            if report.broken_chunks:
-                text = (
-                    f"{store.path}: {len(report.broken_chunks)} broken chunk(s) "
-                    f"({report.broken_chunks[0]}{', …' if len(report.broken_chunks) > 1 else ''})"
-                    f"; {report.cells_reset} tile(s) will be predicted again"
-                )
-                notes.append(text)
-                _warnings.warn(text, RuntimeWarning, stacklevel=2)
+            _verify(store, notes)
         engine = Engine(
             slide,
             predictor,
@@ -243,7 +228,6 @@ def open_session(
         if owns:
             slide.close()
         raise
-    key = f"{slide.fingerprint()}:{model_path.resolve()}:{grid.key()}"
     return PredictSession(
         slide=slide,
         slide_layer=slide_layer,
@@ -253,7 +237,47 @@ def open_session(
         store=store,
         engine=engine,
         tissue=tissue,
-        key=key,
+        key=f"{slide.fingerprint()}:{model_path.resolve()}:{grid.key()}",
         warnings=notes,
         owns_slide=owns,
     )
+
+
+def _grid_for(slide: Any, predictor: Any, stride_um: float | None, notes: list[str]) -> TileGrid:
+    """The model's grid over the slide; a note when the slide's µm/px had to be assumed."""
+    grid = TileGrid.for_slide(slide, predictor, stride_um=stride_um)
+    if grid.mpp_assumed:
+        notes.append(
+            f"{Path(str(slide.path)).name}: no µm/px in the file; assuming the model's "
+            f"scale ({grid.effective_mpp:.3g} µm/px). Set the slide's µm/px if known."
+        )
+    return grid
+
+
+def _open_store(
+    slide: Any,
+    predictor: Any,
+    grid: TileGrid,
+    store_path: str | Path | None,
+    store_attrs: dict[str, Any] | None,
+    cache_dir: str | Path | None,
+) -> PredictionStore:
+    """The store at ``store_path`` (an output), or the cache's store for slide + model + grid."""
+    if store_path is not None:
+        return PredictionStore.open_at(
+            store_path, slide=slide, predictor=predictor, grid=grid, attrs=store_attrs
+        )
+    return PredictionStore.for_slide(slide, predictor, grid, cache_dir=cache_dir)
+
+
+def _verify(store: PredictionStore, notes: list[str]) -> None:
+    """Check a reused store and heal broken chunks; a note (and a warning) when any were."""
+    report = store.verify(heal=True)
+    if report.broken_chunks:
+        more = ", …" if len(report.broken_chunks) > 1 else ""
+        text = (
+            f"{store.path}: {len(report.broken_chunks)} broken chunk(s) "
+            f"({report.broken_chunks[0]}{more}); {report.cells_reset} tile(s) will be predicted again"
+        )
+        notes.append(text)
+        _warnings.warn(text, RuntimeWarning, stacklevel=3)

@@ -28,10 +28,8 @@ Nothing is ever unpickled: safetensors stores raw tensors and the metadata is JS
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,19 @@ import numpy as np
 import torch
 
 from napari_stpredict.errors import ModelFileError, first_line
-from napari_stpredict.model.header import FORMAT_NAME, bad_key
+from napari_stpredict.model.file_metadata import (
+    FORMAT_VERSION,
+    completed_metadata,
+    jsonable,
+    validate_metadata,
+)
+from napari_stpredict.model.gene_stats import (
+    GENE_STAT_KEYS,
+    compute_gene_stats,
+    gene_stats_arrays,
+    gene_stats_per_gene,
+)
+from napari_stpredict.model.header import FORMAT_NAME
 
 __all__ = [
     "FORMAT_NAME",
@@ -54,22 +64,6 @@ __all__ = [
     "load_model_file",
     "save_model_file",
 ]
-
-FORMAT_VERSION = 1
-GENE_STAT_KEYS = ("mean", "std", "p01", "p50", "p99")
-_REQUIRED = {
-    "method": str,
-    "backbone": str,
-    "model_config": dict,
-    "genes": list,
-    "normalization": dict,
-    "patch_px": int,
-    "top_k": int,
-    "training_sections": list,
-    "gene_stats": dict,
-    "image_mean": list,
-    "image_std": list,
-}
 
 
 @dataclass
@@ -166,85 +160,6 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def compute_gene_stats(expression: np.ndarray) -> dict[str, list[float]]:
-    """Per-gene ``mean, std, p01, p50, p99`` of a ``(N, G)`` normalised expression matrix (columns)."""
-    x = np.asarray(expression, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError("expression must be a non-empty (N, G) matrix")
-    p01, p50, p99 = np.percentile(x, [1, 50, 99], axis=0)
-    stats = {"mean": x.mean(0), "std": x.std(0), "p01": p01, "p50": p50, "p99": p99}
-    return {k: [float(np.float32(v)) for v in stats[k]] for k in GENE_STAT_KEYS}
-
-
-def gene_stats_per_gene(
-    genes: list[str], expression: np.ndarray, val_pcc: np.ndarray | None = None
-) -> dict[str, dict[str, float | None]]:
-    """``metadata["gene_stats"]``: ``{gene: {"mean", "sd", "p01", "p50", "p99", "val_pcc"}}``.
-
-    ``expression`` is the training spots' ``(N, G)`` normalised expression; ``val_pcc`` the
-    validation Pearson r per gene (``None`` when there was no validation).
-    """
-    cols = compute_gene_stats(expression)
-    if len(genes) != len(cols["mean"]):
-        raise ValueError(f"{len(genes)} genes but expression has {len(cols['mean'])} columns")
-    pcc = [None] * len(genes) if val_pcc is None else [float(np.float32(v)) for v in val_pcc]
-    return {
-        g: {
-            "mean": cols["mean"][i],
-            "sd": cols["std"][i],
-            "p01": cols["p01"][i],
-            "p50": cols["p50"][i],
-            "p99": cols["p99"][i],
-            "val_pcc": pcc[i],
-        }
-        for i, g in enumerate(genes)
-    }
-
-
-def _per_gene_layout(stats: dict[str, Any], genes: list[str]) -> bool:
-    return bool(genes) and all(isinstance(stats.get(g), dict) for g in genes)
-
-
-def gene_stats_arrays(stats: dict[str, Any], genes: list[str]) -> dict[str, np.ndarray]:
-    """Columns ``mean std p01 p50 p99 val_pcc`` → float32 ``(G,)`` in ``genes`` order, from either layout.
-
-    Reads both ``metadata["gene_stats"]`` layouts (per gene, or the older columns); a
-    statistic a file does not have (``p50``, ``val_pcc``) is NaN.
-    """
-    genes = list(genes)
-    keys = {"mean": "mean", "std": "sd", "p01": "p01", "p50": "p50", "p99": "p99"}
-    out: dict[str, np.ndarray] = {}
-    if _per_gene_layout(stats, genes):
-        for col, key in [*keys.items(), ("val_pcc", "val_pcc")]:
-            vals = [stats[g].get(key) for g in genes]
-            out[col] = np.array([np.nan if v is None else v for v in vals], dtype=np.float32)
-        return out
-    for col in [*GENE_STAT_KEYS, "val_pcc"]:
-        vals = stats.get(col)
-        out[col] = (
-            np.full(len(genes), np.nan, np.float32)
-            if vals is None
-            else np.array([np.nan if v is None else v for v in vals], dtype=np.float32)
-        )
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def save_model_file(
     path: str | os.PathLike,
     model,
@@ -284,62 +199,19 @@ def save_model_file(
     """
     from safetensors.torch import save_file
 
-    from napari_stpredict import __version__
     from napari_stpredict.io_utils import atomic_path
-    from napari_stpredict.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
-    tensors: dict[str, torch.Tensor] = {
-        f"model.{k}": v.detach()
-        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-        .contiguous()
-        .clone()
-        for k, v in model.state_dict().items()
-    }
-    meta = dict(metadata)
-    meta.setdefault("top_k", 50)
-    if meta.get("input") is not None:
-        spec = InputSpec.from_dict(meta["input"])  # one-line error on a bad spec
-        meta["input"] = spec.to_dict()
-        # kept for readers of older versions: the same numbers as the spec
-        meta["image_mean"], meta["image_std"] = list(spec.mean), list(spec.std)
-    meta.setdefault("image_mean", list(IMAGENET_MEAN))
-    meta.setdefault("image_std", list(IMAGENET_STD))
-    meta.setdefault("metrics", {})
-    meta.setdefault("history", [])
-    meta.setdefault("config", {})
-    meta.setdefault("bank_sections", list(meta.get("training_sections", [])))
-    meta.update(
-        format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
-        package_version=__version__,
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        method=model.method,
-        backbone=model.backbone,
-        model_config=model.config,
-        pretrained=meta.get("pretrained", getattr(model, "pretrained_source", "none")),
-    )
+    tensors = _weights(model)
+    meta = completed_metadata(metadata, model)
     if getattr(model, "retrieval", True):
-        if bank_embeddings is None or bank_expression is None:
-            raise ModelFileError(f"{path}: method {model.method!r} needs a reference bank")
-        emb = torch.as_tensor(bank_embeddings).detach().to("cpu", torch.float32).contiguous()
-        expr = torch.as_tensor(bank_expression).detach().to("cpu", torch.float32).contiguous()
-        if emb.ndim != 2 or expr.ndim != 2 or emb.shape[0] != expr.shape[0]:
-            raise ModelFileError(
-                f"{path}: bank shapes {tuple(emb.shape)} and {tuple(expr.shape)} do not match"
-            )
-        tensors["bank.embeddings"] = emb
-        tensors["bank.expression"] = expr
-        if bank_section_index is None:
-            bank_section_index = torch.zeros(emb.shape[0], dtype=torch.int32)
-        tensors["bank.section_index"] = (
-            torch.as_tensor(bank_section_index).to("cpu", torch.int32).contiguous()
-        )
-        meta["n_bank"] = int(emb.shape[0])
+        bank = _bank_tensors(path, model, bank_embeddings, bank_expression, bank_section_index)
+        tensors.update(bank)
+        meta["n_bank"] = int(bank["bank.embeddings"].shape[0])
     else:
         meta["n_bank"] = 0
     meta["content_sha256"] = _content_hash(tensors)
-    meta = _jsonable(meta)
-    _validate_metadata(Path(path), meta)
+    meta = jsonable(meta)
+    validate_metadata(Path(path), meta)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -350,56 +222,42 @@ def save_model_file(
     return Path(path)
 
 
-def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
-    bad = bad_key(meta, _REQUIRED)
-    if bad is not None:
-        key, present = bad
-        if not present:
-            raise ModelFileError(f"{path}: metadata lacks {key!r}")
-        raise ModelFileError(f"{path}: metadata {key!r} is not a {_REQUIRED[key].__name__}")
-    genes = meta["genes"]
-    if not genes or not all(isinstance(g, str) for g in genes) or len(set(genes)) != len(genes):
-        raise ModelFileError(f"{path}: metadata 'genes' must be unique gene names")
-    pum = meta.get("patch_um")
-    if pum is not None and (not isinstance(pum, int | float) or pum <= 0):
-        raise ModelFileError(f"{path}: metadata 'patch_um'={pum!r} is not a positive number")
-    if meta["patch_px"] < 8:
-        raise ModelFileError(f"{path}: metadata 'patch_px'={meta['patch_px']} is too small")
-    if meta["top_k"] < 1:
-        raise ModelFileError(f"{path}: metadata 'top_k'={meta['top_k']} must be ≥ 1")
-    stats = meta["gene_stats"]
-    if _per_gene_layout(stats, genes):
-        for g in genes:
-            bad = [k for k in ("mean", "sd", "p01", "p99") if not _is_number(stats[g].get(k))]
-            if bad:
-                raise ModelFileError(
-                    f"{path}: metadata gene_stats[{g!r}][{bad[0]!r}] is not a number"
-                )
-    else:
-        for k in GENE_STAT_KEYS:
-            vals = stats.get(k)
-            if not isinstance(vals, list) or len(vals) != len(genes):
-                raise ModelFileError(
-                    f"{path}: metadata gene_stats must give each gene's statistics ({k!r} missing)"
-                )
-    if len(meta["image_mean"]) != 3 or len(meta["image_std"]) != 3:
-        raise ModelFileError(f"{path}: metadata image_mean/image_std must have 3 values")
-    if meta.get("input") is not None:
-        from napari_stpredict.errors import StPredictError
-        from napari_stpredict.model.preprocess import InputSpec
-
-        try:
-            spec = InputSpec.from_dict(meta["input"])
-        except StPredictError as err:
-            raise ModelFileError(f"{path}: metadata 'input': {err}") from None
-        if spec.patch_px != meta["patch_px"]:
-            raise ModelFileError(
-                f"{path}: metadata 'input' patch_px {spec.patch_px} differs from patch_px {meta['patch_px']}"
-            )
+def _weights(model) -> dict[str, torch.Tensor]:
+    """``model.<name>`` → CPU copies of the state dict (floating point as float32)."""
+    return {
+        f"model.{k}": v.detach()
+        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        .contiguous()
+        .clone()
+        for k, v in model.state_dict().items()
+    }
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def _bank_tensors(
+    path: str | os.PathLike,
+    model,
+    bank_embeddings: torch.Tensor | np.ndarray | None,
+    bank_expression: torch.Tensor | np.ndarray | None,
+    bank_section_index: torch.Tensor | np.ndarray | None,
+) -> dict[str, torch.Tensor]:
+    """The ``bank.*`` tensors of a retrieval model (section index default: all 0)."""
+    if bank_embeddings is None or bank_expression is None:
+        raise ModelFileError(f"{path}: method {model.method!r} needs a reference bank")
+    emb = torch.as_tensor(bank_embeddings).detach().to("cpu", torch.float32).contiguous()
+    expr = torch.as_tensor(bank_expression).detach().to("cpu", torch.float32).contiguous()
+    if emb.ndim != 2 or expr.ndim != 2 or emb.shape[0] != expr.shape[0]:
+        raise ModelFileError(
+            f"{path}: bank shapes {tuple(emb.shape)} and {tuple(expr.shape)} do not match"
+        )
+    if bank_section_index is None:
+        bank_section_index = torch.zeros(emb.shape[0], dtype=torch.int32)
+    return {
+        "bank.embeddings": emb,
+        "bank.expression": expr,
+        "bank.section_index": torch.as_tensor(bank_section_index)
+        .to("cpu", torch.int32)
+        .contiguous(),
+    }
 
 
 def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFile:
@@ -422,41 +280,10 @@ def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFil
         Missing, not a safetensors file, not a napari-stpredict model, from an incompatible
         format version, or corrupt (one line naming the file and the reason).
     """
-    from safetensors import safe_open
-
     p = Path(path)
-    if not p.is_file():
-        raise ModelFileError(f"{p}: model file not found")
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            names = list(f.keys())
-            if header.get("format") != FORMAT_NAME:
-                raise ModelFileError(
-                    f"{p}: not a napari-stpredict model file (no {FORMAT_NAME!r} header)"
-                )
-            version = header.get("format_version", "")
-            if not version.isdigit():
-                raise ModelFileError(f"{p}: corrupt model file (format_version={version!r})")
-            if int(version) != FORMAT_VERSION:
-                raise ModelFileError(
-                    f"{p}: model file format version {version} is not supported by this "
-                    f"napari-stpredict (reads version {FORMAT_VERSION}); retrain or use a matching version"
-                )
-            tensors = {n: f.get_tensor(n) for n in names}
-    except ModelFileError:
-        raise
-    except Exception as err:
-        raise ModelFileError(
-            f"{p}: not a readable model file (corrupt or not safetensors: {first_line(err)})"
-        ) from None
-    try:
-        meta = json.loads(header.get("stpredict", ""))
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{p}: corrupt model file (metadata is not valid JSON)") from None
-    if not isinstance(meta, dict):
-        raise ModelFileError(f"{p}: corrupt model file (metadata is not a JSON object)")
-    _validate_metadata(p, meta)
+    header, tensors = _read(p)
+    meta = _metadata(p, header)
+    validate_metadata(p, meta)
     if verify and meta.get("content_sha256") != _content_hash(tensors):
         raise ModelFileError(f"{p}: corrupt model file (tensor checksum mismatch)")
     state = {n[len("model.") :]: t for n, t in tensors.items() if n.startswith("model.")}
@@ -467,23 +294,74 @@ def load_model_file(path: str | os.PathLike, *, verify: bool = True) -> ModelFil
     if meta["model_config"].get("n_genes") != n_genes:
         raise ModelFileError(f"{p}: model_config n_genes does not match {n_genes} genes")
     if "bank.embeddings" in tensors:
-        emb, expr = (
-            tensors["bank.embeddings"],
-            tensors.get("bank.expression"),
+        mf.bank_embeddings, mf.bank_expression, mf.bank_section_index = _checked_bank(
+            p, tensors, n_genes
         )
-        sec = tensors.get("bank.section_index")
-        if expr is None or sec is None:
-            raise ModelFileError(f"{p}: incomplete reference bank")
-        if emb.ndim != 2 or expr.shape != (emb.shape[0], n_genes) or sec.shape != (emb.shape[0],):
-            raise ModelFileError(
-                f"{p}: reference bank shapes {tuple(emb.shape)}, {tuple(expr.shape)}, "
-                f"{tuple(sec.shape)} do not match {n_genes} genes"
-            )
-        if emb.shape[0] == 0:
-            raise ModelFileError(f"{p}: reference bank is empty")
-        if not (torch.isfinite(emb).all() and torch.isfinite(expr).all()):
-            raise ModelFileError(f"{p}: reference bank contains NaN or infinite values")
-        mf.bank_embeddings, mf.bank_expression, mf.bank_section_index = emb, expr, sec
     elif meta["method"] not in ("regression", "ridge"):  # direct methods have no bank
         raise ModelFileError(f"{p}: method {meta['method']!r} needs a reference bank, none stored")
     return mf
+
+
+def _read(p: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The safetensors header metadata and every tensor, after the format and version checks."""
+    from safetensors import safe_open
+
+    if not p.is_file():
+        raise ModelFileError(f"{p}: model file not found")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            names = list(f.keys())
+            _check_format(p, header)
+            tensors = {n: f.get_tensor(n) for n in names}
+    except ModelFileError:
+        raise
+    except Exception as err:
+        raise ModelFileError(
+            f"{p}: not a readable model file (corrupt or not safetensors: {first_line(err)})"
+        ) from None
+    return header, tensors
+
+
+def _check_format(p: Path, header: dict[str, str]) -> None:
+    if header.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{p}: not a napari-stpredict model file (no {FORMAT_NAME!r} header)")
+    version = header.get("format_version", "")
+    if not version.isdigit():
+        raise ModelFileError(f"{p}: corrupt model file (format_version={version!r})")
+    if int(version) != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{p}: model file format version {version} is not supported by this "
+            f"napari-stpredict (reads version {FORMAT_VERSION}); retrain or use a matching version"
+        )
+
+
+def _metadata(p: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The JSON metadata object of the header."""
+    try:
+        meta = json.loads(header.get("stpredict", ""))
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{p}: corrupt model file (metadata is not valid JSON)") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{p}: corrupt model file (metadata is not a JSON object)")
+    return meta
+
+
+def _checked_bank(
+    p: Path, tensors: dict[str, torch.Tensor], n_genes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(embeddings, expression, section_index)`` of the stored bank: complete, fitting, finite."""
+    emb, expr = tensors["bank.embeddings"], tensors.get("bank.expression")
+    sec = tensors.get("bank.section_index")
+    if expr is None or sec is None:
+        raise ModelFileError(f"{p}: incomplete reference bank")
+    if emb.ndim != 2 or expr.shape != (emb.shape[0], n_genes) or sec.shape != (emb.shape[0],):
+        raise ModelFileError(
+            f"{p}: reference bank shapes {tuple(emb.shape)}, {tuple(expr.shape)}, "
+            f"{tuple(sec.shape)} do not match {n_genes} genes"
+        )
+    if emb.shape[0] == 0:
+        raise ModelFileError(f"{p}: reference bank is empty")
+    if not (torch.isfinite(emb).all() and torch.isfinite(expr).all()):
+        raise ModelFileError(f"{p}: reference bank contains NaN or infinite values")
+    return emb, expr, sec

@@ -232,16 +232,15 @@ class CMRCNet(BLEEP):
     def __init__(
         self,
         *,
-        n_genes: int,
         mask_prob: float = 0.5,
         n_gene_tokens: int = 8,
         fusion_depth: int = 2,
         fusion_heads: int = 8,
         **hparams: Any,
     ) -> None:
-        # proj_dim, temperature, dropout (BLEEP) and the STModel arguments pass through ``hparams``
+        # n_genes, proj_dim, temperature, dropout (BLEEP) and the STModel arguments pass
+        # through ``hparams``
         super().__init__(
-            n_genes=n_genes,
             mask_prob=mask_prob,
             n_gene_tokens=n_gene_tokens,
             fusion_depth=fusion_depth,
@@ -253,7 +252,7 @@ class CMRCNet(BLEEP):
             raise StPredictError(f"mask_prob={mask_prob}: must be in [0, 1)")
         self.mask_prob = float(mask_prob)
         self.token_projection = nn.Linear(self.encoder.num_features, proj_dim)
-        self.gene_tokenizer = SNNTokenizer(n_genes, n_tokens=n_gene_tokens, dim=proj_dim)
+        self.gene_tokenizer = SNNTokenizer(self.n_genes, n_tokens=n_gene_tokens, dim=proj_dim)
         self.cross_norm_q = nn.LayerNorm(proj_dim)
         self.cross_norm_kv = nn.LayerNorm(proj_dim)
         self.cross_attention = nn.MultiheadAttention(proj_dim, 4, dropout=dropout, batch_first=True)

@@ -185,27 +185,12 @@ def fit_ridge(
     """
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(expression, dtype=np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise StPredictError(
-            f"ridge: features {x.shape} and expression {y.shape} must be (N, D) and (N, G)"
-        )
+    _check_training_data(x, y)
     n = x.shape[0]
-    if n < 3:
-        raise StPredictError(f"ridge: {n} training spots, need at least 3")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise StPredictError("ridge: features or expression contain NaN/infinite values")
     k = int(max(1, min(n_components, n - 1, x.shape[1])))
-    mean = x.mean(0)
-    xc = x - mean
-    # PCA by SVD of the centred features (deterministic; sign fixed by the largest loading)
-    _, s, vt = np.linalg.svd(xc, full_matrices=False)
-    comps = vt[:k]
-    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])
-    signs[signs == 0] = 1.0
-    comps = comps * signs[:, None]
-    var = s * s / max(1, n - 1)
+    mean, comps, var = _pca(x, k)
     explained = float(var[:k].sum() / var.sum()) if var.sum() > 0 else 1.0
-    z = xc @ comps.T
+    z = (x - mean) @ comps.T
     scale = float(n * var[:k].mean()) if var[:k].mean() > 0 else 1.0
     rel = np.asarray(alphas, dtype=np.float64)
     if rel.size == 0 or (rel <= 0).any():
@@ -213,24 +198,8 @@ def fit_ridge(
     grid = rel * scale
 
     # inner cross-validation on the training spots only
-    if groups is not None and len(np.unique(groups)) >= 2:
-        g = np.asarray(groups)
-        splits = [(np.nonzero(g != u)[0], np.nonzero(g == u)[0]) for u in np.unique(g)]
-        scheme = "leave-one-section-out"
-    else:
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(n)
-        folds = np.array_split(perm, min(n_splits, n))
-        splits = [(np.setdiff1d(perm, f), f) for f in folds if len(f)]
-        scheme = f"{len(splits)}-fold random"
-    scores = np.zeros(len(grid))
-    for tr, te in splits:
-        if len(tr) < 2 or len(te) < 2:
-            continue
-        zt, yt = z[tr], y[tr]
-        zm, ym = zt.mean(0), yt.mean(0)
-        for j, b in enumerate(_solve(zt - zm, yt - ym, grid)):
-            scores[j] += _mean_pcc((z[te] - zm) @ b + ym, y[te], cv_top) / len(splits)
+    splits, scheme = _inner_splits(groups, n, n_splits, seed)
+    scores = _cv_scores(z, y, grid, splits, cv_top)
     best = int(np.argmax(scores))
     ym = y.mean(0)
     coef = _solve(z, y - ym, grid[best : best + 1])[0]  # (K, G); z is already centred
@@ -250,6 +219,66 @@ def fit_ridge(
             "scores": [round(float(v), 5) for v in scores],
         },
     )
+
+
+def _check_training_data(x: np.ndarray, y: np.ndarray) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise StPredictError(
+            f"ridge: features {x.shape} and expression {y.shape} must be (N, D) and (N, G)"
+        )
+    n = x.shape[0]
+    if n < 3:
+        raise StPredictError(f"ridge: {n} training spots, need at least 3")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise StPredictError("ridge: features or expression contain NaN/infinite values")
+
+
+def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean (D,), components (k, D), variance of every component)`` of ``x`` ``(N, D)``.
+
+    By SVD of the centred features: deterministic, each component's sign fixed by its largest
+    loading.
+    """
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:k]
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])
+    signs[signs == 0] = 1.0
+    return mean, comps * signs[:, None], s * s / max(1, x.shape[0] - 1)
+
+
+def _inner_splits(
+    groups: np.ndarray | None, n: int, n_splits: int, seed: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """``([(train, held out)], scheme)``: one section out at a time, else random folds."""
+    if groups is not None and len(np.unique(groups)) >= 2:
+        g = np.asarray(groups)
+        splits = [(np.nonzero(g != u)[0], np.nonzero(g == u)[0]) for u in np.unique(g)]
+        return splits, "leave-one-section-out"
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    folds = np.array_split(perm, min(n_splits, n))
+    splits = [(np.setdiff1d(perm, f), f) for f in folds if len(f)]
+    return splits, f"{len(splits)}-fold random"
+
+
+def _cv_scores(
+    z: np.ndarray,
+    y: np.ndarray,
+    grid: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    cv_top: int | None,
+) -> np.ndarray:
+    """Mean held-out score (:func:`_mean_pcc`) of each alpha of ``grid`` over ``splits``."""
+    scores = np.zeros(len(grid))
+    for tr, te in splits:
+        if len(tr) < 2 or len(te) < 2:
+            continue
+        zt, yt = z[tr], y[tr]
+        zm, ym = zt.mean(0), yt.mean(0)
+        for j, b in enumerate(_solve(zt - zm, yt - ym, grid)):
+            scores[j] += _mean_pcc((z[te] - zm) @ b + ym, y[te], cv_top) / len(splits)
+    return scores
 
 
 def fit_closed_form(run: Any, tracker: Any) -> dict[str, Any]:

@@ -45,8 +45,21 @@ MAX_PIXELS = 2**28  # 268 Mpx, e.g. 16,384 × 16,384
 _MODE_CHANNELS = {"1": 1, "L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 3, "PA": 4, "CMYK": 3}
 
 
-def _header(path: Path, head: bytes) -> tuple[int, int, str]:
-    """Width, height and Pillow mode, parsed from the header only (no decode)."""
+def image_header(path: Path, head: bytes) -> tuple[int, int, str]:
+    """Width, height and Pillow mode of a JPEG/PNG, parsed from the header only (no decode).
+
+    Parameters
+    ----------
+    path
+        The file.
+    head
+        Its first bytes (:data:`JPEG_MAGIC` or :data:`PNG_MAGIC` says which format).
+
+    Raises
+    ------
+    SlideError
+        A corrupt or unsupported header (the decoder's error is its ``__cause__``).
+    """
     from PIL import JpegImagePlugin, PngImagePlugin
 
     # the plugin classes parse the header without Pillow's decompression-bomb limit, which
@@ -190,7 +203,7 @@ def open_image(path: Path, head: bytes, *, max_pixels: int | None = MAX_PIXELS) 
     Only the header is parsed here (plus a full decode for images of at most
     :data:`EAGER_PIXELS`); ``max_pixels`` (``None`` = no limit) bounds what may be decoded.
     """
-    width, height, mode = _header(path, head)
+    width, height, mode = image_header(path, head)
     if width <= 0 or height <= 0:
         raise SlideError(f"{path}: image has zero size {height}x{width}")
     if mode not in _MODE_CHANNELS:

@@ -9,7 +9,7 @@ import dask.array as da
 import numpy as np
 
 from napari_stpredict.errors import SlideError
-from napari_stpredict.slide.base import LevelSource, check_pixel_type, to_rgb
+from napari_stpredict.slide.sources import LevelSource, check_pixel_type, to_rgb
 
 _UNITS_UM = {
     "angstrom": 1e-4, "picometer": 1e-6, "nanometer": 1e-3, "micrometer": 1.0, "µm": 1.0,

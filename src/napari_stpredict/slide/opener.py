@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from napari_stpredict.errors import SlideError
 from napari_stpredict.slide.base import Slide
@@ -57,41 +57,7 @@ def open_slide(
         raise SlideError(f"{p}: mpp must be a positive number, got {mpp!r}")
     if not p.exists():
         raise SlideError(f"{p}: no such file or folder")
-    if p.is_dir():
-        from napari_stpredict.slide.omezarr import is_zarr_dir, open_omezarr
-
-        if not is_zarr_dir(p):
-            raise SlideError(f"{p}: folder is not an OME-Zarr store")
-        parts = open_omezarr(p)
-    else:
-        try:
-            with open(p, "rb") as fh:
-                head = fh.read(16)
-        except OSError as err:
-            raise SlideError(f"{p}: cannot read: {err.strerror or err}") from err
-        if not head:
-            raise SlideError(f"{p}: empty file")
-        if head[:4] in TIFF_MAGICS:
-            from napari_stpredict.slide.tiff import open_tiff
-
-            parts = open_tiff(p)
-        else:
-            from napari_stpredict.slide.image import JPEG_MAGIC, PNG_MAGIC, open_image
-
-            if head.startswith(JPEG_MAGIC) or head.startswith(PNG_MAGIC):
-                if max_image_pixels == "default":
-                    parts = open_image(p, head)
-                else:
-                    parts = open_image(p, head, max_pixels=max_image_pixels)
-            elif p.suffix.lower() in SLIDE_SUFFIXES:
-                raise SlideError(
-                    f"{p}: corrupt or not a {p.suffix.lstrip('.').upper()} file "
-                    f"(unrecognised header {head[:4]!r})"
-                )
-            else:
-                raise SlideError(
-                    f"{p}: unknown format (supported: SVS, NDPI, TIFF/OME-TIFF, OME-Zarr, JPEG, PNG)"
-                )
+    parts = _open_store(p) if p.is_dir() else _open_file(p, max_image_pixels)
     file_mpp = parts["mpp"]
     meta = parts["metadata"]
     if mpp is not None:
@@ -111,3 +77,41 @@ def open_slide(
         if parts["closer"] is not None:
             parts["closer"]()
         raise
+
+
+def _open_store(p: Path) -> dict[str, Any]:
+    """The pieces of a slide stored as a folder (OME-Zarr)."""
+    from napari_stpredict.slide.omezarr import is_zarr_dir, open_omezarr
+
+    if not is_zarr_dir(p):
+        raise SlideError(f"{p}: folder is not an OME-Zarr store")
+    return open_omezarr(p)
+
+
+def _open_file(p: Path, max_image_pixels: int | Literal["default"] | None) -> dict[str, Any]:
+    """The pieces of a slide file, the backend chosen from its first bytes."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError as err:
+        raise SlideError(f"{p}: cannot read: {err.strerror or err}") from err
+    if not head:
+        raise SlideError(f"{p}: empty file")
+    if head[:4] in TIFF_MAGICS:
+        from napari_stpredict.slide.tiff import open_tiff
+
+        return open_tiff(p)
+    from napari_stpredict.slide.image import JPEG_MAGIC, PNG_MAGIC, open_image
+
+    if head.startswith(JPEG_MAGIC) or head.startswith(PNG_MAGIC):
+        if max_image_pixels == "default":
+            return open_image(p, head)
+        return open_image(p, head, max_pixels=max_image_pixels)
+    if p.suffix.lower() in SLIDE_SUFFIXES:
+        raise SlideError(
+            f"{p}: corrupt or not a {p.suffix.lstrip('.').upper()} file "
+            f"(unrecognised header {head[:4]!r})"
+        )
+    raise SlideError(
+        f"{p}: unknown format (supported: SVS, NDPI, TIFF/OME-TIFF, OME-Zarr, JPEG, PNG)"
+    )

@@ -17,7 +17,6 @@ import io
 import math
 import os
 import threading
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,19 @@ import dask.array as da
 import numpy as np
 import tifffile
 
-from napari_stpredict.errors import SlideError
-from napari_stpredict.slide.base import FILL, LevelSource, check_pixel_type, to_rgb
+from napari_stpredict.errors import SlideError, first_line
+from napari_stpredict.slide.sources import FILL, LevelSource, check_pixel_type, to_rgb
+from napari_stpredict.slide.tiff_metadata import (  # noqa: F401  (names kept importable here)
+    _OME_UNITS,
+    SUSPECT_MPP,
+    _jsonable,
+    _mpp_from_ome,
+    _mpp_from_resolution,
+    _resolution,
+    _resolution_downsamples,
+    file_metadata,
+)
 
-#: Resolution tags claiming pixels larger than this (µm) are probably placeholders (72 dpi =
-#: 352.8 µm/px); they are still used, as OpenSlide and QuPath do, but flagged in the metadata.
-SUSPECT_MPP = 50.0
 #: Requests touching at least this many tiles are decoded on a thread pool.
 _PARALLEL_TILES = 8
 
@@ -190,102 +196,6 @@ class TiffLevel(LevelSource):
         return arr
 
 
-def _mpp_from_resolution(page: tifffile.TiffPage) -> float | None:
-    tags = page.tags
-    xres = tags.valueof("XResolution")
-    unit = tags.valueof("ResolutionUnit")
-    if xres is None or unit is None:
-        return None
-    try:
-        num, den = xres
-        px_per_unit = num / den
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not px_per_unit > 0:
-        return None
-    unit = int(unit)
-    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
-    if um_per_unit is None:
-        return None
-    return um_per_unit / px_per_unit
-
-
-_OME_UNITS = {
-    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "mm": 1e3,
-    "cm": 1e4, "dm": 1e5, "m": 1e6, "in": 25400.0, "mil": 25.4,
-}  # fmt: skip
-
-
-def _resolution(page: tifffile.TiffPage) -> tuple[float, float, int] | None:
-    tags = page.tags
-    try:
-        xn, xd = tags.valueof("XResolution")
-        yn, yd = tags.valueof("YResolution")
-        return xn / xd, yn / yd, int(tags.valueof("ResolutionUnit") or 1)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def _resolution_downsamples(levels: list[TiffLevel]) -> list[tuple[float, float]] | None:
-    """Exact per-level downsamples from resolution tags, if every level has consistent ones.
-
-    Our writer (and others) record each level's resolution; many files instead copy level 0's
-    tags to every level, so ratios are used only where they agree with the level sizes.
-    """
-    res = [_resolution(lv.planes[0].page) for lv in levels]
-    if any(r is None or not (r[0] > 0 and r[1] > 0) for r in res) or len({r[2] for r in res}) != 1:
-        return None
-    h0, w0 = levels[0].shape
-    out = []
-    for lv, r in zip(levels, res, strict=True):
-        dy, dx = res[0][1] / r[1], res[0][0] / r[0]
-        if abs(h0 / dy - lv.shape[0]) >= 1.0 or abs(w0 / dx - lv.shape[1]) >= 1.0:
-            return None
-        out.append((dy, dx))
-    return out
-
-
-def _mpp_from_ome(xml: str, shape: tuple[int, int]) -> float | None:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    candidates = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
-    matching = [
-        el
-        for el in candidates
-        if el.get("SizeY") == str(shape[0]) and el.get("SizeX") == str(shape[1])
-    ]
-    for el in matching or candidates:
-        size = el.get("PhysicalSizeX")
-        if size is None:
-            continue
-        factor = _OME_UNITS.get(el.get("PhysicalSizeXUnit", "µm"))
-        try:
-            mpp = float(size) * factor if factor is not None else None
-        except ValueError:
-            mpp = None
-        if mpp and mpp > 0:
-            return mpp
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, bool, int, float)) or value is None:
-        return value
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("latin-1", "replace")
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value] if len(value) <= 16 else f"<{len(value)} values>"
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 16 else f"<array {value.shape}>"
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
-
-
 def _main_series(tf: tifffile.TiffFile, path: Path) -> tifffile.TiffPageSeries:
     best, best_px = None, -1
     for s in tf.series:
@@ -328,12 +238,7 @@ def _level_planes(
     except SlideError:
         raise
     except Exception as err:
-        raise SlideError(f"{path}: unsupported TIFF level {index}: {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+        raise SlideError(f"{path}: unsupported TIFF level {index}: {first_line(err)}") from err
 
 
 def _probe(level: TiffLevel, path: Path, index: int) -> None:
@@ -349,7 +254,7 @@ def _probe(level: TiffLevel, path: Path, index: int) -> None:
                     p.tiles_read -= 1
             except Exception as err:
                 raise SlideError(
-                    f"{path}: corrupt image data (level {index}, tile {i}): {_one_line(err)}"
+                    f"{path}: corrupt image data (level {index}, tile {i}): {first_line(err)}"
                 ) from err
             return
 
@@ -389,7 +294,7 @@ def open_tiff(path: Path) -> dict[str, Any]:
     try:
         tf = tifffile.TiffFile(path)
     except Exception as err:
-        raise SlideError(f"{path}: not a readable TIFF file: {_one_line(err)}") from err
+        raise SlideError(f"{path}: not a readable TIFF file: {first_line(err)}") from err
     try:
         return _build(tf, path)
     except BaseException:
@@ -398,14 +303,33 @@ def open_tiff(path: Path) -> dict[str, Any]:
 
 
 def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
+    series, levels = _structure(tf, path)
+    fmt = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome-tiff" if tf.is_ome else "tiff"
+    _check_pixels(series, path)
+    sources = _pyramid(series, levels, tf.filehandle, path)
+    _check_complete(sources, path)
+    _probe(sources[0], path, 0)
+    if len(sources) > 1:
+        _probe(sources[-1], path, len(sources) - 1)
+    meta, mpp = file_metadata(tf, fmt, series, sources[0].shape)
+    return {"format": fmt, "sources": sources, "mpp": mpp, "metadata": meta, "closer": tf.close}
+
+
+def _structure(
+    tf: tifffile.TiffFile, path: Path
+) -> tuple[tifffile.TiffPageSeries, list[tifffile.TiffPageSeries]]:
+    """The main image series and its levels (finest first)."""
     try:
         series = _main_series(tf, path)
-        levels = list(series.levels)
+        return series, list(series.levels)
     except SlideError:
         raise
     except Exception as err:
-        raise SlideError(f"{path}: cannot parse TIFF structure: {_one_line(err)}") from err
-    fmt = "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "ome-tiff" if tf.is_ome else "tiff"
+        raise SlideError(f"{path}: cannot parse TIFF structure: {first_line(err)}") from err
+
+
+def _check_pixels(series: tifffile.TiffPageSeries, path: Path) -> None:
+    """Refuse pixels that are not 8-bit grey/RGB(A) brightfield (palette, min-is-white)."""
     page0 = series.keyframe
     axes = series.get_axes(True)
     shape = series.get_shape(True)
@@ -420,8 +344,16 @@ def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     if page0.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         raise SlideError(f"{path}: inverted (min-is-white) greyscale TIFFs are not supported")
 
+
+def _pyramid(
+    series: tifffile.TiffPageSeries,
+    levels: list[tifffile.TiffPageSeries],
+    fh: tifffile.FileHandle,
+    path: Path,
+) -> list[TiffLevel]:
+    """The levels that form a pyramid (each no larger than the one before), with the exact
+    downsamples the resolution tags give where they agree with the sizes."""
     sources: list[TiffLevel] = []
-    fh = tf.filehandle
     for i, level in enumerate(levels):
         planes = _level_planes(level, fh, path, i)
         lv = TiffLevel(series, i, planes, FILL)
@@ -432,51 +364,4 @@ def _build(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     if exact is not None:
         for lv, ds in zip(sources, exact, strict=True):
             lv.downsample = ds
-    _check_complete(sources, path)
-    _probe(sources[0], path, 0)
-    if len(sources) > 1:
-        _probe(sources[-1], path, len(sources) - 1)
-
-    meta: dict[str, Any] = {
-        "vendor": {"svs": "aperio", "ndpi": "hamamatsu"}.get(fmt, "generic"),
-        "compression": tifffile.COMPRESSION(page0.compression).name.lower()
-        if page0.compression in tifffile.COMPRESSION.__members__.values()
-        else int(page0.compression),
-        "series": series.name,
-        "axes": axes,
-    }
-    mpp, mpp_source = None, None
-    if fmt == "svs":
-        try:
-            props = tifffile.tifffile.svs_description_metadata(page0.description)
-        except ValueError:
-            props = {}
-        meta["properties"] = _jsonable(props)
-        if "AppMag" in props:
-            meta["objective_power"] = _jsonable(props["AppMag"])
-        try:
-            mpp = float(props["MPP"]) if "MPP" in props else None
-            mpp_source = "svs MPP" if mpp else None
-        except (TypeError, ValueError):
-            mpp = None
-    elif fmt == "ndpi":
-        ndpi = page0.ndpi_tags or {}
-        meta["properties"] = _jsonable({k: v for k, v in ndpi.items() if k != "McuStarts"})
-        if "Magnification" in ndpi:
-            meta["objective_power"] = _jsonable(ndpi["Magnification"])
-    elif fmt == "ome-tiff":
-        xml = tf.ome_metadata or ""
-        mpp = _mpp_from_ome(xml, sources[0].shape)
-        mpp_source = "OME PhysicalSizeX" if mpp else None
-    if mpp is None:
-        mpp = _mpp_from_resolution(page0)
-        mpp_source = "TIFF resolution tags" if mpp else None
-    if mpp is not None and not (0 < mpp < float("inf")):
-        mpp, mpp_source = None, None
-    meta["mpp_source"] = mpp_source
-    if mpp is not None and mpp > SUSPECT_MPP:
-        meta["mpp_suspect"] = (
-            f"{mpp:.1f} µm/px looks like a default screen resolution, not a scan; "
-            "pass the real mpp if known"
-        )
-    return {"format": fmt, "sources": sources, "mpp": mpp, "metadata": meta, "closer": tf.close}
+    return sources

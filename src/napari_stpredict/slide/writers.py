@@ -199,70 +199,76 @@ def write_ome_tiff(
     import tifffile
 
     mpp, shapes, prog = _plan(slide, dst, tile, compression, mpp, COMPRESSIONS, progress, cancel)
-    comp: dict[str, Any]
+    options = {**_tiff_compression(compression, quality), "tile": (tile, tile)}
+    with (
+        output_lock(dst, what="conversion"),
+        atomic_path(dst, overwrite=overwrite) as tmp,
+        _scratch(Path(dst)) as scratch,
+        tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw,
+    ):
+        metadata = _ome_metadata(_image_name(dst), mpp)
+        reader = _slide_strip_reader(slide)
+        for k, (h, w) in enumerate(shapes):
+            nxt = _temp_level(scratch, k + 1, shapes[k + 1], tile) if k + 1 < len(shapes) else None
+            tw.write(
+                _level_tiles(reader, (h, w), tile, nxt, prog, f"level {k}"),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                subifds=len(shapes) - 1 if k == 0 else None,
+                subfiletype=1 if k else 0,
+                metadata=metadata if k == 0 else None,
+                maxworkers=os.cpu_count() or 1,
+                # encode about one strip at a time: memory bounded by the strip
+                buffersize=max(2**20, tile * w * 3),
+                **options,
+                **_tiff_resolution(mpp, 2**k),
+            )
+            if k > 0:
+                shutil.rmtree(scratch / f"level{k}", ignore_errors=True)
+            if nxt is not None:
+                reader = lambda y0, y1, a=nxt: np.asarray(a[y0:y1])  # noqa: E731
+    return Path(dst)
+
+
+def _image_name(dst: str | os.PathLike) -> str:
+    """The image name recorded in the metadata: the output's name before its first dot."""
+    return Path(dst).name.split(".")[0]
+
+
+def _tiff_compression(compression: str, quality: int) -> dict[str, Any]:
+    """tifffile's compression options for ``"jpeg"`` (YCbCr, at ``quality``) or ``"deflate"``."""
     if compression == "jpeg":
-        comp = {
+        return {
             "compression": "jpeg",
             "compressionargs": {"level": int(quality)},
             # RGB input: tifffile stores it as YCbCr JPEG (chroma subsampled)
             "photometric": "rgb",
         }
-    else:
-        comp = {
-            "compression": "zlib",
-            "compressionargs": {"level": 6},
-            "photometric": "rgb",
-            "predictor": 2,
-        }
-    name = Path(dst).name.split(".")[0]
+    return {
+        "compression": "zlib",
+        "compressionargs": {"level": 6},
+        "photometric": "rgb",
+        "predictor": 2,
+    }
+
+
+def _ome_metadata(name: str, mpp: float | None) -> dict[str, Any]:
+    """The OME metadata of level 0: axes, name and, when known, the physical pixel size."""
     metadata: dict[str, Any] = {"axes": "YXS", "Name": name}
     if mpp:
         metadata.update(
             PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm"
         )
-    with (
-        output_lock(dst, what="conversion"),
-        atomic_path(dst, overwrite=overwrite) as tmp,
-        _scratch(Path(dst)) as scratch,
-    ):
-        reader = _slide_strip_reader(slide)
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
-            for k, (h, w) in enumerate(shapes):
-                nxt = (
-                    _temp_level(Path(scratch), k + 1, shapes[k + 1], tile)
-                    if k + 1 < len(shapes)
-                    else None
-                )
-                # every level records its resolution, so readers get exact 2^k downsamples
-                # (relative, unit-less ones when the physical scale is unknown)
-                ds = 2**k
-                if mpp:
-                    res = {
-                        "resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)),
-                        "resolutionunit": "CENTIMETER",
-                    }
-                else:
-                    res = {"resolution": (1 / ds, 1 / ds), "resolutionunit": "NONE"}
-                tw.write(
-                    _level_tiles(reader, (h, w), tile, nxt, prog, f"level {k}"),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    subifds=len(shapes) - 1 if k == 0 else None,
-                    subfiletype=1 if k else 0,
-                    metadata=metadata if k == 0 else None,
-                    maxworkers=os.cpu_count() or 1,
-                    # encode about one strip at a time: memory bounded by the strip
-                    buffersize=max(2**20, tile * w * 3),
-                    **comp,
-                    **res,
-                )
-                if k > 0:
-                    shutil.rmtree(Path(scratch) / f"level{k}", ignore_errors=True)
-                if nxt is not None:
-                    arr = nxt
-                    reader = lambda y0, y1, a=arr: np.asarray(a[y0:y1])  # noqa: E731
-    return Path(dst)
+    return metadata
+
+
+def _tiff_resolution(mpp: float | None, downsample: int) -> dict[str, Any]:
+    """The resolution tags of a level: every level records its own, so readers get exact 2^k
+    downsamples (relative, unit-less ones when the physical scale is unknown)."""
+    if mpp:
+        px_per_cm = 1e4 / (mpp * downsample)
+        return {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+    return {"resolution": (1 / downsample, 1 / downsample), "resolutionunit": "NONE"}
 
 
 def _level_tiles(
@@ -304,8 +310,6 @@ def write_ome_zarr(
 
     Parameters
     ----------
-    slide
-        The source (any readable slide).
     dst
         Output folder (``.zarr`` by convention).
     tile
@@ -313,17 +317,13 @@ def write_ome_zarr(
     compression
         ``"deflate"`` (zlib, lossless). JPEG chunks are not part of the OME-Zarr standard and
         are refused.
-    mpp
-        µm per level-0 pixel to record; default: the slide's own (omitted when unknown).
-    overwrite
-        Replace an existing ``dst``.
-    progress, cancel
-        Progress callback (units: tile rows of all levels) and cancel token.
+    slide, mpp, overwrite, progress, cancel
+        As for :func:`write_ome_tiff`.
 
     Returns
     -------
     pathlib.Path
-        ``dst``.
+        ``dst``, a folder carrying our marker.
     """
     import zarr
 
@@ -331,54 +331,9 @@ def write_ome_zarr(
     with output_lock(dst, what="conversion"), atomic_path(dst, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         root.attrs[MARKER_ATTR] = {"writer": "napari-stpredict convert", "source": str(slide.path)}
-        arrays = []
-        for k, (h, w) in enumerate(shapes):
-            arrays.append(
-                root.create_array(
-                    str(k),
-                    shape=(3, h, w),
-                    chunks=(3, tile, tile),
-                    dtype="uint8",
-                    fill_value=FILL,
-                    compressors=_zlib_codec(6),
-                    chunk_key_encoding={"name": "v2", "separator": "/"},
-                )
-            )
-        unit = {"unit": "micrometer"} if mpp else {}
-        px = mpp or 1.0
-        root.attrs["multiscales"] = [
-            {
-                "version": "0.4",
-                "name": Path(dst).name.split(".")[0],
-                "axes": [
-                    {"name": "c", "type": "channel"},
-                    {"name": "y", "type": "space", **unit},
-                    {"name": "x", "type": "space", **unit},
-                ],
-                "datasets": [
-                    {
-                        "path": str(k),
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, px * 2**k, px * 2**k]}
-                        ],
-                    }
-                    for k in range(len(shapes))
-                ],
-                "type": "mean",
-            }
-        ]
-        root.attrs["omero"] = {
-            "rdefs": {"model": "color"},
-            "channels": [
-                {
-                    "label": c,
-                    "color": col,
-                    "window": {"start": 0, "end": 255, "min": 0, "max": 255},
-                    "active": True,
-                }
-                for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
-            ],
-        }
+        arrays = [_zarr_level(root, k, shape, tile) for k, shape in enumerate(shapes)]
+        root.attrs["multiscales"] = _multiscales(_image_name(dst), mpp, len(shapes))
+        root.attrs["omero"] = _OMERO_RGB
         reader = _slide_strip_reader(slide)
         for k, (h, _w) in enumerate(shapes):
             out = arrays[k]
@@ -387,12 +342,71 @@ def write_ome_zarr(
                 out[:, y : y + strip.shape[0], :] = strip.transpose(2, 0, 1)
                 prog.step(f"level {k}")
             if k + 1 < len(shapes):
-                src = out
-                nw = shapes[k + 1][1]
-
-                def reader(y0: int, y1: int, a: Any = src, nw: int = nw) -> np.ndarray:
-                    # rows [y0, y1) of the next level = 2× block mean of rows [2y0, 2y1) here
-                    block = np.asarray(a[:, 2 * y0 : 2 * y1, : 2 * nw]).transpose(1, 2, 0)
-                    return block_mean(np.ascontiguousarray(block), 2)
-
+                reader = _half_strip_reader(out, shapes[k + 1][1])
     return Path(dst)
+
+
+#: OME-NGFF ``omero`` rendering settings of an RGB image.
+_OMERO_RGB = {
+    "rdefs": {"model": "color"},
+    "channels": [
+        {
+            "label": c,
+            "color": col,
+            "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+            "active": True,
+        }
+        for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
+    ],
+}
+
+
+def _zarr_level(root: Any, index: int, shape: tuple[int, int], tile: int) -> Any:
+    """The empty ``(3, h, w)`` array of one level, chunked on ``tile`` (deflate)."""
+    return root.create_array(
+        str(index),
+        shape=(3, *shape),
+        chunks=(3, tile, tile),
+        dtype="uint8",
+        fill_value=FILL,
+        compressors=_zlib_codec(6),
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+def _multiscales(name: str, mpp: float | None, n_levels: int) -> list[dict[str, Any]]:
+    """OME-NGFF 0.4 ``multiscales``: axes c, y, x (µm when ``mpp`` is known), 2^k scales."""
+    unit = {"unit": "micrometer"} if mpp else {}
+    px = mpp or 1.0
+    return [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": [
+                {"name": "c", "type": "channel"},
+                {"name": "y", "type": "space", **unit},
+                {"name": "x", "type": "space", **unit},
+            ],
+            "datasets": [
+                {
+                    "path": str(k),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0, px * 2**k, px * 2**k]}
+                    ],
+                }
+                for k in range(n_levels)
+            ],
+            "type": "mean",
+        }
+    ]
+
+
+def _half_strip_reader(level: Any, width: int) -> StripReader:
+    """Strips of the next level down, read back from ``level`` (``(3, h, w)``) as it was written."""
+
+    def reader(y0: int, y1: int) -> np.ndarray:
+        # rows [y0, y1) of the next level = 2× block mean of rows [2y0, 2y1) here
+        block = np.asarray(level[:, 2 * y0 : 2 * y1, : 2 * width]).transpose(1, 2, 0)
+        return block_mean(np.ascontiguousarray(block), 2)
+
+    return reader

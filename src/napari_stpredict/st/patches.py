@@ -37,6 +37,65 @@ def spot_rect(x: float, y: float, size: float) -> tuple[float, float, float, flo
     return (y - half, x - half, size, size)
 
 
+def _check_arguments(
+    adatas: Sequence,
+    genes: Sequence[str],
+    patch_um: float,
+    patch_px: int,
+    patch_px_level0: float | None,
+) -> None:
+    """Refuse an empty dataset or panel and non-positive patch sizes."""
+    if not adatas:
+        raise DatasetError("no sections given to the patch dataset")
+    if not genes:
+        raise DatasetError("empty gene panel")
+    if not (patch_um > 0 and int(patch_px) > 0):
+        raise DatasetError(
+            f"patch size must be positive (patch_um={patch_um}, patch_px={patch_px})"
+        )
+    if patch_px_level0 is not None and not patch_px_level0 > 0:
+        raise DatasetError(f"patch_px_level0 must be positive, got {patch_px_level0}")
+
+
+def _crop_geometry(
+    name: str, meta: Mapping[str, Any], patch_um: float, patch_px_level0: float | None
+) -> tuple[Any, float | None, float]:
+    """``(image, mpp, crop side in level-0 px)`` of a section (``uns["stpredict"]`` = ``meta``).
+
+    The side is ``patch_um / mpp``, or ``patch_px_level0`` for a section without an mpp.
+    """
+    image = meta.get("image")
+    if not image:
+        raise DatasetError(
+            f"section {name!r}: no image, so no patches can be cut (give 'image' in the manifest; "
+            "sections without one serve measured-expression work only)"
+        )
+    mpp = meta.get("mpp")
+    if mpp:
+        return image, float(mpp), patch_um / float(mpp)
+    if patch_px_level0 is not None:
+        return image, None, float(patch_px_level0)
+    raise DatasetError(
+        f"section {name!r}: image {image} has no pixel size (mpp): set mpp or spot_pitch_um "
+        "in the manifest, or give the patch size in image pixels (patch_px_level0 / --patch-px)"
+    )
+
+
+def _panel_expression(
+    adata: Any, name: str, genes: list[str], normalization: Normalization
+) -> np.ndarray:
+    """The section's panel genes, normalized with library sizes over all its genes."""
+    pos = adata.var_names.get_indexer(genes)
+    if (pos < 0).any():
+        miss = [g for g, p in zip(genes, pos, strict=True) if p < 0]
+        raise DatasetError(
+            f"section {name!r}: {len(miss)} of {len(genes)} panel genes are not measured "
+            f"({', '.join(miss[:5])}{', …' if len(miss) > 5 else ''})"
+        )
+    X = sp.csr_matrix(adata.X)
+    return normalization(X[:, pos], library_size=library_size(X))
+
+
 class PatchDataset(Dataset):
     """Spot-centred H&E crops with their normalized expression, for training.
 
@@ -90,16 +149,7 @@ class PatchDataset(Dataset):
         cache: bool | None = None,
         input_spec: Any = None,
     ) -> None:
-        if not adatas:
-            raise DatasetError("no sections given to the patch dataset")
-        if not genes:
-            raise DatasetError("empty gene panel")
-        if not (patch_um > 0 and int(patch_px) > 0):
-            raise DatasetError(
-                f"patch size must be positive (patch_um={patch_um}, patch_px={patch_px})"
-            )
-        if patch_px_level0 is not None and not patch_px_level0 > 0:
-            raise DatasetError(f"patch_px_level0 must be positive, got {patch_px_level0}")
+        _check_arguments(adatas, genes, patch_um, patch_px, patch_px_level0)
         self.genes = [str(g) for g in genes]
         self.patch_um = float(patch_um)
         self.patch_px = int(patch_px)
@@ -114,38 +164,14 @@ class PatchDataset(Dataset):
         for k, a in enumerate(adatas):
             meta = a.uns.get("stpredict", {})
             name = str(meta.get("section", f"section{k}"))
-            image = meta.get("image")
-            if not image:
-                raise DatasetError(
-                    f"section {name!r}: no image, so no patches can be cut (give 'image' in the manifest; "
-                    "sections without one serve measured-expression work only)"
-                )
-            mpp = meta.get("mpp")
-            if mpp:
-                size = self.patch_um / float(mpp)
-            elif patch_px_level0 is not None:
-                size = float(patch_px_level0)
-            else:
-                raise DatasetError(
-                    f"section {name!r}: image {image} has no pixel size (mpp): set mpp or spot_pitch_um "
-                    "in the manifest, or give the patch size in image pixels (patch_px_level0 / --patch-px)"
-                )
-            pos = a.var_names.get_indexer(self.genes)
-            if (pos < 0).any():
-                miss = [g for g, p in zip(self.genes, pos, strict=True) if p < 0]
-                raise DatasetError(
-                    f"section {name!r}: {len(miss)} of {len(self.genes)} panel genes are not measured "
-                    f"({', '.join(miss[:5])}{', …' if len(miss) > 5 else ''})"
-                )
-            X = sp.csr_matrix(a.X)
-            exprs.append(self.normalization(X[:, pos], library_size=library_size(X)))
-            n = a.n_obs
-            sec_idx.append(np.full(n, k, dtype=np.int32))
+            image, mpp, size = _crop_geometry(name, meta, self.patch_um, patch_px_level0)
+            exprs.append(_panel_expression(a, name, self.genes, self.normalization))
+            sec_idx.append(np.full(a.n_obs, k, dtype=np.int32))
             centers.append(np.asarray(a.obsm["spatial"], dtype=np.float64)[:, :2])
             names.extend(f"{name}:{s}" for s in a.obs_names)
             self.section_names.append(name)
             self.images.append(str(image))
-            self.mpps.append(float(mpp) if mpp else None)
+            self.mpps.append(mpp)
             self.patch_size_px.append(size)
         self.expression: np.ndarray = np.concatenate(exprs).astype(np.float32)
         self.item_section: np.ndarray = np.concatenate(sec_idx)

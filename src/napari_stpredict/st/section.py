@@ -47,9 +47,6 @@ DIAMETER_PER_PITCH = {
     "xenium": 0.55,
 }
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 def image_info(path: Path, *, where: str) -> tuple[tuple[int, int], float | None]:
     """``((h, w), mpp)`` of an image without decoding its pixels.
@@ -58,6 +55,8 @@ def image_info(path: Path, *, where: str) -> tuple[tuple[int, int], float | None
     rule as :func:`~napari_stpredict.slide.open_slide`); every other format is opened with
     ``open_slide``, which is lazy.
     """
+    from napari_stpredict.slide.image import JPEG_MAGIC, PNG_MAGIC, image_header
+
     try:
         head = b""
         if not path.is_dir():  # an OME-Zarr folder goes straight to open_slide
@@ -67,20 +66,13 @@ def image_info(path: Path, *, where: str) -> tuple[tuple[int, int], float | None
         raise DatasetError(
             f"{where}: field 'image': cannot read {path}: {e.strerror or e}"
         ) from None
-    if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
-        from PIL import JpegImagePlugin, PngImagePlugin
-
-        cls = (
-            JpegImagePlugin.JpegImageFile
-            if head.startswith(_JPEG_MAGIC)
-            else PngImagePlugin.PngImageFile
-        )
+    if head.startswith(JPEG_MAGIC) or head.startswith(PNG_MAGIC):
         try:
-            with cls(str(path)) as im:
-                w, h = im.size
-        except Exception as e:
+            w, h, _ = image_header(path, head)
+        except SlideError as e:
+            reason = e.__cause__ or e
             raise DatasetError(
-                f"{where}: field 'image': {path}: corrupt image header ({e})"
+                f"{where}: field 'image': {path}: corrupt image header ({reason})"
             ) from None
         return (int(h), int(w)), None
     from napari_stpredict.slide import open_slide

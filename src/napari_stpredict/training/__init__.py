@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +105,8 @@ def train(
     StPredictError
         Bad options or data (before any training starts); ``Cancelled`` when cancelled.
     """
-    from napari_stpredict.io_utils import check_target
-    from napari_stpredict.model.predictor import resolve_device
-
     config = config or TrainConfig()
-    config.validate()
-    method_kwargs(config)
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise StPredictError(f"{out}: the model file must end in .safetensors")
-    check_target(out, overwrite=overwrite)
-    state_path = state_path_for(out)
-    device = resolve_device(config.device)
+    out, state_path, device = _check_options(config, out, overwrite=overwrite)
     saved = _saved_state(state_path, config) if resume else None
     say = log or logger.info
 
@@ -126,55 +116,65 @@ def train(
     torch.manual_seed(config.seed)
     model, spec = _build_model(config, data, device)
     source = _patch_source(config, data, spec)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    try:
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
+    overwrite = overwrite or resume  # a resumed run replaces its own earlier attempt
+    with _released(source, data), _deterministic_on_cpu(device):
         if getattr(model, "closed_form", False):  # --method ridge (B): no epochs, no optimizer
             return _fit_closed_form(config, data, spec, model, device, source, out, say,
-                                    overwrite=overwrite or resume, progress=progress,
+                                    overwrite=overwrite, progress=progress,
                                     cancel=cancel)  # fmt: skip
         plan = _plan(config, model, source, data, spec, device, saved)
         say(f"train_backbone={plan['train_backbone']}: {plan['reason']}")
         run = _make_run(config, data, spec, model, device, source, plan)
-        tracker = EpochTracker(frozen=run.train_backbone == "none")
-        if saved is not None:
-            best = restore_state(
-                state_path, *saved, model=model, optimizer=run.optimizer, scaler=run.scaler,
-                gen=run.gen,
-            )  # fmt: skip
-            tracker.resume(saved[1], best)
+        tracker = _tracker(run, saved, state_path)
         if run.train_backbone == "none":
             _build_features(run, progress=progress, cancel=cancel)
         plan["est_epoch_s"] = _announce_epoch_time(run, say)
-
-        for epoch in range(tracker.start_epoch, config.epochs):
-            if tracker.global_step >= run.total_steps:
-                break
-            t0 = time.perf_counter()
-            entry, tracker.global_step = train_one_epoch(
-                run, epoch, tracker.global_step, progress=progress, cancel=cancel
-            )
-            val, gene_pcc = validate(run, cancel=cancel)
-            entry.update(val)
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-            tracker.update(entry, model, gene_pcc)
-            save_state(
-                state_path, model=model, best_state=tracker.best_state, optimizer=run.optimizer,
-                scaler=run.scaler, gen=run.gen, info=tracker.info(data.genes, config, plan),
-            )  # fmt: skip
-            if on_epoch is not None:
-                on_epoch(entry)
-        return _finish(run, tracker, plan, out, overwrite=overwrite or resume, progress=progress,
+        _run_epochs(run, tracker, plan, state_path, progress=progress, cancel=cancel,
+                    on_epoch=on_epoch)  # fmt: skip
+        return _finish(run, tracker, plan, out, overwrite=overwrite, progress=progress,
                        cancel=cancel)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+def _check_options(
+    config: TrainConfig, out: str | os.PathLike, *, overwrite: bool
+) -> tuple[Path, Path, torch.device]:
+    """Check ``config`` and the target before any data is read: ``(out, state path, device)``."""
+    from napari_stpredict.io_utils import check_target
+    from napari_stpredict.model.predictor import resolve_device
+
+    config.validate()
+    method_kwargs(config)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise StPredictError(f"{out}: the model file must end in .safetensors")
+    check_target(out, overwrite=overwrite)
+    return out, state_path_for(out), resolve_device(config.device)
+
+
+@contextlib.contextmanager
+def _released(source: PatchSource, data: TrainData) -> Iterator[None]:
+    """Close the patch reader and the dataset's slides at the end, whatever happens."""
+    try:
+        yield
     finally:
         source.close()
         with contextlib.suppress(Exception):
             data.dataset.close()  # decoded JPEG/PNG sections can be large
-        torch.use_deterministic_algorithms(prev_det)
 
 
-# ------------------------------------------------------------------------------------ set-up
+@contextlib.contextmanager
+def _deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms (warn only) on a CPU while training; the old setting after."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 def _saved_state(state_path: Path, config: TrainConfig):
@@ -346,6 +346,40 @@ def _fit_closed_form(config, data, spec, model, device, source, out, say, *, ove
 
 
 # ------------------------------------------------------------------------------------ loop + end
+
+
+def _tracker(run, saved, state_path: Path) -> EpochTracker:
+    """A fresh :class:`EpochTracker`, or the interrupted run's (weights, optimiser restored)."""
+    tracker = EpochTracker(frozen=run.train_backbone == "none")
+    if saved is not None:
+        best = restore_state(
+            state_path, *saved, model=run.model, optimizer=run.optimizer, scaler=run.scaler,
+            gen=run.gen,
+        )  # fmt: skip
+        tracker.resume(saved[1], best)
+    return tracker
+
+
+def _run_epochs(run, tracker: EpochTracker, plan, state_path: Path, *, progress, cancel,
+                on_epoch) -> None:  # fmt: skip
+    """Train and validate epoch by epoch; the resumable state is saved after every epoch."""
+    for epoch in range(tracker.start_epoch, run.config.epochs):
+        if tracker.global_step >= run.total_steps:
+            break
+        t0 = time.perf_counter()
+        entry, tracker.global_step = train_one_epoch(
+            run, epoch, tracker.global_step, progress=progress, cancel=cancel
+        )
+        val, gene_pcc = validate(run, cancel=cancel)
+        entry.update(val)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        tracker.update(entry, run.model, gene_pcc)
+        save_state(
+            state_path, model=run.model, best_state=tracker.best_state, optimizer=run.optimizer,
+            scaler=run.scaler, gen=run.gen, info=tracker.info(run.data.genes, run.config, plan),
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(entry)
 
 
 def _finish(run, tracker: EpochTracker, plan, out: Path, *, overwrite: bool, progress, cancel):

@@ -165,6 +165,38 @@ def validate_gene_sets(
     """
     if reference not in ("pooled", "section"):
         raise TumorError(f"validation: reference {reference!r} must be 'pooled' or 'section'")
+    items = _labelled_sections(adatas, label_key)
+    sets = CANDIDATE_GENE_SETS if gene_sets is None else gene_sets
+    # normalise each section once over the union of all candidate genes
+    union: list[str] = []
+    for spec in sets.values():
+        sig = _as_signature(spec)
+        union += [g for g in sig.genes if g not in union]
+    mats, seen = _measured(items, union, normalization)
+    labels = {name: np.asarray(a.obs[label_key].astype(object)) for name, a in items}
+    pooled_stats = (
+        gene_stats_from_matrix(np.concatenate(list(mats.values())))
+        if reference == "pooled"
+        else None
+    )
+    names = [name for name, _a in items]
+    rows: list[dict[str, Any]] = []
+    for set_name, spec in sets.items():
+        sig = _as_signature(spec)
+        why = spec.get("why", "") if isinstance(spec, Mapping) and "genes" in spec else ""
+        missing = ", ".join(g for g in sig.genes if g not in seen)
+        if len(missing) and all(g not in seen for g in sig.genes):
+            continue
+        rows += _gene_set_rows(
+            set_name, sig, why, missing, names, mats, union, labels, pooled_stats
+        )
+    return rows
+
+
+def _labelled_sections(
+    adatas: Sequence[Any] | Mapping[str, Any], label_key: str
+) -> list[tuple[str, Any]]:
+    """``[(name, AnnData)]``; every section must have labels."""
     items = (
         list(adatas.items())
         if isinstance(adatas, Mapping)
@@ -175,12 +207,14 @@ def validate_gene_sets(
     for name, a in items:
         if label_key not in a.obs:
             raise TumorError(f"validation: section {name} has no obs[{label_key!r}] labels")
-    sets = CANDIDATE_GENE_SETS if gene_sets is None else gene_sets
-    # normalise each section once over the union of all candidate genes
-    union: list[str] = []
-    for spec in sets.values():
-        sig = _as_signature(spec)
-        union += [g for g in sig.genes if g not in union]
+    return items
+
+
+def _measured(
+    items: list[tuple[str, Any]], union: list[str], normalization: str | None
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Each section's (normalised) expression of ``union`` (absent genes = 0 counts) and the
+    genes measured in at least one section."""
     mats: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     for name, a in items:
@@ -198,48 +232,50 @@ def validate_gene_sets(
         full = np.zeros((a.n_obs, len(union)))  # a gene absent from a section's table = 0 counts
         full[:, [union.index(g) for g in present]] = sub
         mats[name] = full
-    labels = {name: np.asarray(a.obs[label_key].astype(object)) for name, a in items}
-    pooled_stats = (
-        gene_stats_from_matrix(np.concatenate(list(mats.values())))
-        if reference == "pooled"
-        else None
-    )
+    return mats, seen
+
+
+def _gene_set_rows(
+    set_name: str,
+    sig: Signature,
+    why: str,
+    missing: str,
+    names: list[str],
+    mats: dict[str, np.ndarray],
+    union: list[str],
+    labels: dict[str, np.ndarray],
+    pooled_stats: Any,
+) -> list[dict[str, Any]]:
+    """One gene set's rows: each section it can score, all spots pooled, the per-section mean."""
     rows: list[dict[str, Any]] = []
-    for set_name, spec in sets.items():
-        sig = _as_signature(spec)
-        why = spec.get("why", "") if isinstance(spec, Mapping) and "genes" in spec else ""
-        missing = ", ".join(g for g in sig.genes if g not in seen)
-        if len(missing) and all(g not in seen for g in sig.genes):
+    per: list[TumorMetrics] = []
+    all_s, all_l = [], []
+    for name in names:
+        try:
+            s = score_matrix(mats[name], union, gene_set=sig, gene_stats=pooled_stats)
+        except TumorError:
             continue
-        per: list[TumorMetrics] = []
-        all_s, all_l = [], []
-        for name, _a in items:
-            x = mats[name]
-            try:
-                s = score_matrix(x, union, gene_set=sig, gene_stats=pooled_stats)
-            except TumorError:
-                continue
-            m = evaluate_scores(s, labels[name])
-            per.append(m)
-            all_s.append(s)
-            all_l.append(labels[name])
-            rows.append(_row(set_name, name, sig, m, why, missing))
-        if not per:
-            continue
-        pooled = evaluate_scores(np.concatenate(all_s), np.concatenate(all_l))
-        rows.append(_row(set_name, "pooled", sig, pooled, why, missing))
-        au = np.array([m.auroc for m in per])
-        mean_row = _row(set_name, "mean", sig, pooled, why, missing)
-        mean_row.update(
-            auroc=float(np.nanmean(au)),
-            auroc_sd=float(np.nanstd(au)),
-            average_precision=float(np.nanmean([m.average_precision for m in per])),
-            f1=float(np.mean([m.f1 for m in per])),
-            threshold=float("nan"),
-            n=int(sum(m.n for m in per)),
-            n_tumor=int(sum(m.n_tumor for m in per)),
-        )
-        rows.append(mean_row)
+        m = evaluate_scores(s, labels[name])
+        per.append(m)
+        all_s.append(s)
+        all_l.append(labels[name])
+        rows.append(_row(set_name, name, sig, m, why, missing))
+    if not per:
+        return rows
+    pooled = evaluate_scores(np.concatenate(all_s), np.concatenate(all_l))
+    rows.append(_row(set_name, "pooled", sig, pooled, why, missing))
+    au = np.array([m.auroc for m in per])
+    mean_row = _row(set_name, "mean", sig, pooled, why, missing)
+    mean_row.update(
+        auroc=float(np.nanmean(au)),
+        auroc_sd=float(np.nanstd(au)),
+        average_precision=float(np.nanmean([m.average_precision for m in per])),
+        f1=float(np.mean([m.f1 for m in per])),
+        threshold=float("nan"),
+        n=int(sum(m.n for m in per)),
+        n_tumor=int(sum(m.n_tumor for m in per)),
+    )
+    rows.append(mean_row)
     return rows
 
 

@@ -11,30 +11,34 @@ no longer active is dropped on arrival, so a late result never lands on another 
 Nothing here touches the file system, zarr or a thread join on the GUI thread: which tiles are
 predicted is kept in memory (:attr:`LiveScheduler.done`, read from the store once, in the worker
 that opened the session, and updated as batches land); a retired session is closed (its reader
-pool joined) in a background thread.
+pool joined) in a background thread. One job (its worker body, its worker, its record) is
+:mod:`._jobs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.qt.threading import GeneratorWorker
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from napari_stpredict.errors import Cancelled, StPredictError
+from napari_stpredict.errors import StPredictError
 from napari_stpredict.inference.session import MARGIN, MIN_TISSUE, PredictSession, open_session
-from napari_stpredict.progress import CancelToken
 from napari_stpredict.widgets._common import (
     Failed,
     camera_of,
     in_background,
     slide_source,
     view_rect_px,
+)
+from napari_stpredict.widgets._jobs import (
+    EngineWorker,
+    Job,
+    batch_cells_values,
+    predict_job,
+    wait_ended,
 )
 
 if TYPE_CHECKING:
@@ -45,12 +49,16 @@ __all__ = [
     "MARGIN",
     "MAX_LIVE_CELLS",
     "MIN_TISSUE",
+    "EngineWorker",
     "Failed",
+    "Job",
     "LiveScheduler",
     "PredictSession",
+    "batch_cells_values",
     "camera_of",
     "open_session",
     "slide_source",
+    "wait_ended",
 ]
 
 #: Quiet time after the last camera event before the visible tiles are requested.
@@ -66,87 +74,6 @@ def _minus(cells: np.ndarray, other: np.ndarray) -> np.ndarray:
     width = int(max(cells[:, 1].max(), other[:, 1].max())) + 1
     keep = ~np.isin(cells[:, 0] * width + cells[:, 1], other[:, 0] * width + other[:, 1])
     return cells[keep]
-
-
-def batch_cells_values(batch: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(cells (n, 2), values (n, G))`` of one batch yielded by the Engine."""
-    if isinstance(batch, tuple):
-        cells, values = batch[0], batch[1]
-    else:
-        cells, values = batch.cells, batch.values
-    return np.asarray(cells, dtype=np.int64).reshape(-1, 2), np.asarray(values)
-
-
-def _predict_job(
-    session: PredictSession,
-    parts: Sequence[np.ndarray],
-    center: tuple[float, float] | None,
-    token: CancelToken,
-    ended: threading.Event,
-) -> Iterator[Any]:
-    """The worker body: yield each batch the Engine predicts; return how it ended.
-
-    ``parts`` are tile sets in priority order (the visible tiles, then the prefetch margin);
-    each is run nearest ``center`` first. Cancelling goes through ``token`` only (never
-    ``worker.quit()``): the Engine then stops before its next batch and closes its store
-    writer in this thread.
-    """
-    try:
-        for cells in parts:
-            run = session.engine.run(cells, center=center, cancel=token)
-            with contextlib.closing(run) as batches:
-                for batch in batches:
-                    yield batch
-                    if token.cancelled:
-                        return "cancelled"
-    except Cancelled:
-        return "cancelled"
-    except StPredictError as err:
-        return Failed(err)
-    finally:
-        if session.retired:
-            session.close()
-        ended.set()
-    return "cancelled" if token.cancelled else "done"
-
-
-class EngineWorker(GeneratorWorker):
-    """A generator worker whose ``quit()`` cancels the Engine instead of abandoning it.
-
-    napari (``wait_for_workers_to_quit`` at exit) calls ``quit()`` on every worker; cancelling
-    the token lets the Engine end after its current batch, in its own thread, with every
-    finished batch stored.
-    """
-
-    def __init__(self, func: Any, *args: Any, token: CancelToken) -> None:
-        super().__init__(func, *args)
-        self._token = token
-
-    def quit(self) -> None:
-        self._token.cancel()
-
-
-@dataclass(eq=False)
-class Job:
-    """One run of the Engine in a worker thread."""
-
-    id: int
-    kind: str  # "view" or "slide"
-    session: PredictSession
-    parts: list[np.ndarray]  # tile sets in priority order
-    center: tuple[float, float] | None
-    shown_total: int = 0  #: tiles the progress bar counts (in view, or the slide's tissue)
-    shown_done: int = 0  #: of those, predicted before the job started
-    token: CancelToken = field(default_factory=CancelToken)
-    ended: threading.Event = field(default_factory=threading.Event)
-    worker: Any = None
-    done: int = 0
-    outcome: Any = None
-
-    @property
-    def total(self) -> int:
-        """Number of tiles asked for."""
-        return sum(len(p) for p in self.parts)
 
 
 class LiveScheduler(QObject):
@@ -415,7 +342,7 @@ class LiveScheduler(QObject):
         job.shown_done, job.shown_total = self._shown(kind)
         job.shown_total = max(job.shown_total, job.shown_done + job.total)
         worker = EngineWorker(
-            _predict_job, session, parts, center, job.token, job.ended, token=job.token
+            predict_job, session, parts, center, job.token, job.ended, token=job.token
         )
         job.worker = worker
         worker.yielded.connect(lambda batch, job=job: self._on_batch(job, batch))
@@ -501,8 +428,3 @@ class LiveScheduler(QObject):
         self._session = None
         self.viewer = None  # do not keep a closed viewer (and its Qt widgets) alive
         return None if job is None else job.ended
-
-
-def wait_ended(event: threading.Event | None, timeout: float) -> bool:
-    """Wait for a job's end (scripts after the event loop; never from a slot)."""
-    return True if event is None else event.wait(timeout)

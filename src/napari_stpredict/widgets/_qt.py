@@ -12,6 +12,7 @@ from typing import Any
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
+    QFormLayout,
     QFrame,
     QHBoxLayout,
     QLineEdit,
@@ -110,15 +111,51 @@ def check_box(text: str, on_toggle: Callable[[bool], Any], *, checked: bool = Fa
     return box
 
 
+def push_button(
+    text: str, on_click: Callable[..., Any], *, tooltip: str | None = None, enabled: bool = True
+) -> QPushButton:
+    """A push button calling ``on_click`` (with an optional tooltip; disabled unless
+    ``enabled``)."""
+    button = QPushButton(text)
+    if tooltip is not None:
+        button.setToolTip(tooltip)
+    button.clicked.connect(on_click)
+    button.setEnabled(enabled)
+    return button
+
+
+def button_row(*widgets: QWidget, stretch: tuple[int, ...] | None = None) -> QHBoxLayout:
+    """``widgets`` side by side (``stretch``: one factor each; default none)."""
+    row = QHBoxLayout()
+    for k, widget in enumerate(widgets):
+        row.addWidget(widget, stretch[k] if stretch is not None else 0)
+    return row
+
+
 def path_row(
     edit: QLineEdit, text: str, on_browse: Callable[[], Any], *, tooltip: str | None = None
 ) -> QHBoxLayout:
     """``edit`` with a browse button (``text``, calling ``on_browse``) at its right."""
-    row = QHBoxLayout()
-    browse = QPushButton(text)
-    if tooltip is not None:
-        browse.setToolTip(tooltip)
-    browse.clicked.connect(on_browse)
-    row.addWidget(edit, 1)
-    row.addWidget(browse)
-    return row
+    return button_row(edit, push_button(text, on_browse, tooltip=tooltip), stretch=(1, 0))
+
+
+def form_spin(
+    form: QFormLayout,
+    label: str,
+    cls: type,
+    lo: float,
+    hi: float,
+    on_change: Callable[..., Any],
+    *,
+    signal: str = "valueChanged",
+    **settings: Any,
+) -> Any:
+    """A :func:`spin_box` added to ``form`` as the row ``label``, ``signal`` → ``on_change``.
+
+    ``settings`` are :func:`spin_box`'s keywords (``tooltip`` at least); ``signal`` is
+    ``"valueChanged"`` (every step) or ``"editingFinished"`` (Enter / focus out).
+    """
+    spin = spin_box(cls, lo, hi, **settings)
+    getattr(spin, signal).connect(on_change)
+    form.addRow(label, spin)
+    return spin

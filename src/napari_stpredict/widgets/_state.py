@@ -4,11 +4,12 @@ Each dock keeps what the user chose and what was computed in one plain Python ob
 callbacks (:class:`Events`); the Qt widgets only mirror it and forward clicks. The objects are
 testable without a display and without napari, and a script may drive them directly.
 
-- :class:`PredictState` — model, slide inputs (exact µm/px: the cache key must equal the CLI's),
-  stride, selected genes, display options (colour bars, smooth, uncertainty), progress in tiles.
+- :class:`PredictState` — model, the live view's test-time augmentation, slide inputs (exact
+  µm/px: the cache key must equal the CLI's), stride, selected genes, display options (colour
+  bars, smooth, uncertainty), progress in tiles.
 - :class:`TumorState` — the kept tumour score, threshold, smoothing, minimum region, the mask.
-- :class:`ExportPlan` + :func:`run_export_plan` — everything an export needs, typed, run in a
-  worker; the slide it opens is closed again.
+- :class:`ExportPlan` + :func:`run_export_plan` (in :mod:`._export_plan`, importable from here)
+  — everything an export needs, typed, run in a worker; the slide it opens is closed again.
 """
 
 from __future__ import annotations
@@ -22,12 +23,32 @@ import numpy as np
 
 from napari_stpredict.errors import StPredictError
 
+__all__ = [
+    "N_HEG",
+    "PRESETS",
+    "PRESET_HEG",
+    "PRESET_MARKERS",
+    "PRESET_PAM50",
+    "TTA_VIEWS",
+    "Events",
+    "ExportPlan",
+    "PredictState",
+    "TumorSpec",
+    "TumorState",
+    "model_file_tta",
+    "optional_positive",
+    "preset_genes",
+    "run_export_plan",
+]
+
 #: Number of genes in the "highly expressed" preset.
 N_HEG = 20
 PRESET_HEG = "Highly expressed (training data)"
 PRESET_MARKERS = "Breast-cancer markers"
 PRESET_PAM50 = "PAM50"
 PRESETS = (PRESET_HEG, PRESET_MARKERS, PRESET_PAM50)
+#: Test-time augmentation views a Predictor accepts (symmetries of the square averaged).
+TTA_VIEWS = (1, 2, 4, 8)
 
 
 class Events:
@@ -74,13 +95,18 @@ def preset_genes(
 class PredictState:
     """What the "Predict expression" dock shows and asks for.
 
-    Events: ``model`` (predictor or None), ``inputs`` (slide, µm/px or stride changed: a new
-    session is due), ``genes`` (selected list), ``display`` (colour bar / smooth / uncertainty),
-    ``progress`` (done, total tiles), ``status`` (text).
+    Events: ``model`` (predictor or None), ``tta`` (the live view's TTA asked for: the
+    predictor is rebuilt with it, then a new session), ``inputs`` (slide, µm/px or stride
+    changed: a new session is due), ``genes`` (selected list), ``display`` (colour bar / smooth /
+    uncertainty), ``progress`` (done, total tiles), ``status`` (text).
     """
 
     predictor: Any = None
     model_path: Path | None = None
+    #: test-time augmentation of the model file (the views ``stpredict predict`` averages)
+    model_tta: int = 1
+    #: test-time augmentation of the live view (the session's Predictor)
+    tta: int = 1
     slide_path: str | None = None
     layer_mpp: float | None = None
     mpp_override: float | None = None  #: exact, never rounded (the cache key depends on it)
@@ -92,13 +118,18 @@ class PredictState:
     progress: tuple[int, int] = (0, 0)
     status: str = "load a model and pick a slide"
     events: Events = field(
-        default_factory=lambda: Events("model", "inputs", "genes", "display", "progress", "status"),
+        default_factory=lambda: Events(
+            "model", "tta", "inputs", "genes", "display", "progress", "status"
+        ),
         repr=False,
     )
 
     # -- model -----------------------------------------------------------------------------
     def set_model(self, predictor: Any, path: Path | None) -> None:
+        """Use ``predictor`` (its TTA is the live view's; the file's is :attr:`model_tta`)."""
         self.predictor, self.model_path = predictor, path
+        self.model_tta = model_file_tta(predictor)
+        self.tta = int(getattr(predictor, "tta", 1)) if predictor is not None else 1
         panel = set(predictor.genes) if predictor is not None else set()
         self.genes = [g for g in self.genes if g in panel]
         self.events.emit("model", predictor)
@@ -108,6 +139,41 @@ class PredictState:
     def panel(self) -> list[str]:
         return list(self.predictor.genes) if self.predictor is not None else []
 
+    # -- test-time augmentation of the live view -------------------------------------------
+    def request_tta(self, views: int) -> bool:
+        """Ask for ``views`` TTA views in the live view; ``True`` (event ``tta``) if it changed.
+
+        The dock then rebuilds the Predictor with ``tta=views`` (off the GUI thread) and a new
+        session follows, as for a new model (the cache key includes the TTA).
+        """
+        views = int(views)
+        if views not in TTA_VIEWS:
+            raise StPredictError(f"test-time augmentation {views}: choose 1, 2, 4 or 8 views")
+        if self.predictor is None:
+            raise StPredictError("load a model before choosing test-time augmentation")
+        if views == self.tta:
+            return False
+        self.tta = views
+        self.events.emit("tta", views)
+        return True
+
+    @property
+    def tta_choices(self) -> list[int]:
+        """Views the dock offers: 1 and the model's (and the current one, if other)."""
+        return sorted({1, self.model_tta, self.tta})
+
+    def tta_label(self, views: int) -> str:
+        """``"1 view (fast)"``, ``"8 views (as predict)"`` (the model's), ``"2 views"``."""
+        if views == 1:
+            return "1 view (fast)"
+        return f"{views} views" + (" (as predict)" if views == self.model_tta else "")
+
+    @property
+    def tta_note(self) -> str:
+        """One line on the cost of the model's TTA (empty when the model has none)."""
+        n = self.model_tta
+        return f"{n} views: {n}× slower per tile" if n > 1 else ""
+
     # -- slide inputs ----------------------------------------------------------------------
     def set_slide(self, path: str | None, layer_mpp: float | None) -> None:
         self.slide_path, self.layer_mpp, self.mpp_override = path, layer_mpp, None
@@ -115,19 +181,15 @@ class PredictState:
 
     def set_mpp(self, mpp: float | None) -> None:
         """Override µm/px (``None`` or 0 = the slide's own), kept at full precision."""
-        value = float(mpp) if mpp else None
-        if value is not None and not (np.isfinite(value) and value > 0):
-            raise StPredictError(f"µm/px {mpp!r}: must be a positive number")
-        if value != self.mpp_override:
-            self.mpp_override = value
-            self.events.emit("inputs")
+        self._set_input("mpp_override", optional_positive(mpp, f"µm/px {mpp!r}"))
 
     def set_stride(self, stride_um: float | None) -> None:
-        value = float(stride_um) if stride_um else None
-        if value is not None and not (np.isfinite(value) and value > 0):
-            raise StPredictError(f"stride {stride_um!r} µm: must be a positive number")
-        if value != self.stride_um:
-            self.stride_um = value
+        """Distance between tiles in µm (``None`` or 0 = the patch size)."""
+        self._set_input("stride_um", optional_positive(stride_um, f"stride {stride_um!r} µm"))
+
+    def _set_input(self, name: str, value: float | None) -> None:
+        if value != getattr(self, name):
+            setattr(self, name, value)
             self.events.emit("inputs")
 
     @property
@@ -187,6 +249,33 @@ class PredictState:
     def set_status(self, text: str) -> None:
         self.status = text
         self.events.emit("status", text)
+
+
+def optional_positive(value: float | None, what: str) -> float | None:
+    """``None`` for ``None``/0, else ``value`` as a float that must be finite and > 0.
+
+    Raises
+    ------
+    StPredictError
+        ``"<what>: must be a positive number"``.
+    """
+    out = float(value) if value else None
+    if out is not None and not (np.isfinite(out) and out > 0):
+        raise StPredictError(f"{what}: must be a positive number")
+    return out
+
+
+def model_file_tta(predictor: Any) -> int:
+    """The test-time augmentation the model file records (``metadata["input"]["tta"]``; 1 for
+    files without it), whatever the Predictor was told to use."""
+    if predictor is None:
+        return 1
+    from napari_stpredict.model.preprocess import InputSpec
+
+    try:
+        return int(InputSpec.from_metadata(predictor.metadata).tta)
+    except (StPredictError, KeyError, TypeError, ValueError, AttributeError):  # a stand-in
+        return int(getattr(predictor, "tta", 1))
 
 
 # ======================================================================================= tumour
@@ -286,125 +375,9 @@ class TumorState:
         )
 
 
-# ======================================================================================= export
-@dataclass(frozen=True)
-class TumorSpec:
-    """The tumour layer as the export needs it (its mask includes brush edits)."""
-
-    mask: np.ndarray
-    genes: dict[str, float]
-    threshold: float | None
-    method: str = "manual"
-    smooth: float = 0.0
-    min_size: int = 0
-
-    @classmethod
-    def from_layer(cls, data: Any, meta: Mapping[str, Any]) -> TumorSpec:
-        """From a tumour Labels layer's data (tumour = label > 0) and ``metadata["stpredict"]``."""
-        return cls(
-            mask=np.asarray(data) > 0,  # includes the user's brush edits
-            genes=dict(zip(meta.get("genes") or [], meta.get("weights") or [], strict=False)),
-            threshold=meta.get("threshold"),
-            method=meta.get("threshold_method", "manual"),
-            smooth=float(meta.get("smooth_sigma_cells", 0.0)),
-            min_size=int(meta.get("min_size_cells", 0)),
-        )
-
-    def tumor_map(self, store: Any, model: Any = None) -> Any:
-        """The :class:`~napari_stpredict.tumor.TumorMap` of ``store`` with this mask (worker)."""
-        from napari_stpredict.tumor import TumorMap, score_store
-
-        score = score_store(store, gene_set=self.genes or None, model=model)
-        return TumorMap(
-            score, float(self.threshold or 0.0), self.mask, self.method, self.smooth, self.min_size
-        )
-
-
-@dataclass(frozen=True)
-class ExportPlan:
-    """Everything an export needs, read from the dock on the GUI thread."""
-
-    store: str
-    meta: dict[str, Any]
-    kinds: tuple[str, ...]
-    folder: Path
-    name: str
-    genes: list[str] | None = None
-    tumor: TumorSpec | None = None
-    region: tuple[float, float, float, float] | None = None
-    figure_gene: str | None = None
-    dpi: int = 150
-    overwrite: bool = False
-    #: SpatialData export: the slide image element, ``"auto"`` (≤ 2 µm/px) or ``None`` (none)
-    image: str | None = "auto"
-    #: bool ``(gh, gw)``: the tissue tiles of the session (exports are "partial" only when
-    #: some of them are not predicted); ``None`` = unknown (every grid tile counts)
-    tissue: Any = None
-
-    def __post_init__(self) -> None:
-        if self.image not in ("auto", None):
-            raise StPredictError(f"export image {self.image!r}: expected 'auto' or None")
-
-
-def run_export_plan(plan: ExportPlan) -> list[Any]:
-    """Open the store (and the slide), build the tumour map, write the exports (worker)."""
-    from napari_stpredict.export import export_figure, export_predictions
-    from napari_stpredict.export._predictions import as_predictions
-    from napari_stpredict.inference.store import PredictionStore
-
-    if not plan.folder.is_dir():
-        raise StPredictError(f"{plan.folder}: output folder does not exist")
-    if "spatialdata" in plan.kinds:
-        from napari_stpredict.export.spatialdata import require_spatialdata
-
-        require_spatialdata("the SpatialData export")  # one line naming the extra, before work
-    store = PredictionStore.from_path(plan.store)
-    predictions = as_predictions(store)
-    predictions.set_tissue(plan.tissue)  # "partial" = tissue tiles missing, not background
-    model = plan.meta.get("model") or None
-    slide = None
-    try:
-        wants_slide = ("png", "h5ad", "spatialdata")
-        if any(k in plan.kinds for k in wants_slide) and plan.meta.get("slide_path"):
-            from napari_stpredict.slide import open_slide
-
-            slide = open_slide(plan.meta["slide_path"], mpp=store.grid.mpp)
-        tumor = plan.tumor.tumor_map(store, model) if plan.tumor is not None else None
-        kinds = [k for k in plan.kinds if k != "png"]
-        if "spatialdata" in kinds and plan.image is None:
-            kinds = ["spatialdata-no-image" if k == "spatialdata" else k for k in kinds]
-        results: list[Any] = []
-        if kinds:
-            results = list(
-                export_predictions(
-                    predictions,
-                    plan.folder,
-                    name=plan.name,
-                    kinds=kinds,
-                    genes=plan.genes,
-                    slide=slide,
-                    model=model,
-                    tumor=tumor,
-                    overwrite=plan.overwrite,
-                )
-            )
-        if "png" in plan.kinds:
-            gene = plan.figure_gene or store.genes[0]
-            dst = plan.folder / f"{plan.name}_{gene}.png"
-            results.append(
-                export_figure(
-                    predictions,
-                    dst,
-                    gene=gene,
-                    slide=slide,
-                    region=plan.region,
-                    dpi=plan.dpi,
-                    tumor=tumor,
-                    model=model,
-                    overwrite=plan.overwrite,
-                )
-            )
-        return results
-    finally:
-        if slide is not None:
-            slide.close()
+# the export plan lives in its own module; its names stay importable from here
+from napari_stpredict.widgets._export_plan import (  # noqa: E402
+    ExportPlan,
+    TumorSpec,
+    run_export_plan,
+)

@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -35,7 +34,7 @@ from qtpy.QtWidgets import (
 
 from napari_stpredict.widgets._common import Failed, WorkerSet, notify, start_worker
 from napari_stpredict.widgets._heatmaps import level0_to_world
-from napari_stpredict.widgets._qt import dock_layout, path_row, section
+from napari_stpredict.widgets._qt import button_row, dock_layout, path_row, push_button, section
 from napari_stpredict.widgets._sources import stpredict_meta
 
 if TYPE_CHECKING:
@@ -118,19 +117,13 @@ class MeasuredWidget(QWidget):
         self.section_combo = QComboBox()
         self.section_combo.setToolTip("The manifest section of this slide")
         form.addRow("Section", self.section_combo)
-        buttons = QHBoxLayout()
-        self.load_button = QPushButton("Load spots")
-        self.load_button.clicked.connect(self.load)
+        self.load_button = push_button("Load spots", self.load)
         self.flip_button = QPushButton("Show predicted")
         self.flip_button.setCheckable(True)
         self.flip_button.setEnabled(False)
         self.flip_button.toggled.connect(self._flip)
-        self.refresh_button = QPushButton("Recompute r")
-        self.refresh_button.setEnabled(False)
-        self.refresh_button.clicked.connect(self.recompute)
-        for b in (self.load_button, self.flip_button, self.refresh_button):
-            buttons.addWidget(b)
-        form.addRow(buttons)
+        self.refresh_button = push_button("Recompute r", self.recompute, enabled=False)
+        form.addRow(button_row(self.load_button, self.flip_button, self.refresh_button))
         self.r_label = QLabel("r: load the measured spots")
         self.r_label.setWordWrap(True)
         form.addRow(self.r_label)

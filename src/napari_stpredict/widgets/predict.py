@@ -4,11 +4,12 @@ A thin Qt view over :class:`~._state.PredictState` (what the user chose; Qt-free
 done by the core in worker threads (:func:`~._common.start_worker`): loading the model,
 opening the session (slide + grid + tissue + store + engine, and the store's done mask),
 reading cached planes, clearing the cache. :mod:`._live` schedules the Engine from the camera
-and :mod:`._heatmaps` draws. The GUI thread never touches the file system, zarr or a thread
-join. Every method a button calls is public (``load_model``, ``set_slide_layer``, ``set_mpp``,
-``set_stride``, ``set_genes``, ``set_live``, ``set_colorbars``, ``set_smooth``,
-``set_uncertainty``, ``predict_whole_slide``, ``cancel``, ``clear_cache``), so scripts,
-``stpredict view`` and the tests drive the same code as a user.
+and :mod:`._heatmaps` draws; the model part (the Predictor built in a worker, the live view's
+test-time augmentation) is :mod:`._predict_model`. The GUI thread never touches the file
+system, zarr or a thread join. Every method a button calls is public (``load_model``,
+``set_tta``, ``set_slide_layer``, ``set_mpp``, ``set_stride``, ``set_genes``, ``set_live``,
+``set_colorbars``, ``set_smooth``, ``set_uncertainty``, ``predict_whole_slide``, ``cancel``,
+``clear_cache``), so scripts, ``stpredict view`` and the tests drive the same code as a user.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer, Signal
-from qtpy.QtWidgets import QFileDialog, QWidget
+from qtpy.QtWidgets import QWidget
 
-from napari_stpredict.errors import StPredictError
-from napari_stpredict.widgets import guard_llvm_clash
 from napari_stpredict.widgets._common import (
     Failed,
     WorkerSet,
@@ -39,11 +38,8 @@ from napari_stpredict.widgets._live import (
     open_session,
     wait_ended,
 )
-from napari_stpredict.widgets._predict_panel import (
-    build_predict_ui,
-    fill_gene_list,
-    filter_gene_list,
-)
+from napari_stpredict.widgets._predict_model import ModelMixin
+from napari_stpredict.widgets._predict_panel import build_predict_ui
 from napari_stpredict.widgets._predict_parts import GenesMixin, SlideMixin, is_slide_layer
 from napari_stpredict.widgets._state import (
     N_HEG,
@@ -71,7 +67,7 @@ __all__ = [
 REFRESH_MS = 100
 
 
-class PredictWidget(GenesMixin, SlideMixin, QWidget):
+class PredictWidget(ModelMixin, GenesMixin, SlideMixin, QWidget):
     """Dock widget "Predict expression".
 
     Parameters
@@ -141,6 +137,7 @@ class PredictWidget(GenesMixin, SlideMixin, QWidget):
         self._flush_timer.timeout.connect(self._flush)
 
         build_predict_ui(self)
+        self.state.events.connect("tta", self._on_tta_requested)
         self.state.events.connect("genes", self._on_genes)
         self.state.events.connect("inputs", self._rebuild_session)
         self.state.events.connect("display", self._on_display)
@@ -165,89 +162,6 @@ class PredictWidget(GenesMixin, SlideMixin, QWidget):
         self.state.set_status(text)
         with contextlib.suppress(RuntimeError):  # the C++ side may be gone with the viewer
             self.status_label.setText(text)
-
-    # =========================================================================== model
-    def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Open a model file", "", "Model files (*.safetensors);;All files (*)"
-        )
-        if path:
-            self.load_model(path)
-
-    def load_model(self, path: str | os.PathLike, *, background: bool = True) -> None:
-        """Load a model file (in a worker thread unless ``background`` is false).
-
-        Errors (missing, corrupt or foreign file) are shown as a notification and in the
-        widget; the previous model is dropped.
-        """
-        path = Path(str(path).strip()).expanduser()
-        self.model_edit.setText(str(path))
-        self._model_seq += 1
-        seq = self._model_seq
-        self._drop_session()
-        self.state.predictor, self.state.model_path = None, None
-        self.model_info.setText(f"loading {path.name}…")
-        self.model_info.setStyleSheet("")
-        device = self.device_request
-
-        def work() -> Any:
-            guard_llvm_clash()
-            from napari_stpredict.model import Predictor
-
-            try:
-                return Predictor(path, device=device)
-            except StPredictError:
-                raise
-            except Exception as err:  # torch/timm failures on a foreign file
-                raise StPredictError(
-                    f"{path}: cannot load model ({type(err).__name__}: {err})"
-                ) from None
-
-        start_worker(
-            work,
-            returned=lambda result: self._on_model_result(seq, path, result),
-            workers=self.workers,
-            inline=not background,
-        )
-
-    def set_predictor(self, predictor: Any, model_path: str | os.PathLike | None = None) -> None:
-        """Use an already loaded :class:`~napari_stpredict.model.Predictor` (no file read)."""
-        self._model_seq += 1
-        path = Path(model_path or getattr(predictor, "path", "model.safetensors"))
-        self.model_edit.setText(str(path))
-        self._drop_session()
-        self._on_model_result(self._model_seq, path, predictor)
-
-    def _on_model_result(self, seq: int, path: Path, result: Any) -> None:
-        if self._closed or seq != self._model_seq:
-            return
-        if isinstance(result, Failed):
-            self.model_info.setText(f"✗ {result.text}")
-            self.model_info.setStyleSheet("color: #e0533d;")
-            self._on_error(result.text)
-            return
-        p = result
-        sections = list(
-            getattr(p, "training_sections", []) or p.metadata.get("training_sections", [])
-        )
-        shown = ", ".join(sections[:8]) + (
-            f" … (+{len(sections) - 8})" if len(sections) > 8 else ""
-        )
-        patch = f"{p.patch_um:g} µm" if p.patch_um else "?"
-        self.model_info.setText(
-            f"<b>{path.name}</b><br>{len(p.genes)} genes · method {p.method} · backbone "
-            f"{getattr(p, 'backbone', '?')}<br>patch {patch} → {p.patch_px} px<br>"
-            f"trained on: {shown or '—'}"
-        )
-        self.model_info.setToolTip(", ".join(sections))
-        dev = str(p.device) + (" (AMP)" if getattr(p, "_amp", None) is not None else "")
-        self.device_label.setText(f"{dev} · batch {getattr(p, 'batch_size', '?')}")
-        keep = set(self.state.genes) & set(p.genes)
-        fill_gene_list(self.gene_list, list(p.genes), keep)
-        filter_gene_list(self.gene_list, self.search_edit.text())
-        self.state.set_model(p, path)  # emits "inputs": a new session
-        self._update_genes_label()
-        self.model_loaded.emit(p)
 
     # =========================================================================== session
     def _drop_session(self, *, remove_layers: bool = True) -> None:

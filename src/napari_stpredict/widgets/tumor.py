@@ -11,19 +11,20 @@ Two layers per store:
   to correct it with napari's brush: the outline follows the edits);
 - a Shapes layer of the regions' outlines (exact tile edges, thin cyan lines) on top, with a
   legend on the canvas: readable over any heatmap, and the heatmaps stay visible under it.
+
+Drawing those layers is :mod:`._tumor_layers`; this module is the dock (controls, store
+choice, score worker, threshold).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -35,34 +36,40 @@ from qtpy.QtWidgets import (
 from napari_stpredict.errors import StPredictError
 from napari_stpredict.tumor import DEFAULT_TUMOR_GENES, Signature, parse_gene_set, score_store
 from napari_stpredict.widgets._common import Failed, notify, start_worker
-from napari_stpredict.widgets._heatmaps import level0_to_world
-from napari_stpredict.widgets._qt import dock_layout, section, spin_box
+from napari_stpredict.widgets._qt import button_row, dock_layout, form_spin, push_button, section
 from napari_stpredict.widgets._sources import (
     StoreSource,
     fill_source_combo,
     open_store,
-    slide_layer_of,
     source_index,
     store_sources,
-    tumor_layer_name,
 )
 from napari_stpredict.widgets._state import TumorState
+from napari_stpredict.widgets._tumor_layers import (
+    OPACITY,
+    OUTLINE_SUFFIX,
+    OUTLINE_WIDTH,
+    TUMOR_RGBA,
+    TumorLayersMixin,
+)
 
 if TYPE_CHECKING:
     import napari
 
+__all__ = [
+    "OPACITY",
+    "OUTLINE_SUFFIX",
+    "OUTLINE_WIDTH",
+    "SLIDER_STEPS",
+    "TUMOR_RGBA",
+    "TumorWidget",
+]
+
 #: Steps of the threshold slider over the score range.
 SLIDER_STEPS = 1000
-#: Colour of tumour outlines and of the Labels layer (RGBA).
-TUMOR_RGBA = (0.0, 0.95, 1.0, 1.0)
-#: Opacity of the Labels layer when the user turns it on.
-OPACITY = 0.35
-#: Outline width as a fraction of a tile's side.
-OUTLINE_WIDTH = 0.08
-OUTLINE_SUFFIX = " outline"
 
 
-class TumorWidget(QWidget):
+class TumorWidget(TumorLayersMixin, QWidget):
     """Dock widget "Tumour localization".
 
     Attributes
@@ -120,16 +127,14 @@ class TumorWidget(QWidget):
         )
         self.genes_edit.returnPressed.connect(self.compute)
         form.addRow("Genes", self.genes_edit)
-        row = QHBoxLayout()
-        self.default_button = QPushButton("Default")
-        self.default_button.setToolTip(", ".join(DEFAULT_TUMOR_GENES))
-        self.default_button.clicked.connect(lambda: self.set_gene_set(None))
-        self.compute_button = QPushButton("Compute score")
-        self.compute_button.setToolTip("Read the predictions (no model call) and score every tile")
-        self.compute_button.clicked.connect(lambda: self.compute())
-        row.addWidget(self.default_button)
-        row.addWidget(self.compute_button, 1)
-        form.addRow(row)
+        self.default_button = push_button(
+            "Default", lambda: self.set_gene_set(None), tooltip=", ".join(DEFAULT_TUMOR_GENES)
+        )
+        self.compute_button = push_button(
+            "Compute score", lambda: self.compute(),
+            tooltip="Read the predictions (no model call) and score every tile",
+        )  # fmt: skip
+        form.addRow(button_row(self.default_button, self.compute_button, stretch=(0, 1)))
         self.genes_info = QLabel("")
         self.genes_info.setWordWrap(True)
         form.addRow(self.genes_info)
@@ -152,25 +157,14 @@ class TumorWidget(QWidget):
         self.auto_button.setToolTip("Otsu's threshold of the scores of the predicted tissue tiles")
         self.auto_button.clicked.connect(self.auto_threshold)
         form.addRow(self.auto_button)
-        self.smooth_spin = spin_box(
-            QDoubleSpinBox,
-            0.0,
-            20.0,
-            step=0.5,
-            suffix=" tiles",
-            tooltip="Gaussian smoothing of the score before thresholding (σ)",
-        )
-        self.smooth_spin.valueChanged.connect(self.set_smoothing)
-        form.addRow("Smoothing", self.smooth_spin)
-        self.min_size_spin = spin_box(
-            QSpinBox,
-            0,
-            1_000_000,
-            suffix=" tiles",
+        self.smooth_spin = form_spin(
+            form, "Smoothing", QDoubleSpinBox, 0.0, 20.0, self.set_smoothing, step=0.5,
+            suffix=" tiles", tooltip="Gaussian smoothing of the score before thresholding (σ)",
+        )  # fmt: skip
+        self.min_size_spin = form_spin(
+            form, "Min. region", QSpinBox, 0, 1_000_000, self.set_min_size, suffix=" tiles",
             tooltip="Drop tumour regions smaller than this many tiles",
-        )
-        self.min_size_spin.valueChanged.connect(self.set_min_size)
-        form.addRow("Min. region", self.min_size_spin)
+        )  # fmt: skip
         body.add(section("Threshold", box))
 
         self.readout = QLabel("pick a prediction store and compute the score")
@@ -371,127 +365,6 @@ class TumorWidget(QWidget):
         self._update_layers()
         self.readout.setText(f"{area.text()} ({area.tissue_cells} predicted tiles)")
         self.mask_changed.emit(area)
-
-    # =========================================================================== layers
-    def layer_metadata(self) -> dict[str, Any]:
-        """``metadata["stpredict"]`` of the Labels layer (``kind="tumor"``)."""
-        assert self._source is not None and self.state.score is not None
-        base = {k: v for k, v in self._source.meta.items() if k != "gene"}
-        s = self.state
-        return {
-            **base,
-            "kind": "tumor",
-            "threshold": float(s.threshold or 0.0),
-            "threshold_method": s.method,
-            "genes": list(s.score.genes),
-            "weights": list(s.score.weights),
-            "smooth_sigma_cells": float(s.sigma),
-            "min_size_cells": int(s.min_size),
-        }
-
-    def _placement(self) -> dict[str, Any]:
-        ref = self._source.reference_layer if self._source is not None else None
-        if ref is None:
-            return {}
-        kwargs: dict[str, Any] = {
-            "scale": tuple(ref.scale)[-2:],
-            "translate": tuple(ref.translate)[-2:],
-        }
-        units = getattr(ref, "units", None)
-        if units is not None:  # same units as heatmaps and slide, else napari drops them all
-            kwargs["units"] = tuple(str(u) for u in units)[-2:]
-        return kwargs
-
-    def _update_layers(self) -> None:
-        mask = self.state.mask
-        assert mask is not None and self._source is not None
-        data = mask.astype(np.uint8)
-        meta = {"stpredict": self.layer_metadata()}
-        layer = self.layer
-        if layer is not None and layer in self.viewer.layers and layer.data.shape == data.shape:
-            layer.data[...] = data
-            layer.metadata = meta
-            layer.refresh()
-        else:
-            from napari.utils.colormaps import DirectLabelColormap
-
-            cmap = DirectLabelColormap(
-                color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: TUMOR_RGBA}
-            )
-            active = self.viewer.layers.selection.active
-            self.layer = self.viewer.add_labels(
-                data,
-                name=tumor_layer_name(self._source),
-                opacity=OPACITY,
-                metadata=meta,
-                colormap=cmap,
-                visible=False,  # the outline shows it; turn on to paint corrections
-                **self._placement(),
-            )
-            self.layer.events.paint.connect(lambda *_: self._draw_outline(self.layer.data > 0))
-            if active is not None and active in self.viewer.layers:
-                self.viewer.layers.selection.active = active  # the heatmap stays selected
-        self._draw_outline(mask)
-
-    def _draw_outline(self, mask: np.ndarray) -> None:
-        """Thin outlines of the regions (exact tile edges) in a Shapes layer on top."""
-        from napari_stpredict.tumor import mask_to_polygons
-
-        src = self._source
-        if src is None or self.state.grid is None:
-            return
-        grid = self.state.grid
-        slide_layer = slide_layer_of(self.viewer, src)
-        rings: list[np.ndarray] = []
-        for poly in mask_to_polygons(np.asarray(mask, dtype=bool), grid):
-            for part in getattr(poly, "geoms", [poly]):
-                for ring in (part.exterior, *part.interiors):
-                    xy = np.asarray(ring.coords, dtype=float)[:-1]
-                    yx = xy[:, ::-1]
-                    if slide_layer is not None:
-                        yx = level0_to_world(slide_layer, yx)
-                    rings.append(yx)
-        stride_world = float(self._placement().get("scale", (grid.stride_px,))[0])
-        width = OUTLINE_WIDTH * stride_world
-        name = tumor_layer_name(src) + OUTLINE_SUFFIX
-        outline = self.outline
-        if outline is None or outline not in self.viewer.layers:
-            active = self.viewer.layers.selection.active
-            kwargs: dict[str, Any] = {}
-            units = self._placement().get("units")
-            if units is not None:
-                kwargs["units"] = units
-            outline = self.viewer.add_shapes(
-                name=name,
-                edge_color=[TUMOR_RGBA],
-                face_color=[(0, 0, 0, 0)],
-                edge_width=width,
-                metadata={"stpredict_outline": {"store": src.store}},
-                **kwargs,
-            )
-            self.outline = outline
-            if active is not None and active in self.viewer.layers:
-                self.viewer.layers.selection.active = active
-        outline.data = []
-        if rings:
-            outline.add_polygons(
-                rings, edge_width=width, edge_color=TUMOR_RGBA, face_color=(0, 0, 0, 0)
-            )
-        self._legend(len(rings))
-
-    def _legend(self, n_rings: int) -> None:
-        """A canvas legend for the outlines (napari's text overlay)."""
-        overlay = self.viewer.canvas.overlays.text if hasattr(self.viewer, "canvas") else None
-        if overlay is None:
-            return
-        s = self.state
-        overlay.text = (
-            f"▭ tumour regions (score ≥ {s.threshold:.2f}, {s.method})" if s.threshold else ""
-        )
-        overlay.color = TUMOR_RGBA
-        overlay.position = "bottom_left"
-        overlay.box = True
-        overlay.visible = True
 
     def tumor_map(self) -> Any:
         """The current state as a :class:`~napari_stpredict.tumor.TumorMap` (for exports)."""
