@@ -12,6 +12,9 @@ Optional parts (checked with ``getattr``, so older predictors keep working):
 - ``has_uncertainty`` + ``predict(x, return_spread=True)`` — the per-gene spread is stored in
   the store's optional ``spread`` array.
 - ``batch_size`` — the engine's default batch size.
+- ``input_spec.tta``, ``top_k``, ``weighting``, ``temperature`` — part of the store's cache key
+  (``store_keys.inference_settings``), so a view scored with 1 test-time view and a ``predict``
+  run with 8 never share cached values.
 """
 
 from __future__ import annotations
