@@ -85,6 +85,15 @@ def test_tile_cache_decodes_each_tile_once_and_stays_bounded(tiled_slide, monkey
 
 
 # --------------------------------------------------------------------------- device resize
+def _cuda_or_cpu() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DEVICE = _cuda_or_cpu()  # the GPU where there is one (the port's purpose), else the CPU
+
+
 def test_torch_bilinear_is_pillow_bit_for_bit_on_random_boxes():
     """The torch port of Pillow's BILINEAR resize (run on the CPU here; CUDA in use) gives
     Pillow's pixels for random windows, boxes and scales, up and down, batched."""
@@ -110,9 +119,11 @@ def test_torch_bilinear_is_pillow_bit_for_bit_on_random_boxes():
             boxes.append(box)
             pil = Image.fromarray(img).resize((ow, oh), Image.Resampling.BILINEAR, box=box)
             expected.append(np.asarray(pil))
-        got = resize_windows(torch.from_numpy(windows), sizes, np.array(boxes), (oh, ow))
-        assert got.dtype == torch.uint8
-        np.testing.assert_array_equal(got.numpy(), np.stack(expected))
+        got = resize_windows(
+            torch.from_numpy(windows).to(_DEVICE), sizes, np.array(boxes), (oh, ow)
+        )
+        assert got.dtype == torch.uint8 and got.device.type == _DEVICE
+        np.testing.assert_array_equal(got.cpu().numpy(), np.stack(expected))
 
 
 @pytest.mark.parametrize("out_px", [32, 224])
@@ -131,6 +142,8 @@ def test_device_resize_windows_equal_read_resampled(tiled_slide, out_px):
     h, w = plan.max_window
     windows = np.zeros((len(rects), h, w, 3), np.uint8)
     read_windows(plan, TileCache(tiled_slide).read_region, windows)
-    got = resize_windows(torch.from_numpy(windows), plan.windows[:, 2:], plan.boxes, (out_px,) * 2)
+    got = resize_windows(
+        torch.from_numpy(windows).to(_DEVICE), plan.windows[:, 2:], plan.boxes, (out_px,) * 2
+    )
     expected = np.stack([tiled_slide.read_resampled(*r, out_shape=(out_px, out_px)) for r in rects])
-    np.testing.assert_array_equal(got.numpy(), expected)
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)

@@ -209,22 +209,48 @@ def _two_passes(x: Any, kx: Any, ky: Any, vertical_first: bool) -> Any:
 _ORDER: dict[tuple[Any, ...], bool] = {}
 
 
-def _order_keys(sizes: np.ndarray, boxes: np.ndarray, out_shape: tuple[int, int]) -> list[tuple]:
-    """What Pillow's pass order may depend on, per window: sizes, box extent, pixels read."""
+def _order_keys(
+    sizes: np.ndarray,
+    boxes: np.ndarray,
+    out_shape: tuple[int, int],
+    taps: tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]] | None = None,
+) -> list[tuple]:
+    """What Pillow's pass order may depend on, per window: sizes, box extent, pixels read.
+
+    ``taps``: the ``(vertical, horizontal)`` :func:`_taps` when already computed.
+    """
     oh, ow = out_shape
+    if taps is None:
+        taps = (
+            _taps(sizes[:, 0], boxes[:, 1], boxes[:, 3], oh),
+            _taps(sizes[:, 1], boxes[:, 0], boxes[:, 2], ow),
+        )
     bf = boxes.astype(np.float32)
-    span_y = _span(*_taps(sizes[:, 0], boxes[:, 1], boxes[:, 3], oh)[:2])
-    span_x = _span(*_taps(sizes[:, 1], boxes[:, 0], boxes[:, 2], ow)[:2])
     cols = zip(
         sizes[:, 0].tolist(),
         sizes[:, 1].tolist(),
         (bf[:, 2] - bf[:, 0]).tolist(),
         (bf[:, 3] - bf[:, 1]).tolist(),
-        span_y.tolist(),
-        span_x.tolist(),
+        _span(*taps[0][:2]).tolist(),
+        _span(*taps[1][:2]).tolist(),
         strict=True,
     )
     return [(h, w, oh, ow, ex, ey, sy, sx) for h, w, ex, ey, sy, sx in cols]
+
+
+def _dense_on(taps: tuple[np.ndarray, ...], width: int, device: Any) -> Any:
+    """:func:`_dense` built on ``device`` from the small tap arrays (no large host copies)."""
+    import torch
+
+    xmin, count, fixed = (torch.from_numpy(a).to(device) for a in taps)
+    ksize = fixed.shape[-1]
+    k = torch.arange(ksize, device=device)
+    values = torch.where(
+        k < count[..., None], fixed, torch.zeros((), dtype=fixed.dtype, device=device)
+    )
+    dense = torch.zeros((*xmin.shape, width + ksize), dtype=torch.float64, device=device)
+    dense.scatter_(2, xmin[..., None] + k, values)
+    return dense[..., :width]
 
 
 def vertical_first(shape: tuple[int, int], out_shape: tuple[int, int], box: np.ndarray) -> bool:
@@ -296,9 +322,10 @@ def resize_windows(
     sizes = np.asarray(sizes, dtype=np.int64).reshape(n, 2)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
     dev = windows.device
-    kx = torch.from_numpy(bilinear_coefficients(sizes[:, 1], boxes[:, 0], boxes[:, 2], ow, wmax))
-    ky = torch.from_numpy(bilinear_coefficients(sizes[:, 0], boxes[:, 1], boxes[:, 3], oh, hmax))
-    keys = _order_keys(sizes, boxes, (oh, ow))
+    taps_y = _taps(sizes[:, 0], boxes[:, 1], boxes[:, 3], oh)
+    taps_x = _taps(sizes[:, 1], boxes[:, 0], boxes[:, 2], ow)
+    kx, ky = _dense_on(taps_x, wmax, dev), _dense_on(taps_y, hmax, dev)
+    keys = _order_keys(sizes, boxes, (oh, ow), (taps_y, taps_x))
     first = {key: k for k, key in reversed(list(enumerate(keys)))}  # one probe per key
     known = {key: vertical_first(tuple(sizes[k]), (oh, ow), boxes[k]) for key, k in first.items()}
     order = np.array([known[key] for key in keys])
@@ -308,5 +335,5 @@ def resize_windows(
         idx = np.flatnonzero(order == v)
         if len(idx):
             sel = torch.from_numpy(idx).to(dev)
-            out[sel] = _two_passes(x[sel], kx[idx].to(dev), ky[idx].to(dev), v)
+            out[sel] = _two_passes(x[sel], kx[sel], ky[sel], v)
     return out.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
