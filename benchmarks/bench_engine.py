@@ -226,6 +226,7 @@ def engine_run(slide, predictor, grid, tissue, cells, *, workers, bs, center) ->
             "tiles_reused": st.tiles_reused,
             "tile_cache_peak_mb": round(st.tile_cache_peak_bytes / 2**20, 1),
             "write_buffer_peak_mb": round(st.write_buffer_peak_bytes / 2**20, 1),
+            "resize_device": engine.resize_device or "pillow (reader threads)",
         }
 
 

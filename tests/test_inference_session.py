@@ -137,6 +137,29 @@ def test_resize_on_device_gives_the_model_the_same_pixels(c3, tmp_path, n_fields
             np.testing.assert_array_equal(fields[1], _reference_patch(c3, grid, cell, 2.0))
 
 
+def test_resize_on_device_failure_falls_back_to_pillow(c3, tmp_path, monkeypatch):
+    """A device resize that fails warns once and the batch is read with Pillow: same pixels."""
+    from napari_stpredict.inference import batch_reader
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(batch_reader, "resize_windows", broken)
+    model = ExactModel()
+    grid = TileGrid.for_slide(c3, model, stride_um=70.0)
+    store = PredictionStore.for_slide(c3, model, grid, cache_dir=tmp_path)
+    cells = _tissue_cells(grid, 20, seed=3)
+    with Engine(
+        c3, model, grid, store, tissue=None, batch_size=8, read_workers=2, resize_on_device=True
+    ) as eng:
+        with pytest.warns(RuntimeWarning, match="no such kernel"):
+            got = list(eng.run(cells))
+        assert eng.resize_device is None  # Pillow from now on
+    seen = np.concatenate(model.calls)
+    for k, cell in enumerate(np.concatenate([b.cells for b in got])):
+        np.testing.assert_array_equal(seen[k], _reference_patch(c3, grid, cell))
+
+
 def test_resize_on_device_predictions_bit_identical(c3, tmp_path, tiny_model_file):
     """The real model fed by the device resize (a torch tensor) predicts what it predicts on
     per-patch read_resampled crops."""

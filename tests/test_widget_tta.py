@@ -72,7 +72,7 @@ def test_tta_defaults_to_one_view_on_a_cpu_and_the_choice_rebuilds_the_session(
 ):
     from napari_stpredict.model.predictor import live_view_tta
 
-    viewer, widget, _ = dock
+    _, widget, _ = dock
     assert live_view_tta(8, "cpu") == 1  # the policy (the model's own on CUDA)
     widget.load_model(tta8_model_file)
     _wait_for_session(widget, qtbot, 1)
@@ -99,14 +99,22 @@ def test_tta_defaults_to_one_view_on_a_cpu_and_the_choice_rebuilds_the_session(
     widget.set_tta(1)
     _wait_for_session(widget, qtbot, 1)
     assert widget.tta_combo.currentData() == 1
+    # a Predictor handed over keeps its TTA; asked for another, it is rebuilt with its settings
+    from napari_stpredict.model import Predictor
+
+    given = Predictor(tta8_model_file, device="cpu", batch_size=7, tta=1)
+    widget.set_predictor(given, tta8_model_file, tta=8)
+    _wait_for_session(widget, qtbot, 8)
+    assert widget.predictor is not given and widget.predictor.batch_size == 7
     with pytest.raises(Exception, match="1, 2, 4 or 8"):
         widget.set_tta(3)
 
 
 def test_a_model_without_tta_shows_no_choice(dock, tiny_model_file, qtbot):
-    viewer, widget, _ = dock
     from napari_stpredict.model.header import read_model_header
     from napari_stpredict.model.preprocess import InputSpec
+
+    _, widget, _ = dock
 
     if InputSpec.from_metadata(read_model_header(tiny_model_file)).tta != 1:
         pytest.skip("the tiny model has test-time augmentation")
@@ -125,8 +133,8 @@ def test_the_viewer_shows_the_predictor_with_the_same_tta(dock, tta8_model_file,
     _wait_for_session(widget, qtbot, 8)
     session = widget.session
     grid, tissue = session.grid, session.tissue
-    gene = next(g for g in ("ERBB2", "KRT19", "EPCAM", *widget.predictor.genes) if g in
-                widget.predictor.genes)  # fmt: skip
+    genes = widget.predictor.genes
+    gene = next((g for g in ("ERBB2", "KRT19", "EPCAM") if g in genes), genes[0])
     widget.set_genes([gene])
     mpp = float(layer.scale[-1])
     i, j = np.argwhere(tissue)[len(np.argwhere(tissue)) // 2]

@@ -12,6 +12,7 @@ import contextlib
 import math
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_stpredict.errors import first_line
 from napari_stpredict.inference.device_resize import (
     WindowPlan,
     plan_windows,
@@ -26,6 +28,7 @@ from napari_stpredict.inference.device_resize import (
     resize_windows,
 )
 from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.model_calls import is_oom
 from napari_stpredict.inference.results import EngineStats
 from napari_stpredict.slide.patches import (
     DEFAULT_CACHE_BYTES,
@@ -228,12 +231,33 @@ class BatchReader:
             self.stats.read_s += time.perf_counter() - t0
 
     def model_input(self, batch: PendingBatch) -> Any:
-        """What the model gets for a read batch: the buffer, or the windows resized on the device."""
+        """What the model gets for a read batch: the buffer, or the windows resized on the device.
+
+        Should the device resize fail, the batch is read with Pillow here instead (and, unless
+        the device was only out of memory, every later batch too), with a warning.
+        """
         if batch.plan is None:
             return batch.handle
+        if self.resize_device is not None:
+            try:
+                return self._resize_on_device(batch)
+            except Exception as err:
+                if not is_oom(err):
+                    self.resize_device = None
+                warnings.warn(
+                    f"resizing patches on the device failed ({first_line(err)}); using Pillow",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        view, handle = self.buffer(len(batch.cells))
+        self.read_into(view, batch.cells)
+        return handle
+
+    def _resize_on_device(self, batch: PendingBatch) -> Any:
         import torch
 
         plan = batch.plan
+        assert plan is not None
         windows = torch.as_tensor(batch.handle).to(self.resize_device, non_blocking=True)
         patches = resize_windows(windows, plan.windows[:, 2:], plan.boxes, (plan.out_px,) * 2)
         p, nf = plan.out_px, len(self.fields)

@@ -179,6 +179,11 @@ class Engine:
         )
 
     @property
+    def resize_device(self) -> str | None:
+        """The torch device that resizes patches (``None``: Pillow in the reader threads)."""
+        return self._reader.resize_device
+
+    @property
     def tile_cache(self) -> TileCache:
         """Decoded slide tiles shared by the reader threads (each decoded once per region)."""
         return self._reader.tile_cache

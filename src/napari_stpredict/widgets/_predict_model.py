@@ -30,10 +30,10 @@ from napari_stpredict.widgets._predict_panel import (
 )
 
 
-def build_predictor(path: Path, device: Any, tta: int | None) -> Any:
-    """``Predictor(path, device=device, tta=…)`` (run it in a worker: reads the file, builds
-    the network). ``tta=None``: :func:`~napari_stpredict.model.predictor.live_view_tta` of the
-    file's TTA on ``device``.
+def build_predictor(path: Path, device: Any, tta: int | None, **options: Any) -> Any:
+    """``Predictor(path, device=device, tta=…, **options)`` (run it in a worker: reads the file,
+    builds the network). ``tta=None``: :func:`~napari_stpredict.model.predictor.live_view_tta`
+    of the file's TTA on ``device``; ``options``: other Predictor settings (batch size, …).
 
     Raises
     ------
@@ -49,11 +49,19 @@ def build_predictor(path: Path, device: Any, tta: int | None) -> Any:
     try:
         if tta is None:
             tta = live_view_tta(InputSpec.from_metadata(read_model_header(path)).tta, device)
-        return Predictor(path, device=device, tta=tta)
+        return Predictor(path, device=device, tta=tta, **options)
     except StPredictError:
         raise
     except Exception as err:  # torch/timm failures on a foreign file
         raise StPredictError(f"{path}: cannot load model ({type(err).__name__}: {err})") from None
+
+
+def same_settings(predictor: Any) -> dict[str, Any]:
+    """The settings of ``predictor`` a rebuild with another TTA keeps (device, batch size,
+    retrieval overrides), as :func:`build_predictor` keywords."""
+    names = ("batch_size", "top_k", "weighting", "temperature")
+    options = {n: getattr(predictor, n) for n in names if getattr(predictor, n, None) is not None}
+    return {"device": str(predictor.device), **options}
 
 
 class ModelMixin:
@@ -78,7 +86,7 @@ class ModelMixin:
         """
         path = Path(str(path).strip()).expanduser()
         self.model_edit.setText(str(path))
-        self._start_model_build(path, self.device_request, tta, background=background)
+        self._start_model_build(path, tta, {"device": self.device_request}, background=background)
 
     def set_predictor(
         self, predictor: Any, model_path: str | os.PathLike | None = None, *, tta: int | None = None
@@ -91,7 +99,7 @@ class ModelMixin:
         path = Path(model_path or getattr(predictor, "path", "model.safetensors"))
         self.model_edit.setText(str(path))
         if tta is not None and int(tta) != int(getattr(predictor, "tta", 1)):
-            self._start_model_build(path, str(predictor.device), int(tta), background=True)
+            self._start_model_build(path, int(tta), same_settings(predictor), background=True)
             return
         self._model_seq += 1
         self._drop_session()
@@ -112,7 +120,7 @@ class ModelMixin:
         predictor, path = self.state.predictor, self.state.model_path
         if predictor is None or path is None or self._closed:
             return
-        self._start_model_build(path, str(predictor.device), int(views), background=True)
+        self._start_model_build(path, int(views), same_settings(predictor), background=True)
 
     def _on_tta_choice(self, index: int) -> None:
         views = self.tta_combo.itemData(index)
@@ -120,9 +128,10 @@ class ModelMixin:
             self.set_tta(int(views))
 
     def _start_model_build(
-        self, path: Path, device: Any, tta: int | None, *, background: bool
+        self, path: Path, tta: int | None, options: dict[str, Any], *, background: bool
     ) -> None:
-        """Drop the model and session; build ``Predictor(path, device, tta)`` in a worker."""
+        """Drop the model and session; :func:`build_predictor` in a worker (``options``:
+        ``device`` and other Predictor settings)."""
         self._model_seq += 1
         seq = self._model_seq
         self._drop_session()
@@ -134,8 +143,8 @@ class ModelMixin:
         start_worker(
             build_predictor,
             path,
-            device,
-            tta,
+            tta=tta,
+            **options,
             returned=lambda result: self._on_model_result(seq, path, result),
             workers=self.workers,
             inline=not background,
