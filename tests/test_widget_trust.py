@@ -219,6 +219,7 @@ def test_open_sample_after_demo_data_dir_does_not_download(
     make_napari_viewer, shared_data, tmp_path, monkeypatch
 ):
     import napari_stpredict.demo as demo
+    import napari_stpredict.demo.dataset as demo_dataset
     from napari_stpredict.cli import main
     from napari_stpredict.errors import StPredictError
 
@@ -229,7 +230,7 @@ def test_open_sample_after_demo_data_dir_does_not_download(
     def fetch(*a, **k):
         raise AssertionError("Open Sample tried to download")
 
-    monkeypatch.setattr(demo, "_fetch", fetch)
+    monkeypatch.setattr(demo_dataset, "_fetch", fetch)  # where the download happens
 
     def stop(**kwargs):
         raise StPredictError("stopped here (the test only needs the demo's set-up)")

@@ -93,6 +93,7 @@ def test_tta_defaults_to_one_view_on_a_cpu_and_the_choice_rebuilds_the_session(
     combo.activated.emit(1)
     _wait_for_session(widget, qtbot, 8)
     assert widget.session is not old_session and widget.predictor.tta == 8
+    assert widget.session.store.path != old_session.store.path  # cached apart from 1 view
     assert widget.predictor.has_uncertainty and widget.state.tta == 8
     assert widget.tta_combo.currentData() == 8
     # ... and back to 1 view
@@ -125,12 +126,16 @@ def test_a_model_without_tta_shows_no_choice(dock, tiny_model_file, qtbot):
 
 def test_the_viewer_shows_the_predictor_with_the_same_tta(dock, tta8_model_file, qtbot):
     """The value of a tile in the viewer is ``Predictor(path, tta=8)`` on that tile's pixels as
-    the evaluation reads them (``Slide.read_resampled``)."""
+    the evaluation reads them (``Slide.read_resampled``) — also after the same view was first
+    predicted with 1 view (no stale cached value survives the switch)."""
     from napari_stpredict.model import Predictor
 
     viewer, widget, layer = dock
-    widget.load_model(tta8_model_file, tta=8)
-    _wait_for_session(widget, qtbot, 8)
+    # no colour bars: under Xvfb (Mesa llvmpipe) napari 0.9 segfaults drawing a colour bar made
+    # after another one was removed, which a TTA switch over shown heatmaps does
+    widget.set_colorbars(False)
+    widget.load_model(tta8_model_file)  # the CPU default: 1 view
+    _wait_for_session(widget, qtbot, 1)
     session = widget.session
     grid, tissue = session.grid, session.tissue
     genes = widget.predictor.genes
@@ -142,6 +147,11 @@ def test_the_viewer_shows_the_predictor_with_the_same_tta(dock, tta8_model_file,
     camera_of(viewer).center = ((centre[0] - 0.5) * mpp, (centre[1] - 0.5) * mpp)
     camera_of(viewer).zoom = float(min(viewer.canvas.size)) / (3 * grid.stride_px * mpp)
     widget.set_live(True)
+    qtbot.waitUntil(widget.view_complete, timeout=WAIT_MS)
+    assert session.store.done_mask().any()
+    widget.set_tta(8)  # the same view, now averaged over 8 views
+    _wait_for_session(widget, qtbot, 8)
+    session = widget.session
     qtbot.waitUntil(widget.view_complete, timeout=WAIT_MS)
 
     done = session.store.done_mask()
