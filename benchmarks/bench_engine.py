@@ -395,6 +395,25 @@ def store_layouts(args, grid, n_genes: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- engine ÷ raw
+def _raw_patches(slide, grid, pred, cells: np.ndarray) -> np.ndarray:
+    """The cells' patches in memory, every field of view the model takes (patch, then e.g. its
+    context field around the same centre), read like the engine: ``(n, P, P, 3)`` or
+    ``(n, F, P, P, 3)``."""
+    from napari_stpredict.inference.protocol import fields_of
+
+    px = grid.patch_px
+    fields = fields_of(pred, patch_um=grid.patch_um)
+    out = []
+    for y0, x0, y1, x1 in grid.cell_rects_px(cells):
+        cy, cx, side = (y0 + y1) / 2, (x0 + x1) / 2, y1 - y0
+        views = []
+        for um, _ in fields:
+            s = side * um / grid.patch_um
+            views.append(slide.read_resampled(cy - s / 2, cx - s / 2, s, s, out_shape=(px, px)))
+        out.append(views[0] if len(views) == 1 else np.stack(views))
+    return np.stack(out)
+
+
 def throughput(args: argparse.Namespace, slide, grid, tissue, model: Path) -> list[dict]:
     import torch
 
@@ -410,15 +429,7 @@ def throughput(args: argparse.Namespace, slide, grid, tissue, model: Path) -> li
             sets, centre = _cells(slide, grid, tissue, args.cells, args.repeats + 1)
             n = len(sets[0]) - len(sets[0]) % bs or len(sets[0])
             sets = [c[:n] for c in sets]
-            rects = grid.cell_rects_px(sets[0][:bs])
-            patches = np.stack(
-                [
-                    slide.read_resampled(
-                        y0, x0, y1 - y0, x1 - x0, out_shape=(grid.patch_px, grid.patch_px)
-                    )
-                    for y0, x0, y1, x1 in rects
-                ]
-            )
+            patches = _raw_patches(slide, grid, pred, sets[0][:bs])
 
             def sync(pred=pred) -> None:
                 if pred.device.type == "cuda":

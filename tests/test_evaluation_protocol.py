@@ -208,6 +208,8 @@ def tiny_config(**changes):
         num_workers=2,  # 1 deadlocks training._PatchSource (nested submit on its own pool)
         top_k=10,
         device="cpu",
+        tta=1,  # pinned: the defaults (8 views + context) cost 16 passes per spot
+        context=0.0,
     )
     base.update(changes)
     return TrainConfig(**base)

@@ -307,6 +307,8 @@ def b4_model(b4_store):
         num_workers=0,
         train_backbone="none",
         feature_cache_dir=str(folder / "features"),
+        tta=1,  # pinned: the defaults (8 views + context) cost 16 passes per spot
+        context=0.0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

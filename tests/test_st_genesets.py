@@ -187,6 +187,7 @@ def test_train_with_defaults_has_the_markers_and_says_so(
     args = ["train", str(manifest), "--out", str(out), "--quiet", "--device", "cpu"]
     args += ["--train-backbone", "none", "--pretrained", "none", "--epochs", "1"]
     args += ["--max-steps", "1", "--patch-px", "32", "--add-genes", "CDCA1"]
+    args += ["--tta", "1", "--context", "0"]  # the defaults cost 16 passes per spot
     assert main(args) == 0
     text = capsys.readouterr().out
     meta = read_model_header(out)

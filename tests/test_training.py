@@ -54,6 +54,8 @@ def _frozen(method: str, feature_cache: Path, **kw) -> TrainConfig:
         lr=2e-3,
         warmup_steps=0,
         num_workers=2,
+        tta=1,  # pinned (the defaults, 8 views + context, cost 16 passes per spot)
+        context=0.0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -159,7 +161,7 @@ def test_kill_and_resume_cli(manifest, feature_cache, tmp_path):
         str(manifest), "--out", str(out), "--sections", "B4,C2", "--method", "bleep",
         "--patch-px", "64", "--n-top-genes", "60", "--train-backbone", "none",
         "--feature-cache", str(feature_cache), "--epochs", "8", "--steps-per-epoch", "2",
-        "--device", "cpu", "--seed", "3", "--quiet",
+        "--device", "cpu", "--seed", "3", "--quiet", "--tta", "1", "--context", "0",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "napari_stpredict", "train", *args]
     proc = subprocess.Popen(
@@ -398,6 +400,7 @@ def test_auto_backbone_on_cpu_says_what_and_why(manifest, tmp_path):
     cfg = TrainConfig(
         method="bleep", pretrained="offline", n_top_genes=40, patch_px=32, batch_size=16,
         epochs=1, steps_per_epoch=2, device="cpu", seed=1, num_workers=2, warmup_steps=0,
+        tta=1, context=0.0,
     )  # fmt: skip
     assert cfg.train_backbone == "auto" and cfg.stain_augment == "auto"
     res = train(manifest, cfg, out=tmp_path / "auto.safetensors", sections=["B4"], log=notes.append)
@@ -499,3 +502,30 @@ def test_context_field_trains_and_is_recorded(manifest, tmp_path):
     assert p.input_spec.fields() == [(112.0, 32), (336.0, 32)] and p.model.n_fields == 2
     u8 = np.random.default_rng(0).integers(0, 255, (3, 2, 32, 32, 3), dtype=np.uint8)
     assert p.predict(u8).shape == (3, len(p.genes))
+
+
+def test_training_defaults_are_the_measured_best():
+    """docs/benchmarks.md (evaluation) and docs/training.md: BLEEP, 8 views, a 3× context field;
+    what `stpredict train` without flags records in the model file's input spec."""
+    from napari_stpredict.training import input_spec_for
+
+    cfg = TrainConfig()
+    assert (cfg.method, cfg.tta, cfg.context) == ("bleep", 8, 3.0)
+    data = type("Data", (), {"patch_um": 112.0, "patch_px": 224})()
+    spec = input_spec_for(cfg, data, "tf_efficientnet_lite0")
+    assert (spec.tta, spec.context, spec.scales) == (8, 3.0, (1.0, 3.0))
+
+
+def test_feature_cache_keeps_tta_views_apart(manifest, tmp_path):
+    """Frozen features averaged over 2 views are cached apart from 1-view ones: a later run
+    with the other TTA must not train on the first run's features."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "features"
+    for tta in (1, 2):
+        cfg = _frozen("regression", cache, tta=tta, epochs=1, steps_per_epoch=1, patch_px=32)
+        train(manifest, cfg, out=tmp_path / f"tta{tta}.safetensors", sections=["B4"])
+    files = sorted(cache.glob("features-*.safetensors"))
+    assert len(files) == 2
+    one, two = (load_file(str(f))["pooled"] for f in files)
+    assert one.shape == two.shape and not np.allclose(one.numpy(), two.numpy())

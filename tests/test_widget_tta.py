@@ -131,9 +131,9 @@ def test_the_viewer_shows_the_predictor_with_the_same_tta(dock, tta8_model_file,
     from napari_stpredict.model import Predictor
 
     viewer, widget, layer = dock
-    # no colour bars: under Xvfb (Mesa llvmpipe) napari 0.9 segfaults drawing a colour bar made
-    # after another one was removed, which a TTA switch over shown heatmaps does
-    widget.set_colorbars(False)
+    # colour bars on: a TTA switch over shown heatmaps removes them and draws new ones, which
+    # crashed napari 0.9.2 before widgets._common.keep_text_alive
+    widget.set_colorbars(True)
     widget.load_model(tta8_model_file)  # the CPU default: 1 view
     _wait_for_session(widget, qtbot, 1)
     session = widget.session

@@ -7,7 +7,7 @@
    tables and full-resolution H&E images (about 19 MB). Every file is pinned by commit and
    SHA-256 with :mod:`pooch`, so what is trained on is exactly what was checked. ``data_dir``
    points at a local copy with the same layout instead (no network).
-2. :func:`demo_model` trains a small CMRCNet on the training sections on the CPU, starting from
+2. :func:`demo_model` trains a small BLEEP model (the default method) on the training sections on the CPU, starting from
    the offline ImageNet EfficientNet-Lite0 (minutes), and caches the model file under a key
    made of the data's hashes and the training configuration, so the next run starts at once.
 3. The held-out section (C2) is the slide shown (:func:`run_demo` predicts its tissue headless;

@@ -49,7 +49,9 @@ class FeatureStore:
             [
                 self.config.backbone,
                 str(getattr(self.model, "pretrained_source", "")),
-                self.spec.replace(tta=1).to_dict(),  # tta acts at inference only
+                # the whole spec, tta included: with tta > 1 the cached features are the
+                # average over the views, so a 1-view and an 8-view run must not share them
+                self.spec.to_dict(),
                 self.data.spot_keys[section_i],
             ]
         )

@@ -94,6 +94,29 @@ def view_rect_px(viewer: Any, slide_layer: Any) -> tuple[float, float, float, fl
     return (float(a[0]), float(a[1]), float(b[0]), float(b[1]))
 
 
+#: Key of the canvas overlay of :func:`keep_text_alive`.
+TEXT_KEEPALIVE_KEY = "stpredict_text_keepalive"
+
+
+def keep_text_alive(viewer: Any) -> None:
+    """Keep one drawn text visual on ``viewer``'s canvas for as long as the viewer lives.
+
+    napari 0.9.2 with vispy 0.17 (seen under Xvfb with Mesa) segfaults in ``glDrawArrays`` when
+    the last text visual on the canvas goes — a heatmap's colour bar or legend removed with its
+    layer — and any layer is drawn afterwards (reproduced with plain napari, no plugin code). A
+    canvas text overlay that is always drawn (one space, fully transparent) keeps the shared
+    text resources alive, so removing heatmaps is safe. Idempotent; does nothing on a napari
+    without ``viewer.canvas.overlays``.
+    """
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    if overlays is None or TEXT_KEEPALIVE_KEY in overlays:
+        return
+    with contextlib.suppress(Exception):  # a napari whose overlay API moved: nothing to keep
+        from napari.components.overlays import TextOverlay
+
+        overlays[TEXT_KEEPALIVE_KEY] = TextOverlay(visible=True, text=" ", opacity=0.0, font_size=1)
+
+
 def slide_source(layer: Any) -> tuple[str, float | None]:
     """The slide file and µm/px behind a napari Image layer.
 

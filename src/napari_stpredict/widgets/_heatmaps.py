@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_stpredict.widgets._common import keep_text_alive
+
 if TYPE_CHECKING:
     import napari
     from napari.layers import Image
@@ -246,6 +248,7 @@ class HeatmapSet:
         units: str = "ln(1 + counts per 10,000)",
     ) -> None:
         self.viewer = viewer
+        keep_text_alive(viewer)  # removing a heatmap's colour bar must not crash napari
         self.slide_layer = slide_layer
         self.grid = grid
         self.panel = list(panel)
