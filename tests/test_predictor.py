@@ -116,3 +116,19 @@ def test_cuda_amp_close_to_cpu(tiny_model_file, predictor, real_patches):
     a, b = gpu.predict(patches), predictor.predict(patches)
     # AMP may swap near-tied neighbours; the top-k mean stays close
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_cpu_encoder_chunks_do_not_change_results(tiny_model_file, real_patches, monkeypatch):
+    """TTA views of a batch go through the backbone in chunks of CPU_ENCODER_CHUNK images on a
+    CPU (faster per image); the features, order and averages must be those of one call."""
+    import napari_stpredict.model.predictor as predictor_mod
+
+    patches, _ = real_patches
+    eight = Predictor(tiny_model_file, device="cpu", batch_size=8, tta=8)
+    monkeypatch.setattr(predictor_mod, "CPU_ENCODER_CHUNK", 10_000)
+    whole, whole_sd = eight.predict(patches, return_spread=True)
+    monkeypatch.setattr(predictor_mod, "CPU_ENCODER_CHUNK", 5)  # 64 images → 13 uneven chunks
+    chunked, chunked_sd = eight.predict(patches, return_spread=True)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunked_sd, whole_sd, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(whole, Predictor(tiny_model_file, device="cpu").predict(patches))
