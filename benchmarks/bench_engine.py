@@ -14,7 +14,8 @@ Everything is measured in one run, on the same slide and the same tiles:
    with that µm/px (``c2_mosaic_NxN_mpp0.5.ome.tif``); at 0.5 µm/px a 112 µm patch is 224
    stored px, read without resizing (``resize`` in the JSON counts the patches that were
    resized). ``feed`` stays the native row; ``feed_by_mpp`` holds every row.
-4. *store*: write cost of the engine's buffered whole-block writes, and the read time of one
+4. *store*: write cost of the engine's buffered whole-block writes (whole chunk files written
+   directly, and the same through zarr's own pipeline for comparison), and the read time of one
    gene's map for display, for several chunk layouts (``--layouts``).
 5. *engine ÷ raw*: ``Predictor.predict`` on the same tiles' patches already in memory (raw)
    vs :meth:`Engine.run` on fresh cells (decode, resize, predict, store), interleaved repeats,
@@ -341,7 +342,8 @@ def _feed_mpps(text: str) -> list[float | None]:
 
 # --------------------------------------------------------------------------- store layouts
 def store_layouts(args, grid, n_genes: int) -> list[dict]:
-    """Buffered whole-block writes and one-gene reads for several chunk layouts."""
+    """Buffered whole-block writes (direct chunk files, and through zarr) and one-gene reads
+    for several chunk layouts."""
     from napari_stpredict.inference import store as store_mod
     from napari_stpredict.inference.engine import order_cells
     from napari_stpredict.inference.store import PredictionStore, WriteBuffer
@@ -367,6 +369,15 @@ def store_layouts(args, grid, n_genes: int) -> list[dict]:
                     buf.add(todo[k : k + 64], vals[k : k + 64])
                 buf.flush()
                 t_buf = time.perf_counter() - t
+                # the same, each chunk through zarr's own pipeline (before direct chunk writes)
+                st3 = PredictionStore.open(root, key="layout3", genes=genes, grid=grid)
+                st3._direct.clear()
+                buf = WriteBuffer(st3, todo)
+                t = time.perf_counter()
+                for k in range(0, len(todo), 64):
+                    buf.add(todo[k : k + 64], vals[k : k + 64])
+                buf.flush()
+                t_zarr = time.perf_counter() - t
                 # batch by batch, no buffer (each batch rewrites the chunks it touches)
                 st2 = PredictionStore.open(root, key="layout2", genes=genes, grid=grid)
                 t = time.perf_counter()
@@ -383,6 +394,9 @@ def store_layouts(args, grid, n_genes: int) -> list[dict]:
                         "layout": f"{g} genes × {c}×{c} cells",
                         "cells": len(todo),
                         "buffered_ms_per_1000_cells": round(1000 * t_buf / len(todo) * 1000, 1),
+                        "buffered_through_zarr_ms_per_1000_cells": round(
+                            1000 * t_zarr / len(todo) * 1000, 1
+                        ),
                         "per_batch_ms_per_1000_cells": round(1000 * t_direct / len(todo) * 1000, 1),
                         "read_one_gene_ms": round(1000 * statistics.median(reads), 1),
                         "grid": [gh, gw],

@@ -197,8 +197,9 @@ def full_run(args) -> dict:
 def auto_and_stain(args) -> dict:
     """``train_backbone="auto"`` on the throughput data, and the stain augmentation cost."""
     from napari_stpredict.model.preprocess import augment
-    from napari_stpredict.training import TrainConfig, _build_model, _patch_source, _plan
+    from napari_stpredict.training import TrainConfig
     from napari_stpredict.training.data import prepare_data
+    from napari_stpredict.training.run import _build_model, _patch_source, _plan
 
     cfg = TrainConfig(
         method=args.method, pretrained="offline", patch_px=args.patch_px,

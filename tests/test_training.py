@@ -312,9 +312,9 @@ def test_training_and_inference_encoder_inputs_are_bit_identical(
     from napari_stpredict.slide import open_slide
     from napari_stpredict.slide.patches import read_patch_rects
     from napari_stpredict.st.patches import spot_rect
-    from napari_stpredict.training import _build_model, _make_run, _patch_source
     from napari_stpredict.training.data import PatchSource, prepare_data
     from napari_stpredict.training.loop import batches_of
+    from napari_stpredict.training.run import _build_model, _make_run, _patch_source
 
     predictor = Predictor(tiny_model_file, device="cpu")
     data = prepare_data(manifest, tiny_model_config, ["B4", "C2"], progress=None, cancel=None)
@@ -507,7 +507,7 @@ def test_context_field_trains_and_is_recorded(manifest, tmp_path):
 def test_training_defaults_are_the_measured_best():
     """docs/benchmarks.md (evaluation) and docs/training.md: BLEEP, 8 views, a 3× context field;
     what `stpredict train` without flags records in the model file's input spec."""
-    from napari_stpredict.training import input_spec_for
+    from napari_stpredict.training.run import input_spec_for
 
     cfg = TrainConfig()
     assert (cfg.method, cfg.tta, cfg.context) == ("bleep", 8, 3.0)

@@ -82,10 +82,6 @@ def flags_without_metavar() -> None:
     cls._stpredict_flag_display = True  # type: ignore[attr-defined]
 
 
-#: shown for a training flag whose default is :class:`~napari_stpredict.training.TrainConfig`'s
-TRAIN_DEFAULT = "training default, docs/training.md"
-
-
 def split_commas(values: str | Sequence[str] | None) -> list[str]:
     """``"A,B"`` (or repeated options, each comma-separated) → ``["A", "B"]``; empty entries
     are dropped."""

@@ -12,12 +12,12 @@ import typer
 
 from napari_stpredict.cli import app
 from napari_stpredict.cli._options import (
-    TRAIN_DEFAULT,
     json_object_option,
     split_commas,
     train_config,
 )
 from napari_stpredict.errors import StPredictError
+from napari_stpredict.training.config import TrainConfig
 
 _EPOCH = re.compile(r"^epoch (\d+)/(\d+)")
 
@@ -52,7 +52,12 @@ _CONFIG_FLAGS = (
     "patch_um", "patch_px", "val_fraction", "device", "seed", "max_steps", "steps_per_epoch",
     "train_backbone", "stain_augment", "context", "tta", "top_k", "num_workers",
 )  # fmt: skip
-_D = {"show_default": TRAIN_DEFAULT}
+_TRAIN_DEFAULTS = TrainConfig()
+
+
+def _default(name: str) -> dict[str, str]:
+    """``show_default`` of a training flag: :class:`TrainConfig`'s value, written once there."""
+    return {"show_default": str(getattr(_TRAIN_DEFAULTS, name))}
 
 
 @app.command(
@@ -65,36 +70,51 @@ def train_command(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (.safetensors)."),
     method: str | None = typer.Option(
-        None, "--method", help="cmrc (CMRCNet), bleep, regression (ST-Net style) or ridge.", **_D
+        None,
+        "--method",
+        help="cmrc (CMRCNet), bleep, regression (ST-Net style) or ridge.",
+        **_default("method"),
     ),
-    backbone: str | None = typer.Option(None, "--backbone", help="Any timm model name.", **_D),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="Any timm model name.", **_default("backbone")
+    ),
     pretrained: str | None = typer.Option(
-        None, "--pretrained", help="auto, offline, hub, none or a weights file.", **_D
+        None,
+        "--pretrained",
+        help="auto, offline, hub, none or a weights file.",
+        **_default("pretrained"),
     ),
-    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs.", **_D),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Training epochs.", **_default("epochs")
+    ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Spots per batch (≥ 2).", **_D
+        None, "--batch-size", help="Spots per batch (≥ 2).", **_default("batch_size")
     ),
     lr: float | None = typer.Option(
-        None, "--lr", help="Learning rate of the heads (backbone: lr × 0.1).", **_D
+        None, "--lr", help="Learning rate of the heads (backbone: lr × 0.1).", **_default("lr")
     ),
     genes: Path | None = typer.Option(
         None, "--genes", help="Gene list file (.txt/.csv/.tsv/.npy/.json)."
     ),
     n_top_genes: int | None = typer.Option(
-        None, "--n-top-genes", help="Without --genes: top-N HVGs per section.", **_D
+        None,
+        "--n-top-genes",
+        help="Without --genes: top-N HVGs per section.",
+        **_default("n_top_genes"),
     ),
     markers: str | None = typer.Option(
         None,
         "--markers",
         help="Marker genes always in the default panel: breast, pan-cancer, none, or a gene "
         "list file.",
-        **_D,
+        **_default("markers"),
     ),
     add_genes: str | None = typer.Option(
         None, "--add-genes", help="More genes for the panel, comma-separated (e.g. FASN,SCD)."
     ),
-    patch_um: float | None = typer.Option(None, "--patch-um", help="Patch side in µm.", **_D),
+    patch_um: float | None = typer.Option(
+        None, "--patch-um", help="Patch side in µm.", **_default("patch_um")
+    ),
     patch_px: int | None = typer.Option(
         None,
         "--patch-px",
@@ -109,11 +129,16 @@ def train_command(
         help="Validation sections, comma-separated (default: a random fraction of spots).",
     ),
     val_fraction: float | None = typer.Option(
-        None, "--val-fraction", help="Random validation fraction of spots.", **_D
+        None,
+        "--val-fraction",
+        help="Random validation fraction of spots.",
+        **_default("val_fraction"),
     ),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or mps.", **_D),
+    device: str | None = typer.Option(
+        None, "--device", help="auto, cpu, cuda or mps.", **_default("device")
+    ),
     seed: int | None = typer.Option(
-        None, "--seed", help="Random seed (deterministic on CPU).", **_D
+        None, "--seed", help="Random seed (deterministic on CPU).", **_default("seed")
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run (same options)."
@@ -129,32 +154,32 @@ def train_command(
         "--train-backbone",
         help="auto (all on CUDA; on a CPU last or none by measured cost), all, last (last "
         "stage only) or none (frozen, cached features).",
-        **_D,
+        **_default("train_backbone"),
     ),
     stain_augment: str | None = typer.Option(
         None,
         "--stain-augment",
         help="Stain jitter of training patches: auto (hed when the backbone trains), none, hed, "
         "color or hed+color.",
-        **_D,
+        **_default("stain_augment"),
     ),
     context: float | None = typer.Option(
         None,
         "--context",
         help="0 = none; else a second, wider field of view of this many patch sides (e.g. 3).",
-        **_D,
+        **_default("context"),
     ),
     tta: int | None = typer.Option(
         None,
         "--tta",
         help="Flips/rotations averaged at inference: 1, 2, 4 or 8 (in the model file).",
-        **_D,
+        **_default("tta"),
     ),
     feature_cache: Path | None = typer.Option(
         None, "--feature-cache", help="Folder keeping frozen backbone features across runs."
     ),
     top_k: int | None = typer.Option(
-        None, "--top-k", help="Retrieval neighbours at inference.", **_D
+        None, "--top-k", help="Retrieval neighbours at inference.", **_default("top_k")
     ),
     model_kwargs: str | None = typer.Option(
         None, "--model-kwargs", help="Method hyper-parameters as JSON, e.g. '{\"mask_prob\": 0.3}'."

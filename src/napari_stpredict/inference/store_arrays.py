@@ -24,6 +24,7 @@ import zarr
 
 from napari_stpredict.errors import StPredictError
 from napari_stpredict.inference.grid import TileGrid
+from napari_stpredict.inference.store_chunks import DirectChunks
 from napari_stpredict.inference.store_locks import store_write_lock
 from napari_stpredict.inference.store_verify import VerifyReport, verify_store
 
@@ -93,6 +94,12 @@ class StoreArrays:
                 f"{len(self.genes)} genes on a {self.grid.shape} grid"
             )
         self._last_touch = 0.0
+        #: whole-chunk writers bypassing zarr's pipeline, per array (None: through zarr)
+        self._direct = {
+            name: DirectChunks.for_array(arr, self.path / name)
+            for name, arr in (("values", self.values), ("spread", self.spread), ("done", self.done))
+            if arr is not None
+        }
 
     # ----------------------------------------------------------------- bookkeeping
     def touch(self, *, force: bool = False) -> None:
@@ -250,18 +257,58 @@ class StoreArrays:
             return
         self.check_alive()
         with store_write_lock(self.path):
-            done = np.asarray(self.done[r0:r1, c0:c1], dtype=bool)
+            done = self._read_done(r0, r1, c0, c1)
             keep = done & ~mask
-            for arr, slab in ((self.values, values), (self.spread, spread)):
+            for name, slab in (("values", values), ("spread", spread)):
+                arr = self.values if name == "values" else self.spread
                 if arr is None or slab is None:
                     continue
                 slab = np.asarray(slab, dtype=self.dtype)
                 if keep.any():  # cells predicted before, outside this write: keep them
                     old = np.asarray(arr[:, r0:r1, c0:c1])
                     slab = np.where(keep[None], old, slab)
-                arr[:, r0:r1, c0:c1] = slab
-            self.done[r0:r1, c0:c1] = done | mask
+                self._write_slab(name, arr, bi, bj, slab)
+            self._write_done(r0, r1, c0, c1, done | mask)
         self.touch()
+
+    def _write_slab(self, name: str, arr: zarr.Array, bi: int, bj: int, slab: np.ndarray) -> None:
+        """Write the ``(genes, h, w)`` slab of block ``(bi, bj)``: one chunk per gene group."""
+        direct = self._direct.get(name)
+        if direct is None:
+            r0, r1, c0, c1 = self.block_bounds(bi, bj)
+            arr[:, r0:r1, c0:c1] = slab
+            return
+        step = direct.chunk_shape[0]
+        for gi, g0 in enumerate(range(0, slab.shape[0], step)):
+            direct.write((gi, bi, bj), slab[g0 : g0 + step])
+
+    def _done_chunk(self, r0: int, c0: int) -> tuple[tuple[int, int], int, int]:
+        """The ``done`` chunk holding cell ``(r0, c0)`` and the cell's offset in it."""
+        ch, cw = self.done.chunks
+        return (r0 // ch, c0 // cw), r0 % ch, c0 % cw
+
+    def _read_done(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """``done`` over a block (which lies inside one ``done`` chunk), as bool."""
+        direct = self._direct.get("done")
+        if direct is None or not self._in_one_done_chunk(r0, r1, c0, c1):
+            return np.asarray(self.done[r0:r1, c0:c1], dtype=bool)
+        coords, i, j = self._done_chunk(r0, c0)
+        return direct.read(coords)[i : i + r1 - r0, j : j + c1 - c0].astype(bool)
+
+    def _write_done(self, r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
+        """Set ``done`` over a block (read-modify-write of its one chunk)."""
+        direct = self._direct.get("done")
+        if direct is None or not self._in_one_done_chunk(r0, r1, c0, c1):
+            self.done[r0:r1, c0:c1] = block
+            return
+        coords, i, j = self._done_chunk(r0, c0)
+        chunk = direct.read(coords)
+        chunk[i : i + r1 - r0, j : j + c1 - c0] = block
+        direct.write(coords, chunk)
+
+    def _in_one_done_chunk(self, r0: int, r1: int, c0: int, c1: int) -> bool:
+        ch, cw = self.done.chunks
+        return r0 // ch == (r1 - 1) // ch and c0 // cw == (c1 - 1) // cw
 
     # ----------------------------------------------------------------- reading
     def read(

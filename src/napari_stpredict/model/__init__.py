@@ -6,6 +6,8 @@ cheap for napari's plugin scan.
 
 from __future__ import annotations
 
+from napari_stpredict._lazy import lazy_getattr
+
 __all__ = [
     "ModelFile",
     "Predictor",
@@ -29,9 +31,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'napari_stpredict.model' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

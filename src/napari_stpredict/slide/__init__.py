@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from napari_stpredict._lazy import lazy_getattr
 from napari_stpredict.errors import SlideError
 from napari_stpredict.slide.base import Slide
 from napari_stpredict.slide.opener import SLIDE_SUFFIXES, is_slide_path, open_slide
@@ -24,14 +25,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # writers and the tissue mask pull in scikit-image/zarr writing code: import on first use
-    if name in ("write_ome_tiff", "write_ome_zarr"):
-        from napari_stpredict.slide import writers
-
-        return getattr(writers, name)
-    if name in ("tissue_mask", "TissueMask"):
-        from napari_stpredict.slide import tissue
-
-        return getattr(tissue, name)
-    raise AttributeError(f"module 'napari_stpredict.slide' has no attribute {name!r}")
+# writers and the tissue mask pull in scikit-image/zarr writing code: imported on first use
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "write_ome_tiff": "napari_stpredict.slide.writers",
+        "write_ome_zarr": "napari_stpredict.slide.writers",
+        "tissue_mask": "napari_stpredict.slide.tissue",
+        "TissueMask": "napari_stpredict.slide.tissue",
+    },
+)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from napari_stpredict.errors import StPredictError
-from napari_stpredict.model.preprocess import STAIN_AUGMENTS
 
 __all__ = ["RESUME_MUTABLE", "TRAIN_BACKBONE_MODES", "TrainConfig", "TrainResult", "method_kwargs"]
 
@@ -158,6 +157,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`StPredictError` naming the first bad value."""
         from napari_stpredict.model.methods import list_methods
+        from napari_stpredict.model.preprocess import STAIN_AUGMENTS
 
         if self.method not in list_methods():
             raise StPredictError(f"method={self.method!r}: choose from {', '.join(list_methods())}")
