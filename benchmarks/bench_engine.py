@@ -341,12 +341,25 @@ def _feed_mpps(text: str) -> list[float | None]:
 
 
 # --------------------------------------------------------------------------- store layouts
+def _buffered_write(store, todo: np.ndarray, vals: np.ndarray) -> float:
+    """Seconds to write ``vals`` of cells ``todo`` as the engine does: batches of 64 into a
+    ``WriteBuffer``, each block written whole once."""
+    from napari_stpredict.inference.store import WriteBuffer
+
+    buf = WriteBuffer(store, todo)
+    t = time.perf_counter()
+    for k in range(0, len(todo), 64):
+        buf.add(todo[k : k + 64], vals[k : k + 64])
+    buf.flush()
+    return time.perf_counter() - t
+
+
 def store_layouts(args, grid, n_genes: int) -> list[dict]:
     """Buffered whole-block writes (direct chunk files, and through zarr) and one-gene reads
     for several chunk layouts."""
     from napari_stpredict.inference import store as store_mod
     from napari_stpredict.inference.engine import order_cells
-    from napari_stpredict.inference.store import PredictionStore, WriteBuffer
+    from napari_stpredict.inference.store import PredictionStore
 
     genes = [f"G{k}" for k in range(n_genes)]
     gh, gw = grid.shape
@@ -363,21 +376,11 @@ def store_layouts(args, grid, n_genes: int) -> list[dict]:
                 todo = order_cells(cells, grid, None, block=st.block_shape)[: args.layout_cells]
                 vals = np.random.default_rng(0).random((len(todo), n_genes), np.float32)
                 # the engine's way: batches of 64 into a WriteBuffer, whole blocks written
-                buf = WriteBuffer(st, todo)
-                t = time.perf_counter()
-                for k in range(0, len(todo), 64):
-                    buf.add(todo[k : k + 64], vals[k : k + 64])
-                buf.flush()
-                t_buf = time.perf_counter() - t
+                t_buf = _buffered_write(st, todo, vals)
                 # the same, each chunk through zarr's own pipeline (before direct chunk writes)
                 st3 = PredictionStore.open(root, key="layout3", genes=genes, grid=grid)
-                st3._direct.clear()
-                buf = WriteBuffer(st3, todo)
-                t = time.perf_counter()
-                for k in range(0, len(todo), 64):
-                    buf.add(todo[k : k + 64], vals[k : k + 64])
-                buf.flush()
-                t_zarr = time.perf_counter() - t
+                st3.chunk_files.clear()
+                t_zarr = _buffered_write(st3, todo, vals)
                 # batch by batch, no buffer (each batch rewrites the chunks it touches)
                 st2 = PredictionStore.open(root, key="layout2", genes=genes, grid=grid)
                 t = time.perf_counter()

@@ -54,8 +54,8 @@ def test_direct_writes_are_byte_identical_to_zarr_writes(tmp_path, grid, dtype):
     through_zarr = PredictionStore.open(
         tmp_path / "b", key="k", genes=GENES, grid=grid, dtype=dtype, spread=True
     )
-    assert all(d is not None for d in direct._direct.values())
-    through_zarr._direct.clear()  # the zarr path, for reference
+    assert all(d is not None for d in direct.chunk_files.values())
+    through_zarr.chunk_files.clear()  # the zarr path, for reference
     _write_sequence(direct)
     _write_sequence(through_zarr)
 
@@ -117,6 +117,6 @@ def test_other_layouts_go_through_zarr(tmp_path):
 
 def test_missing_chunk_reads_as_fill_value(tmp_path, grid):
     store = PredictionStore.open(tmp_path, key="k", genes=GENES, grid=grid)
-    chunk = store._direct["values"].read((1, 1, 0))
+    chunk = store.chunk_files["values"].read((1, 1, 0))
     assert chunk.shape == (32, 32, 32) and np.isnan(chunk).all()
-    assert not store._direct["done"].read((0, 0)).any()
+    assert not store.chunk_files["done"].read((0, 0)).any()

@@ -94,8 +94,9 @@ class StoreArrays:
                 f"{len(self.genes)} genes on a {self.grid.shape} grid"
             )
         self._last_touch = 0.0
-        #: whole-chunk writers bypassing zarr's pipeline, per array (None: through zarr)
-        self._direct = {
+        #: per array, the writer of whole chunk files that bypasses zarr's pipeline (None:
+        #: that array's layout goes through zarr); empty = every write through zarr
+        self.chunk_files: dict[str, DirectChunks | None] = {
             name: DirectChunks.for_array(arr, self.path / name)
             for name, arr in (("values", self.values), ("spread", self.spread), ("done", self.done))
             if arr is not None
@@ -257,7 +258,7 @@ class StoreArrays:
             return
         self.check_alive()
         with store_write_lock(self.path):
-            done = self._read_done(r0, r1, c0, c1)
+            done, done_chunk = self._read_done(r0, r1, c0, c1)
             keep = done & ~mask
             for name, slab in (("values", values), ("spread", spread)):
                 arr = self.values if name == "values" else self.spread
@@ -268,12 +269,12 @@ class StoreArrays:
                     old = np.asarray(arr[:, r0:r1, c0:c1])
                     slab = np.where(keep[None], old, slab)
                 self._write_slab(name, arr, bi, bj, slab)
-            self._write_done(r0, r1, c0, c1, done | mask)
+            self._write_done(r0, c0, done | mask, done_chunk)
         self.touch()
 
     def _write_slab(self, name: str, arr: zarr.Array, bi: int, bj: int, slab: np.ndarray) -> None:
         """Write the ``(genes, h, w)`` slab of block ``(bi, bj)``: one chunk per gene group."""
-        direct = self._direct.get(name)
+        direct = self.chunk_files.get(name)
         if direct is None:
             r0, r1, c0, c1 = self.block_bounds(bi, bj)
             arr[:, r0:r1, c0:c1] = slab
@@ -287,24 +288,26 @@ class StoreArrays:
         ch, cw = self.done.chunks
         return (r0 // ch, c0 // cw), r0 % ch, c0 % cw
 
-    def _read_done(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """``done`` over a block (which lies inside one ``done`` chunk), as bool."""
-        direct = self._direct.get("done")
+    def _read_done(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, Any]:
+        """``done`` over a block as bool, and the whole ``done`` chunk it lies in when that
+        chunk file is written directly (for :meth:`_write_done`; else ``None``)."""
+        direct = self.chunk_files.get("done")
         if direct is None or not self._in_one_done_chunk(r0, r1, c0, c1):
-            return np.asarray(self.done[r0:r1, c0:c1], dtype=bool)
-        coords, i, j = self._done_chunk(r0, c0)
-        return direct.read(coords)[i : i + r1 - r0, j : j + c1 - c0].astype(bool)
-
-    def _write_done(self, r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
-        """Set ``done`` over a block (read-modify-write of its one chunk)."""
-        direct = self._direct.get("done")
-        if direct is None or not self._in_one_done_chunk(r0, r1, c0, c1):
-            self.done[r0:r1, c0:c1] = block
-            return
+            return np.asarray(self.done[r0:r1, c0:c1], dtype=bool), None
         coords, i, j = self._done_chunk(r0, c0)
         chunk = direct.read(coords)
-        chunk[i : i + r1 - r0, j : j + c1 - c0] = block
-        direct.write(coords, chunk)
+        return chunk[i : i + r1 - r0, j : j + c1 - c0].astype(bool), chunk
+
+    def _write_done(self, r0: int, c0: int, block: np.ndarray, chunk: Any) -> None:
+        """Set ``done`` over a block: into ``chunk`` (from :meth:`_read_done`) and its file, or
+        through zarr."""
+        h, w = block.shape
+        if chunk is None:
+            self.done[r0 : r0 + h, c0 : c0 + w] = block
+            return
+        coords, i, j = self._done_chunk(r0, c0)
+        chunk[i : i + h, j : j + w] = block
+        self.chunk_files["done"].write(coords, chunk)
 
     def _in_one_done_chunk(self, r0: int, r1: int, c0: int, c1: int) -> bool:
         ch, cw = self.done.chunks
