@@ -15,6 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STPREDICT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Point ``STPREDICT_CACHE_DIR`` into the run's temporary folder: tests never write into
+    the user's own cache (``~/.cache/napari-stpredict``), and a passing run leaves nothing."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STPREDICT_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real test data not found at {path} (set STPREDICT_SHARED_DATA)")
