@@ -241,6 +241,8 @@ def look_at_predictions():
     zoom so it fills ``fill`` of the canvas (call it after docks are added)."""
     import numpy as np
 
+    from napari_stpredict.widgets._common import camera_of
+
     def look(viewer, store, qtbot, fill: float = 0.95) -> None:
         qtbot.wait(100)
         done = np.argwhere(np.asarray(store.done[...]))
@@ -248,9 +250,9 @@ def look_at_predictions():
         y0, x0, _, _ = store.grid.cell_rect_px(i0, j0)
         y1, x1, _, _ = store.grid.cell_rect_px(i1, j1)
         s = store.grid.mpp
-        viewer.camera.center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
+        camera_of(viewer).center = ((y0 + y1) / 2 * s, (x0 + x1) / 2 * s)
         h, w = viewer.canvas.size
-        viewer.camera.zoom = fill * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
+        camera_of(viewer).zoom = fill * min(h / ((y1 - y0) * s), w / ((x1 - x0) * s))
         qtbot.wait(300)
 
     return look

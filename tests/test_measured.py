@@ -12,6 +12,7 @@ import pytest
 
 from napari_stpredict.errors import DatasetError
 from napari_stpredict.st.measured import compare, load_measured, spot_cells
+from napari_stpredict.widgets._common import camera_of
 
 GENE = "ERBB2"
 
@@ -176,9 +177,9 @@ def test_dock_loads_spots_shows_r_and_flips(
     viewer.window._qt_window.resize(1500, 950)  # room for the canvas (test viewers are small)
     qtbot.wait(50)
     lo_w, hi_w = pts.data.min(axis=0), pts.data.max(axis=0)
-    viewer.camera.center = tuple((lo_w + hi_w) / 2)
+    camera_of(viewer).center = tuple((lo_w + hi_w) / 2)
     canvas_h = viewer.window._qt_viewer.canvas.size[0]
-    viewer.camera.zoom = canvas_h / float(np.max(hi_w - lo_w) * 1.2)
+    camera_of(viewer).zoom = canvas_h / float(np.max(hi_w - lo_w) * 1.2)
     qtbot.wait(200)
     shots = {"predicted": viewer.screenshot(canvas_only=True, flash=False)}
     # looked at: spots over the heatmap, hollow where no tile is predicted (docs/images)

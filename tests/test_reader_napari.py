@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from napari_stpredict._reader import layer_name, napari_get_reader, read_slide_layer
+from napari_stpredict.widgets._common import camera_of
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -78,12 +79,13 @@ def test_viewer_opens_real_slides(make_napari_viewer, wsi_dir: Path) -> None:
     for name in ("boxes", "small_HE_levels", "small"):
         viewer.layers.remove(name)
     slide = viewer.layers["cmu_small_region"]
-    viewer.scale_bar.visible = True
+    overlays = getattr(viewer.canvas, "overlays", None)  # napari ≥ 0.9 moved the scale bar there
+    (overlays.scale_bar if overlays is not None else viewer.scale_bar).visible = True
     viewer.window._qt_viewer.canvas.native.resize(800, 600)
     viewer.reset_view()
     # zoomed in on tissue: 1.5 screen px per level-0 px, near the top of the region
-    viewer.camera.center = (600 * 0.499, 1100 * 0.499)
-    viewer.camera.zoom = 1.5 / 0.499
+    camera_of(viewer).center = (600 * 0.499, 1100 * 0.499)
+    camera_of(viewer).zoom = 1.5 / 0.499
     from qtpy.QtWidgets import QApplication
 
     for _ in range(20):
