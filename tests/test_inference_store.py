@@ -185,6 +185,12 @@ def test_concurrent_reader_never_sees_torn_or_half_written_cells(tmp_path, grid)
 
 
 # --------------------------------------------------------------------------- cache folder
+def test_the_suite_never_writes_the_user_cache(tmp_path_factory):
+    """conftest points the cache into this run's temporary folder (nothing under ``~``)."""
+    basetemp = tmp_path_factory.getbasetemp().resolve()
+    assert basetemp in default_cache_dir().resolve().parents
+
+
 def test_default_cache_dir_and_size_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("STPREDICT_CACHE_DIR", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
